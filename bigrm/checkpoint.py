@@ -77,14 +77,19 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, out_dir: Path, meta: dict, keep: int, hf_files, verify: list[list[list[int]]]) -> Path:
+def save(
+    engine, out_dir: Path, meta: dict, keep: int, hf_files, verify: list[list[list[int]]], trainable_only: bool = False
+) -> Path:
     """Collective. `meta` must hold "step"; `hf_files(dir)` writes config and tokenizer (rank 0); `verify` holds
-    a few groups' token ids for `bigrm export` to check itself with."""
+    a few groups' token ids for `bigrm export` to check itself with. `trainable_only` (LoRA) leaves the frozen base
+    out: it is rebuilt from the base model directory, and a 7B base would otherwise be rewritten at every save."""
     path = root(out_dir) / tag(meta["step"])
     if dist.is_main() and (path / COMPLETE).exists():  # re-saving a step after resuming from an older one
         (path / COMPLETE).unlink()
     dist.barrier()
-    engine.save_checkpoint(str(root(out_dir)), tag=path.name, save_latest=False)
+    engine.save_checkpoint(
+        str(root(out_dir)), tag=path.name, save_latest=False, exclude_frozen_parameters=trainable_only
+    )
     torch.save(_rng_state(), path / f"rng-rank{dist.rank()}.pt")
     if dist.is_main():
         hf_files(path / "hf")
@@ -93,9 +98,11 @@ def save(engine, out_dir: Path, meta: dict, keep: int, hf_files, verify: list[li
     if dist.is_main():
         tmp = path / (COMPLETE + ".tmp")
         stage = engine.zero_optimization_stage()
-        tmp.write_text(json.dumps({**meta, "world": dist.world(), "zero_stage": stage}, indent=2))
+        written = {**meta, "world": dist.world(), "zero_stage": stage, "trainable_only": trainable_only}
+        tmp.write_text(json.dumps(written, indent=2))
         tmp.replace(path / COMPLETE)  # atomic: the marker exists whole or not at all
         for old in complete_checkpoints(out_dir)[:-keep] if keep else []:
+            (old / COMPLETE).unlink()  # first: a kill midway through the removal must not leave it trusted
             shutil.rmtree(old)
     dist.barrier()
     return path
@@ -108,19 +115,30 @@ def load(engine, path: Path) -> dict:
         raise CheckpointError(
             f"{path} was written by {meta['world']} ranks; resume it with the same number ({dist.world()} now)"
         )
-    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+    load_fn = _load_trainable if meta.get("trainable_only") else None
+    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, custom_load_fn=load_fn)
     if loaded is None:
         raise CheckpointError(f"DeepSpeed could not load {path}")
     _set_rng_state(torch.load(path / f"rng-rank{dist.rank()}.pt", weights_only=False))
     return meta
 
 
+def _load_trainable(src: dict, dst: torch.nn.Module) -> None:
+    from bigrm.adapters import load_trained
+
+    load_trained(dst, src, "checkpoint")
+
+
 def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from any ZeRO stage's shards, on one process without DeepSpeed ranks."""
+    """Full fp32 weights (only the trained ones for a LoRA checkpoint) from any ZeRO stage's shards, on one process
+    without DeepSpeed ranks."""
     if not is_complete(path):
         raise CheckpointError(f"{path} is not a complete bigrm checkpoint (no {COMPLETE})")
-    if read_meta(path)["zero_stage"] > 0:
+    meta = read_meta(path)
+    if meta["zero_stage"] > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+        return get_fp32_state_dict_from_zero_checkpoint(
+            str(path.parent), tag=path.name, exclude_frozen_parameters=meta.get("trainable_only", False)
+        )
     return torch.load(path / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")["module"]

@@ -11,6 +11,7 @@ from bigrm import config
 from bigrm.checkpoint import CheckpointError
 from bigrm.data import DataError
 from bigrm.export import ExportError
+from bigrm.preemption import EXIT_CODE, Preempted
 
 USER_ERRORS = (config.ConfigError, DataError, CheckpointError, ExportError)
 
@@ -35,7 +36,10 @@ def train_main(argv: list[str] | None = None) -> int:
 
         run(config.from_argv(argv))
 
-    return _run(train)
+    try:
+        return _run(train)
+    except Preempted:  # the trainer has said where it stopped; launchers and slurm/train.sbatch act on the code
+        return EXIT_CODE
 
 
 def _sections(extra: list[str], allowed: tuple[str, ...]) -> config.Config:

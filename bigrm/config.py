@@ -121,6 +121,46 @@ class ModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = opt(
+        0,
+        "LoRA rank. 0: train every weight of the backbone. > 0: freeze the backbone and train rank-r adapters on "
+        "lora.target_modules; the value head is always trained fully and saved.",
+    )
+    alpha: float = opt(16.0, "LoRA scale numerator: adapter updates are scaled by alpha / r.")
+    dropout: float = opt(0.05, "Dropout on the adapters' input.")
+    target_modules: list = opt(
+        [],
+        "Names of the backbone's linear layers that get adapters (the last part of the module name, e.g. "
+        "[q_proj, v_proj]). Empty: every linear layer of the backbone.",
+    )
+    train_embeddings: bool = opt(False, "With LoRA, also train the input token embeddings fully (saved with it).")
+
+    def __post_init__(self) -> None:
+        _positive(self.r, "lora.r", allow_zero=True)
+        _positive(self.alpha, "lora.alpha")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
+        if not all(isinstance(name, str) and name for name in self.target_modules):
+            raise ConfigError(f"lora.target_modules: expected a list of module names, got {self.target_modules!r}")
+
+
+@dataclass
+class QuantizationConfig:
+    bits: int = opt(
+        0,
+        "Load the frozen backbone quantised by bitsandbytes: 4 (QLoRA) or 8 (LLM.int8); 0: not quantised. "
+        "Needs lora.r > 0. Exports merge the adapters into the de-quantised weights in model.dtype.",
+    )
+    type: str = opt("nf4", "4-bit data type: nf4 (normal float, the QLoRA default) or fp4.")
+    double_quant: bool = opt(True, "4-bit: quantise the per-block scales too (about 0.37 bits per weight saved).")
+
+    def __post_init__(self) -> None:
+        _choice(self.bits, "quantization.bits", (0, 4, 8))
+        _choice(self.type, "quantization.type", ("nf4", "fp4"))
+
+
+@dataclass
 class LossConfig:
     objective: str = opt(
         "pairwise",
@@ -230,8 +270,14 @@ class TrainConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.quantization.bits and not self.lora.r:
+            raise ConfigError("quantization.bits: a quantised backbone cannot be trained; set lora.r > 0 (QLoRA)")
 
 
 def _leaves(cls: type, prefix: str = "") -> dict[str, dataclasses.Field]:

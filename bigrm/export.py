@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from bigrm import checkpoint, dist
-from bigrm.model import RewardModel
+from bigrm import adapters, checkpoint, dist
+from bigrm.model import RewardModel, load_classifier
 from bigrm.packing import collate
 from bigrm.sequences import Group
 
@@ -49,16 +50,34 @@ def plain_rewards(dest: Path, seqs: list[list[int]], device: torch.device) -> to
     return torch.stack(out).cpu() if out else torch.zeros(0)
 
 
-def check(expected: torch.Tensor, got: torch.Tensor, dtype: torch.dtype, dest: Path) -> str | None:
-    """A message when the export's rewards differ from the training-time model's beyond the dtype's tolerance."""
-    tol = TOLERANCE[dtype]
+def tolerance(dtype: torch.dtype, quant_bits: int = 0) -> float:
+    # LLM.int8 also quantises activations in the adapted forward; the merged export computes them unquantised
+    return TOLERANCE[torch.bfloat16] if quant_bits == 8 else TOLERANCE[dtype]
+
+
+def check(expected: torch.Tensor, got: torch.Tensor, tol: float, dest: Path) -> str | None:
+    """A message when the export's rewards differ from the training-time model's beyond tolerance."""
     worst = (expected - got).abs().max().item() if len(got) else 0.0
     if worst > tol * max(1.0, expected.abs().max().item() if len(got) else 1.0):
         return (
             f"export {dest} does not reproduce the trained model: max reward difference {worst:.3g} over "
-            f"{len(got)} held-out sequences (tolerance {tol} for {dtype})"
+            f"{len(got)} held-out sequences (tolerance {tol})"
         )
     return None
+
+
+def adapted_classifier(
+    settings: adapters.Settings, state: dict[str, torch.Tensor], dtype: torch.dtype, tokenizer, merged: bool
+) -> nn.Module:
+    """A LoRA run's classifier, from its base directory and its trained weights: as trained (adapters beside the
+    base, quantised if it was) or merged (adapters added into the de-quantised base: a plain classifier)."""
+    quant = settings.quantization if settings.quantization.bits else None
+    classifier = load_classifier(settings.base, dtype, "sdpa", tokenizer, quant=quant)
+    if merged and quant:
+        classifier = classifier.dequantize()
+    wrapped = adapters.add_lora(classifier, settings.lora)
+    adapters.load_trained(classifier, state, f"the trained weights for {settings.base}")
+    return (adapters.merge(wrapped, dtype) if merged else classifier).eval()
 
 
 def _verify_batch(groups: list[Group], pad_id: int, device: torch.device):
@@ -66,42 +85,61 @@ def _verify_batch(groups: list[Group], pad_id: int, device: torch.device):
 
 
 def export_engine(
-    engine, tokenizer, dest: Path, verify: list[Group], device: torch.device, reward_stats: dict | None = None
+    engine,
+    tokenizer,
+    dest: Path,
+    verify: list[Group],
+    device: torch.device,
+    dtype: torch.dtype,
+    settings: adapters.Settings | None = None,
+    reward_stats: dict | None = None,
 ) -> None:
-    """Collective, at the end of training: gather ZeRO-3 shards, write on rank 0, verify, agree on the verdict."""
+    """Collective, at the end of training: gather ZeRO-3 shards (only the trained ones with LoRA), write on rank 0
+    (LoRA merged into the base), verify, agree on the verdict."""
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     batch, seqs = _verify_batch(verify, tokenizer.pad_token_id, device)
     engine.eval()
     with torch.no_grad():
         expected = engine(batch).float().cpu()  # collective under ZeRO-3: every rank runs it
+    lora = settings is not None
     if engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
+        state = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=lora)
     else:
-        state = engine.module.state_dict()
+        state = engine.module_state_dict(exclude_frozen_parameters=lora)
     problem = None
     if dist.is_main():
-        classifier = engine.module.classifier
-        state = {k.removeprefix(PREFIX): v.cpu() for k, v in state.items()}
-        save_classifier(classifier, state, tokenizer, dest, reward_stats)
-        # a plain load must not see the ZeRO-3 config, or from_pretrained would start collectives on rank 0 alone
+        # plain loads must not see the ZeRO-3 config, or from_pretrained would start collectives on rank 0 alone
         unset_hf_deepspeed_config()
-        problem = check(expected, plain_rewards(dest, seqs, device), classifier.dtype, dest)
+        state = {k.removeprefix(PREFIX): v.cpu() for k, v in state.items()}
+        if lora:
+            classifier = adapted_classifier(settings, state, dtype, tokenizer, merged=True)
+            state = classifier.state_dict()
+        else:
+            classifier = engine.module.classifier
+        save_classifier(classifier, state, tokenizer, dest, reward_stats)
+        quant_bits = settings.quantization.bits if lora else 0
+        problem = check(expected, plain_rewards(dest, seqs, device), tolerance(dtype, quant_bits), dest)
     failed = dist.all_sum(torch.tensor([float(problem is not None)], device=device)).item()
     if failed:
         raise ExportError(problem or "export verification failed on rank 0")
 
 
-def classifier_from_checkpoint(path: Path, dtype: torch.dtype | None = None):
-    """(HF classifier with the checkpoint's weights, tokenizer) built on one process from a bigrm checkpoint."""
+def classifier_from_checkpoint(path: Path, dtype: torch.dtype | None = None, merged: bool = False):
+    """(HF classifier with the checkpoint's weights, tokenizer) built on one process from a bigrm checkpoint. For a
+    LoRA checkpoint: the adapted model as trained, or with `merged` the plain classifier it exports to."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     state = {k.removeprefix(PREFIX): v for k, v in checkpoint.consolidated_state_dict(path).items()}
     config = AutoConfig.from_pretrained(path / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(path / "hf")
+    dtype = dtype or config.dtype or torch.float32
+    settings = adapters.Settings.read(path / "hf")
+    if settings:
+        return adapted_classifier(settings, state, dtype, tokenizer, merged), tokenizer
     classifier = AutoModelForSequenceClassification.from_config(config)
     classifier.load_state_dict(state, strict=True)
-    classifier = classifier.to(dtype or config.dtype or torch.float32).eval()
-    return classifier, AutoTokenizer.from_pretrained(path / "hf")
+    return classifier.to(dtype).eval(), tokenizer
 
 
 def export_checkpoint(path: Path, dest: Path, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -112,8 +150,14 @@ def export_checkpoint(path: Path, dest: Path, dtype: torch.dtype | None = None) 
     batch, seqs = _verify_batch(verify, tokenizer.pad_token_id, torch.device("cpu"))
     with torch.no_grad():
         expected = RewardModel(classifier, "sdpa")(batch).float()
+    settings = adapters.Settings.read(path / "hf")
+    if settings:
+        classifier, _ = classifier_from_checkpoint(path, dtype, merged=True)
     save_classifier(classifier, classifier.state_dict(), tokenizer, dest)
-    problem = check(expected, plain_rewards(dest, seqs, torch.device("cpu")), classifier.dtype, dest)
+    quant_bits = settings.quantization.bits if settings else 0
+    problem = check(
+        expected, plain_rewards(dest, seqs, torch.device("cpu")), tolerance(classifier.dtype, quant_bits), dest
+    )
     if problem:
         raise ExportError(problem)
     return expected

@@ -13,11 +13,14 @@ kernels, through keys gathered per suffix (prefix + suffix) with separate query/
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import torch
 from torch import nn
 from transformers import AttentionInterface, AutoModelForSequenceClassification
 
+from bigrm.adapters import quantization_config
+from bigrm.config import QuantizationConfig
 from bigrm.packing import PackedBatch
 
 VARLEN_IMPLS = {"varlen": "bigrm_varlen", "flash_attn": "bigrm_flash_attn"}
@@ -142,12 +145,32 @@ def prepare_tokenizer(tokenizer) -> None:
 
 
 def load_classifier(
-    path: str, dtype: torch.dtype | str, attn: str, tokenizer, gradient_checkpointing: bool = False
+    path: str,
+    dtype: torch.dtype | str,
+    attn: str,
+    tokenizer,
+    gradient_checkpointing: bool = False,
+    quant: QuantizationConfig | None = None,
 ) -> nn.Module:
-    """The HF classifier with one label, its pad token set (and embeddings grown if the tokenizer gained one)."""
+    """The HF classifier with one label, its pad token set (and embeddings grown if the tokenizer gained one);
+    with `quant`, its backbone's linear layers quantised by bitsandbytes (the value head is not)."""
+    if quant and quant.bits == 8:
+        # LLM.int8 logs at every layer call that it quantises fp32/bf16 activations through fp16: by design
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(
+            lambda record: not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+        )
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=dtype, attn_implementation=hf_attn_implementation(attn)
+        path,
+        num_labels=1,
+        dtype=dtype,
+        attn_implementation=hf_attn_implementation(attn),
+        quantization_config=quantization_config(quant, dtype) if quant else None,
     )
+    for module in model.modules():
+        # bitsandbytes repacks 4-bit weights in place for a CPU inference kernel at the first no-grad forward: that
+        # would rewrite ZeRO-3's partitioned storage (and fails on layers narrower than its block)
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -158,6 +181,20 @@ def load_classifier(
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
+
+
+def parameter_counts(module: nn.Module) -> tuple[int, int]:
+    """(all, trainable) weights of `module`, counting ZeRO-3 partitioned and 4-bit packed weights at full size."""
+    total = trainable = 0
+    for p in module.parameters():
+        quant_state = getattr(p, "quant_state", None)  # bitsandbytes packs two 4-bit weights per byte
+        if quant_state is not None:
+            n = quant_state.shape.numel()
+        else:
+            n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return total, trainable
 
 
 def write_random_init(src: str, dest: str, seed: int) -> None:

@@ -9,13 +9,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bigrm import checkpoint, dist, ds_config, export, pipeline, tiny
+from bigrm import adapters, checkpoint, dist, ds_config, export, pipeline, preemption, tiny
 from bigrm import config as config_mod
 from bigrm.config import Config
 from bigrm.data import mix
 from bigrm.evaluate import evaluate
 from bigrm.loss import STATS, denominators, metrics, ranking_loss
-from bigrm.model import RewardModel, load_classifier, prepare_tokenizer, resolve_attn, write_random_init
+from bigrm.model import (
+    RewardModel,
+    load_classifier,
+    parameter_counts,
+    prepare_tokenizer,
+    resolve_attn,
+    write_random_init,
+)
 from bigrm.packing import Step, collate, layout_tokens, plan_epoch
 from bigrm.tracking import Tracker
 
@@ -78,6 +85,7 @@ def run(cfg: Config) -> dict:
     device = dist.init()
     t = cfg.train
     out = Path(t.output_dir)
+    stop = preemption.StopRequest(out, device)
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         config_mod.dump(cfg, out / "config.yaml")
@@ -104,7 +112,13 @@ def run(cfg: Config) -> dict:
     # transformers holds this only by weak reference: while it lives, from_pretrained loads straight into ZeRO-3 shards
     keep_alive = HfDeepSpeedConfig(ds) if ds["zero_optimization"]["stage"] == 3 else None  # noqa: F841
     dtype = torch.bfloat16 if bf16 else torch.float32
-    classifier = load_classifier(path, dtype, attn, tokenizer, cfg.model.gradient_checkpointing)
+    quant = cfg.quantization if cfg.quantization.bits else None
+    classifier = load_classifier(path, dtype, attn, tokenizer, cfg.model.gradient_checkpointing, quant)
+    settings = None
+    if cfg.lora.r:
+        adapters.add_lora(classifier, cfg.lora)
+        base = str(Path(path).resolve()) if Path(path).is_dir() else path
+        settings = adapters.Settings(base, cfg.lora, cfg.quantization)
     model = RewardModel(classifier, attn)
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds
@@ -130,15 +144,20 @@ def run(cfg: Config) -> dict:
         def hf_files(dest: Path) -> None:
             engine.module.classifier.config.save_pretrained(dest)
             tokenizer.save_pretrained(dest)
+            if settings:
+                settings.write(dest)
 
-        saved = checkpoint.save(
-            engine, out, meta, t.keep_checkpoints, hf_files, [[s.tolist() for s in g.seqs] for g in verify]
-        )
+        verify_ids = [[s.tolist() for s in g.seqs] for g in verify]
+        saved = checkpoint.save(engine, out, meta, t.keep_checkpoints, hf_files, verify_ids, settings is not None)
         tracker.print(f"checkpoint: {saved}")
 
+    total, trainable = parameter_counts(model)
     tracker.print(
         f"model {path}: attention {attn}, {'bf16' if bf16 else 'fp32'}, ZeRO stage {engine.zero_optimization_stage()}"
         f", world {dist.world()}, {len(steps)} optimizer steps"
+        f"\nparameters {total:,}, trainable {trainable:,} ({100 * trainable / total:.2f}%)"
+        + (f", LoRA r={cfg.lora.r}" if cfg.lora.r else "")
+        + (f" on a {cfg.quantization.bits}-bit base" if cfg.quantization.bits else "")
     )
 
     def run_eval(step: int) -> dict:
@@ -182,7 +201,9 @@ def run(cfg: Config) -> dict:
             epoch_stats += stats
             tokens += (batch.real_tokens, batch.processed_tokens, t.max_tokens_per_batch)
         tracker.step()
-        if n % t.log_every == 0 or n == len(steps):
+        # collective, every step; a stop still logs this step's window (the resumed run starts a new one) and saves
+        stopping = stop.requested()
+        if n % t.log_every == 0 or n == len(steps) or stopping:
             local = torch.cat([window, torch.from_numpy(tokens).to(device)])
             summed = dist.all_sum(local).cpu()
             elapsed = time.perf_counter() - clock
@@ -199,8 +220,14 @@ def run(cfg: Config) -> dict:
             clock = time.perf_counter()
         if data.eval and t.eval_every and n % t.eval_every == 0 and n != len(steps):
             run_eval(n)
-        if (t.save_every and n % t.save_every == 0) or n == len(steps):
+        if stopping or (t.save_every and n % t.save_every == 0) or n == len(steps):
             save(n)
+        if stopping:
+            stop.consume()
+            tracker.print(f"stopped at step {n} on request with a complete checkpoint: continue with --resume auto")
+            tracker.close()
+            dist.shutdown()
+            raise preemption.Preempted(f"stopped at step {n}")
 
     final = run_eval(len(steps)) if data.eval else {"note": "no eval data configured"}
     if dist.is_main():
@@ -208,7 +235,7 @@ def run(cfg: Config) -> dict:
     if t.export:
         running = metrics(dist.all_sum(epoch_stats).cpu(), cfg.loss)
         stats = {"reward_mean": running["reward_mean"], "reward_std": running["reward_std"]}
-        export.export_engine(engine, tokenizer, out / "final", verify, device, stats)
+        export.export_engine(engine, tokenizer, out / "final", verify, device, dtype, settings, stats)
     tracker.print(f"metrics: {out / 'metrics.json'}" + (f"\nmodel: {out / 'final'}" if t.export else ""))
     tracker.close()
     dist.shutdown()

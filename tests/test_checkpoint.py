@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -42,3 +45,45 @@ def test_explicit_path_must_be_complete(tmp_path):
 def test_consolidation_refuses_an_incomplete_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="not a complete bigrm checkpoint"):
         checkpoint.consolidated_state_dict(fake(tmp_path, 3, complete=False))
+
+
+KILLED_SAVE = r"""
+import os, signal, sys
+from pathlib import Path
+from bigrm import checkpoint
+
+out, moment = Path(sys.argv[1]), sys.argv[2]
+
+
+def sigterm(*args):
+    os.kill(os.getpid(), signal.SIGTERM)  # the default action: the process ends here
+
+
+class Engine:
+    def save_checkpoint(self, root, tag, save_latest, **kwargs):
+        (Path(root) / tag).mkdir(parents=True, exist_ok=True)
+        (Path(root) / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"half")
+        if moment == "shards":
+            sigterm()
+
+    def zero_optimization_stage(self):
+        return 3
+
+
+if moment == "pruning":  # killed after removing one file of the checkpoint that keep=1 drops
+    checkpoint.shutil.rmtree = lambda path: (next(path.glob("*.pt")).unlink(), sigterm())
+checkpoint.save(Engine(), out, {"step": 6}, 1, lambda dest: None, [])
+"""
+
+
+@pytest.mark.parametrize("moment", ["shards", "pruning"])
+def test_sigterm_during_a_save_leaves_no_incomplete_checkpoint_trusted(tmp_path, moment):
+    """A real SIGTERM in a process saving step 6: while writing shards (over a complete step 6 from before a resume
+    from step 3), or while removing step 3 after the new checkpoint is complete."""
+    fake(tmp_path, 3)
+    if moment == "shards":
+        fake(tmp_path, 6)
+    proc = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(tmp_path), moment], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr
+    trusted = [checkpoint.read_meta(p)["step"] for p in checkpoint.complete_checkpoints(tmp_path)]
+    assert trusted == ([3] if moment == "shards" else [6])
