@@ -247,6 +247,11 @@ class TrainConfig:
     )
     tensorboard: bool = opt(True, "Write TensorBoard events to <output_dir>/tensorboard.")
     export: bool = opt(True, "Write <output_dir>/final as a plain Hugging Face sequence classifier at the end.")
+    peak_tflops: float = opt(
+        0.0,
+        "Peak dense TFLOP/s of one accelerator, for the logged `mfu`. 0: the bf16 peak of a known GPU (H100, H200, "
+        "A100, ...) when training in bf16; otherwise only `tflops_per_gpu` is logged.",
+    )
 
     def __post_init__(self) -> None:
         for key in ("epochs", "max_tokens_per_batch", "micro_batches_per_step", "packing_window", "lr", "log_every"):
@@ -258,6 +263,7 @@ class TrainConfig:
             "grad_clip",
             "save_every",
             "keep_checkpoints",
+            "peak_tflops",
         ):
             _positive(getattr(self, key), f"train.{key}", allow_zero=True)
         if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:

@@ -183,15 +183,23 @@ def load_classifier(
     return model
 
 
-def parameter_counts(module: nn.Module) -> tuple[int, int]:
-    """(all, trainable) weights of `module`, counting ZeRO-3 partitioned and 4-bit packed weights at full size."""
+def _full_numel(p: nn.Parameter) -> int:
+    quant_state = getattr(p, "quant_state", None)  # bitsandbytes packs two 4-bit weights per byte
+    if quant_state is not None:
+        return quant_state.shape.numel()
+    return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+
+
+def parameter_counts(module: nn.Module, matmul_only: bool = False) -> tuple[int, int]:
+    """(all, trainable) weights of `module`, counting ZeRO-3 partitioned and 4-bit packed weights at full size.
+    `matmul_only`: only the weights of linear layers (adapters included), the ones that cost FLOPs per token."""
+    if matmul_only:
+        params = [m.weight for m in module.modules() if isinstance(m, nn.Linear)]
+    else:
+        params = list(module.parameters())
     total = trainable = 0
-    for p in module.parameters():
-        quant_state = getattr(p, "quant_state", None)  # bitsandbytes packs two 4-bit weights per byte
-        if quant_state is not None:
-            n = quant_state.shape.numel()
-        else:
-            n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+    for p in params:
+        n = _full_numel(p)
         total += n
         trainable += n if p.requires_grad else 0
     return total, trainable

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bigrm import adapters, checkpoint, dist, ds_config, export, pipeline, preemption, tiny
+from bigrm import adapters, checkpoint, dist, ds_config, export, flops, pipeline, preemption, tiny
 from bigrm import config as config_mod
 from bigrm.config import Config
 from bigrm.data import mix
@@ -107,7 +107,8 @@ def run(cfg: Config) -> dict:
     cuda = device.type == "cuda"
     bf16 = cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and cuda)
     attn = resolve_attn(cfg.model.attn_impl, cuda)
-    hidden = AutoConfig.from_pretrained(path).hidden_size
+    arch = AutoConfig.from_pretrained(path)
+    hidden = arch.hidden_size
     ds = ds_config.build(cfg, len(steps), bf16=bf16, cpu=not cuda, hidden_size=hidden)
     # transformers holds this only by weak reference: while it lives, from_pretrained loads straight into ZeRO-3 shards
     keep_alive = HfDeepSpeedConfig(ds) if ds["zero_optimization"]["stage"] == 3 else None  # noqa: F841
@@ -152,6 +153,8 @@ def run(cfg: Config) -> dict:
         tracker.print(f"checkpoint: {saved}")
 
     total, trainable = parameter_counts(model)
+    matmul = parameter_counts(model, matmul_only=True)
+    peak = flops.peak_tflops(t.peak_tflops, device, bf16)
     tracker.print(
         f"model {path}: attention {attn}, {'bf16' if bf16 else 'fp32'}, ZeRO stage {engine.zero_optimization_stage()}"
         f", world {dist.world()}, {len(steps)} optimizer steps"
@@ -181,7 +184,7 @@ def run(cfg: Config) -> dict:
     epoch_stats, epoch = torch.zeros_like(window), steps[start - 1].epoch if start else -1
     if start and dist.is_main():  # the resumed epoch's reward statistics so far (summed over ranks)
         epoch_stats += torch.tensor(meta["epoch_stats"], dtype=torch.float64, device=device)
-    tokens = np.zeros(3)  # real, processed, budget
+    tokens = np.zeros(4)  # real, processed, budget, model FLOPs
     clock = time.perf_counter()
     engine.train()
     for n, step in enumerate(steps[start:], start + 1):
@@ -191,7 +194,9 @@ def run(cfg: Config) -> dict:
         members = [i for rank in step.micro_batches for mb in rank for i in mb]
         sums = (sum(group_sums[i][0] for i in members), sum(group_sums[i][1] for i in members))
         for mb in step.micro_batches[dist.rank()]:
-            batch = collate([data.train[i] for i in mb], tokenizer.pad_token_id, share_prompt=t.share_prompt).to(device)
+            packed = collate([data.train[i] for i in mb], tokenizer.pad_token_id, share_prompt=t.share_prompt)
+            pairs = flops.causal_pairs(packed.cu_seqlens, packed.seg_parent)  # on the CPU copy: no device sync
+            batch = packed.to(device)
             rewards = engine(batch)
             loss, stats = ranking_loss(rewards, batch, cfg.loss, *sums)
             # DeepSpeed averages over ranks and micro-batches: undo that, the step normalises itself
@@ -199,7 +204,8 @@ def run(cfg: Config) -> dict:
             engine.step()
             window += stats
             epoch_stats += stats
-            tokens += (batch.real_tokens, batch.processed_tokens, t.max_tokens_per_batch)
+            done = flops.model_flops(batch.real_tokens, pairs, matmul, hidden, arch.num_hidden_layers)
+            tokens += (batch.real_tokens, batch.processed_tokens, t.max_tokens_per_batch, done)
         tracker.step()
         # collective, every step; a stop still logs this step's window (the resumed run starts a new one) and saves
         stopping = stop.requested()
@@ -211,9 +217,13 @@ def run(cfg: Config) -> dict:
             logged.update(
                 lr=engine.get_lr()[0],
                 tokens_per_s=summed[len(STATS)].item() / elapsed,
+                tokens_per_s_per_gpu=summed[len(STATS)].item() / elapsed / dist.world(),
                 padding_efficiency=(summed[len(STATS)] / summed[len(STATS) + 1]).item(),
                 budget_fill=(summed[len(STATS)] / summed[len(STATS) + 2]).item(),
+                tflops_per_gpu=summed[len(STATS) + 3].item() / elapsed / dist.world() / 1e12,
             )
+            if peak:
+                logged["mfu"] = logged["tflops_per_gpu"] / peak
             tracker.log("train", logged, n)
             window.zero_()
             tokens[:] = 0
