@@ -93,6 +93,18 @@ def test_four_bit_base_counts_every_weight(llama_dir):
     assert parameter_counts(quantised) == parameter_counts(full)
 
 
+@pytest.mark.parametrize("kind, double_quant", [("nf4", True), ("fp4", False)])
+def test_quantization_and_lora_options_reach_the_layers(llama_dir, kind, double_quant):
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    quant = QuantizationConfig(bits=4, type=kind, double_quant=double_quant)
+    classifier = load_classifier(str(llama_dir), torch.float32, "sdpa", tok, quant=quant)
+    adapters.add_lora(classifier, LoraConfig(r=4, alpha=12.0, dropout=0.25))
+    q_proj = classifier.model.layers[0].self_attn.q_proj
+    state = q_proj.base_layer.weight.quant_state
+    assert state.quant_type == kind and bool(state.nested) == double_quant
+    assert q_proj.scaling["default"] == 12.0 / 4 and q_proj.lora_dropout["default"].p == 0.25
+
+
 @pytest.mark.parametrize("bits", [0, 4, 8])
 @pytest.mark.parametrize("arch", ["llama", "neox"])
 def test_packed_adapter_forward_equals_per_sequence_and_merged_export(arch, bits, request, tmp_path):
@@ -152,9 +164,11 @@ def score(model, data, out) -> np.ndarray:
 @pytest.mark.slow
 def test_lora_zero3_trains_saves_only_what_trained_resumes_and_exports(tmp_path):
     out = tmp_path / "whole"
-    args = [*SMALL, *LORA, "--save_every", "4", "--keep_checkpoints", "0"]
+    args = [*SMALL, *LORA, "--save_every", "4", "--keep_checkpoints", "0", "--peak_tflops", "0.5"]
     proc = launch(2, out, *args)
     assert "trainable" in proc.stdout + proc.stderr and "LoRA r=8" in proc.stdout + proc.stderr
+    logged = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert logged["mfu"] == pytest.approx(logged["tflops_per_gpu"] / 0.5)  # train.peak_tflops, given on CPU
     losses = train_losses(out)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05
 
