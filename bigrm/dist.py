@@ -6,6 +6,7 @@ import contextlib
 import os
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
@@ -68,8 +69,19 @@ def shutdown() -> None:
     """Leave the process group explicitly: left to interpreter exit, DeepSpeed's communication threads can be
     destroyed while still joinable, which aborts the process after the run has finished."""
     if torch_dist.is_initialized():
+        rank = torch_dist.get_rank()
         torch_dist.barrier()
         torch_dist.destroy_process_group()
+        _remove_cpu_allreduce_buffer(rank)
+
+
+def _remove_cpu_allreduce_buffer(rank: int) -> None:
+    """DeepSpeed's CPU shared-memory allreduce leaves each rank's buffer (tens of MB) in /dev/shm, named by the
+    rendezvous address and port: every CPU run would otherwise leak one per rank until /dev/shm fills RAM."""
+    if torch.cuda.is_available():
+        return
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{rank}"
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
