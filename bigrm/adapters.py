@@ -104,5 +104,5 @@ def merge(wrapped, dtype: torch.dtype) -> nn.Module:
     """The plain transformers classifier: adapters added into the (de-quantised) base weights."""
     base = wrapped.get_base_model()
     if getattr(base, "is_quantized", False):
-        raise ValueError("merge needs a de-quantised base: build it with dequantize=True")
+        raise ValueError("merge needs a de-quantised base: peft would re-quantise the merged weights")
     return wrapped.merge_and_unload().to(dtype)

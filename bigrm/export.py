@@ -7,6 +7,7 @@ beyond tolerance raises ExportError.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -71,9 +72,8 @@ def adapted_classifier(
 ) -> nn.Module:
     """A LoRA run's classifier, from its base directory and its trained weights: as trained (adapters beside the
     base, quantised if it was) or merged (adapters added into the de-quantised base: a plain classifier)."""
-    quant = settings.quantization if settings.quantization.bits else None
-    classifier = load_classifier(settings.base, dtype, "sdpa", tokenizer, quant=quant)
-    if merged and quant:
+    classifier = load_classifier(settings.base, dtype, "sdpa", tokenizer, quant=settings.quantization)
+    if merged and settings.quantization.bits:
         classifier = classifier.dequantize()
     wrapped = adapters.add_lora(classifier, settings.lora)
     adapters.load_trained(classifier, state, f"the trained weights for {settings.base}")
@@ -125,39 +125,58 @@ def export_engine(
         raise ExportError(problem or "export verification failed on rank 0")
 
 
-def classifier_from_checkpoint(path: Path, dtype: torch.dtype | None = None, merged: bool = False):
-    """(HF classifier with the checkpoint's weights, tokenizer) built on one process from a bigrm checkpoint. For a
-    LoRA checkpoint: the adapted model as trained, or with `merged` the plain classifier it exports to."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+@dataclasses.dataclass
+class _Checkpoint:
+    state: dict[str, torch.Tensor]
+    config: object
+    tokenizer: object
+    dtype: torch.dtype
+    settings: adapters.Settings | None  # None: a fully trained model
+
+    def classifier(self, merged: bool = False) -> nn.Module:
+        """The model as trained, or with `merged` (LoRA only differs) the plain classifier it exports to."""
+        if self.settings:
+            return adapted_classifier(self.settings, self.state, self.dtype, self.tokenizer, merged)
+        from transformers import AutoModelForSequenceClassification
+
+        classifier = AutoModelForSequenceClassification.from_config(self.config)
+        classifier.load_state_dict(self.state, strict=True)
+        return classifier.to(self.dtype).eval()
+
+
+def _read_checkpoint(path: Path, dtype: torch.dtype | None) -> _Checkpoint:
+    from transformers import AutoConfig, AutoTokenizer
 
     state = {k.removeprefix(PREFIX): v for k, v in checkpoint.consolidated_state_dict(path).items()}
     config = AutoConfig.from_pretrained(path / "hf")
     tokenizer = AutoTokenizer.from_pretrained(path / "hf")
-    dtype = dtype or config.dtype or torch.float32
-    settings = adapters.Settings.read(path / "hf")
-    if settings:
-        return adapted_classifier(settings, state, dtype, tokenizer, merged), tokenizer
-    classifier = AutoModelForSequenceClassification.from_config(config)
-    classifier.load_state_dict(state, strict=True)
-    return classifier.to(dtype).eval(), tokenizer
+    return _Checkpoint(
+        state, config, tokenizer, dtype or config.dtype or torch.float32, adapters.Settings.read(path / "hf")
+    )
+
+
+def classifier_from_checkpoint(path: Path, dtype: torch.dtype | None = None):
+    """(HF classifier with the checkpoint's weights, tokenizer) built on one process from a bigrm checkpoint; for a
+    LoRA checkpoint, the adapted model as trained."""
+    saved = _read_checkpoint(path, dtype)
+    return saved.classifier(), saved.tokenizer
 
 
 def export_checkpoint(path: Path, dest: Path, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`bigrm export`: checkpoint → verified HF directory. Returns the verification rewards."""
-    classifier, tokenizer = classifier_from_checkpoint(path, dtype)
-    saved = torch.load(path / "verify.pt", weights_only=False)  # per group, K lists of token ids
-    verify = [Group(tuple(np.asarray(s, dtype=np.int64) for s in seqs), 0.0, "verify") for seqs in saved]
+    saved = _read_checkpoint(path, dtype)
+    tokenizer = saved.tokenizer
+    ids = torch.load(path / "verify.pt", weights_only=False)  # per group, K lists of token ids
+    verify = [Group(tuple(np.asarray(s, dtype=np.int64) for s in seqs), 0.0, "verify") for seqs in ids]
     batch, seqs = _verify_batch(verify, tokenizer.pad_token_id, torch.device("cpu"))
+    trained = saved.classifier()
     with torch.no_grad():
-        expected = RewardModel(classifier, "sdpa")(batch).float()
-    settings = adapters.Settings.read(path / "hf")
-    if settings:
-        classifier, _ = classifier_from_checkpoint(path, dtype, merged=True)
+        expected = RewardModel(trained, "sdpa")(batch).float()
+    classifier = saved.classifier(merged=True) if saved.settings else trained  # LoRA: rebuilt, then merged
     save_classifier(classifier, classifier.state_dict(), tokenizer, dest)
-    quant_bits = settings.quantization.bits if settings else 0
-    problem = check(
-        expected, plain_rewards(dest, seqs, torch.device("cpu")), tolerance(classifier.dtype, quant_bits), dest
-    )
+    quant_bits = saved.settings.quantization.bits if saved.settings else 0
+    got = plain_rewards(dest, seqs, torch.device("cpu"))
+    problem = check(expected, got, tolerance(classifier.dtype, quant_bits), dest)
     if problem:
         raise ExportError(problem)
     return expected

@@ -144,6 +144,11 @@ def prepare_tokenizer(tokenizer) -> None:
     tokenizer.add_special_tokens({"pad_token": "<|bigrm_pad|>"})
 
 
+def _int8_cast_notice(record: logging.LogRecord) -> bool:
+    """False for LLM.int8's note, logged at every layer call, that it quantises activations through fp16: by design."""
+    return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
 def load_classifier(
     path: str,
     dtype: torch.dtype | str,
@@ -155,10 +160,8 @@ def load_classifier(
     """The HF classifier with one label, its pad token set (and embeddings grown if the tokenizer gained one);
     with `quant`, its backbone's linear layers quantised by bitsandbytes (the value head is not)."""
     if quant and quant.bits == 8:
-        # LLM.int8 logs at every layer call that it quantises fp32/bf16 activations through fp16: by design
-        logging.getLogger("bitsandbytes.autograd._functions").addFilter(
-            lambda record: not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
-        )
+        # the same function object each time: logging adds a filter once however often models are loaded
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_int8_cast_notice)
     model = AutoModelForSequenceClassification.from_pretrained(
         path,
         num_labels=1,

@@ -113,8 +113,7 @@ def run(cfg: Config) -> dict:
     # transformers holds this only by weak reference: while it lives, from_pretrained loads straight into ZeRO-3 shards
     keep_alive = HfDeepSpeedConfig(ds) if ds["zero_optimization"]["stage"] == 3 else None  # noqa: F841
     dtype = torch.bfloat16 if bf16 else torch.float32
-    quant = cfg.quantization if cfg.quantization.bits else None
-    classifier = load_classifier(path, dtype, attn, tokenizer, cfg.model.gradient_checkpointing, quant)
+    classifier = load_classifier(path, dtype, attn, tokenizer, cfg.model.gradient_checkpointing, cfg.quantization)
     settings = None
     if cfg.lora.r:
         adapters.add_lora(classifier, cfg.lora)
