@@ -57,7 +57,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max_tokens_per_batch", type=int, default=16384, help="token budget of one packed forward")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
-    p.add_argument("--attn_impl", default="auto", choices=["auto", "sdpa", "eager", "varlen", "flash_attn"])
+    p.add_argument("--attn_impl", default="auto", choices=config.ATTN_IMPLS)
     p.add_argument("--share_prompt", action="store_true", help="encode each prompt once (rewards unchanged)")
 
 

@@ -96,6 +96,9 @@ class DataConfig:
         _positive(self.max_errors, "data.max_errors")
 
 
+ATTN_IMPLS = ("auto", "sdpa", "eager", "varlen", "flash_attn", "flex")
+
+
 @dataclass
 class ModelConfig:
     path: str = opt(
@@ -105,18 +108,25 @@ class ModelConfig:
     )
     attn_impl: str = opt(
         "auto",
-        "Attention over packed rows. `auto`: `flash_attn` when flash-attn is installed on CUDA, else `varlen` "
-        "(torch.nn.attention.varlen) on CUDA, else `sdpa` with a block-diagonal causal mask. `eager` uses the "
-        "same mask with the model's plain attention.",
+        "Attention over packed rows, never across segments. `auto`: on CUDA `flash_attn` when flash-attn is "
+        "installed, else `varlen` (torch.nn.attention.varlen, torch >= 2.10, sm80+), else `flex` "
+        "(FlexAttention with a block-sparse mask); on CPU `sdpa`: per micro-batch the cheaper of the segments as rows "
+        "of a padded batch and the packed row under a block-diagonal causal mask. `eager`: that mask with the "
+        "model's plain attention. `varlen`, `flash_attn` and `flex` need CUDA.",
     )
     dtype: str = opt("auto", "Weights and compute dtype: `auto` (bf16 on CUDA, fp32 on CPU), `bf16` or `fp32`.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    compile: bool = opt(
+        False,
+        "torch.compile each transformer block (dynamic shapes): fuses norms, rotary and activations. The first "
+        "steps pay the compilation.",
+    )
     random_init: bool = opt(
         False, "Initialise weights randomly from the config at model.path instead of loading its weights."
     )
 
     def __post_init__(self) -> None:
-        _choice(self.attn_impl, "model.attn_impl", ("auto", "sdpa", "eager", "varlen", "flash_attn"))
+        _choice(self.attn_impl, "model.attn_impl", ATTN_IMPLS)
         _choice(self.dtype, "model.dtype", ("auto", "bf16", "fp32"))
 
 

@@ -47,8 +47,6 @@ def build(cfg: Config, total_steps: int, bf16: bool, cpu: bool, hidden_size: int
         "optimizer.params.betas": list(t.adam_betas),
         "optimizer.params.eps": 1e-8,
         "optimizer.params.weight_decay": t.weight_decay,
-        # DeepSpeed's FusedAdam is a CUDA JIT build; on CPU take torch's AdamW
-        "optimizer.params.torch_adam": cpu,
         # ZeRO-3 bucket sizes, scaled by the model width as the Hugging Face integration does
         "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
         "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
@@ -62,5 +60,12 @@ def build(cfg: Config, total_steps: int, bf16: bool, cpu: bool, hidden_size: int
     }
     for key, value in filled.items():
         _set(ds, key, value, source)
+    # torch's AdamW (fused CUDA kernels on GPUs) unless the JSON asks for DeepSpeed's own FusedAdam, a JIT build
+    # that needs the CUDA toolkit (nvcc) on every node and does not exist on CPU
+    params = ds["optimizer"]["params"]
+    if params.get("torch_adam", "auto") == "auto":
+        params["torch_adam"] = True
+    if params["torch_adam"] and params.get("fused", "auto") == "auto":
+        params["fused"] = not cpu
     ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
     return ds

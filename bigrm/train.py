@@ -17,6 +17,7 @@ from bigrm.evaluate import evaluate
 from bigrm.loss import STATS, denominators, metrics, ranking_loss
 from bigrm.model import (
     RewardModel,
+    compile_blocks,
     load_classifier,
     parameter_counts,
     prepare_tokenizer,
@@ -27,15 +28,15 @@ from bigrm.packing import Step, collate, layout_tokens, plan_epoch
 from bigrm.tracking import Tracker
 
 
-def model_dir(cfg: Config, out: Path) -> str:
-    """The directory every rank loads: the user's, or random weights written once by rank 0."""
+def model_dir(cfg: Config, out: Path, dtype: torch.dtype) -> str:
+    """The directory every rank loads: the user's, or random weights (in the training dtype) written once by rank 0."""
     path, random_init = cfg.model.path, cfg.model.random_init
     with dist.main_first():
         if dist.is_main():
             if not path:
                 tiny.write_tiny(out / "tiny-llama")
             if not path or random_init:
-                write_random_init(path or str(out / "tiny-llama"), str(out / "random-init"), cfg.train.seed)
+                write_random_init(path or str(out / "tiny-llama"), str(out / "random-init"), cfg.train.seed, dtype)
     return str(out / "random-init") if (not path or random_init) else path
 
 
@@ -92,7 +93,11 @@ def run(cfg: Config) -> dict:
     dist.barrier()
     set_seed(t.seed)
 
-    path = model_dir(cfg, out)
+    cuda = device.type == "cuda"
+    bf16 = cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and cuda)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    attn = resolve_attn(cfg.model.attn_impl, cuda)  # an impossible choice stops the run before any work
+    path = model_dir(cfg, out, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     prepare_tokenizer(tokenizer)
     with dist.main_first():  # rank 0 writes the synthetic files and fills the datasets cache first
@@ -104,21 +109,19 @@ def run(cfg: Config) -> dict:
     for line in data.log:
         tracker.print(line)
 
-    cuda = device.type == "cuda"
-    bf16 = cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and cuda)
-    attn = resolve_attn(cfg.model.attn_impl, cuda)
     arch = AutoConfig.from_pretrained(path)
     hidden = arch.hidden_size
     ds = ds_config.build(cfg, len(steps), bf16=bf16, cpu=not cuda, hidden_size=hidden)
     # transformers holds this only by weak reference: while it lives, from_pretrained loads straight into ZeRO-3 shards
     keep_alive = HfDeepSpeedConfig(ds) if ds["zero_optimization"]["stage"] == 3 else None  # noqa: F841
-    dtype = torch.bfloat16 if bf16 else torch.float32
     classifier = load_classifier(path, dtype, attn, tokenizer, cfg.model.gradient_checkpointing, cfg.quantization)
     settings = None
     if cfg.lora.r:
         adapters.add_lora(classifier, cfg.lora)
         base = str(Path(path).resolve()) if Path(path).is_dir() else path
         settings = adapters.Settings(base, cfg.lora, cfg.quantization)
+    if cfg.model.compile:
+        compile_blocks(classifier)
     model = RewardModel(classifier, attn)
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds
@@ -156,7 +159,8 @@ def run(cfg: Config) -> dict:
     peak = flops.peak_tflops(t.peak_tflops, device, bf16)
     tracker.print(
         f"model {path}: attention {attn}, {'bf16' if bf16 else 'fp32'}, ZeRO stage {engine.zero_optimization_stage()}"
-        f", world {dist.world()}, {len(steps)} optimizer steps"
+        + (", compiled blocks" if cfg.model.compile else "")
+        + f", world {dist.world()}, {len(steps)} optimizer steps"
         f"\nparameters {total:,}, trainable {trainable:,} ({100 * trainable / total:.2f}%)"
         + (f", LoRA r={cfg.lora.r}" if cfg.lora.r else "")
         + (f" on a {cfg.quantization.bits}-bit base" if cfg.quantization.bits else "")
@@ -223,14 +227,18 @@ def run(cfg: Config) -> dict:
             )
             if peak:
                 logged["mfu"] = logged["tflops_per_gpu"] / peak
+            if cuda:  # this rank's high-water mark since the start: what a larger model or budget must fit in
+                logged["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             tracker.log("train", logged, n)
             window.zero_()
             tokens[:] = 0
             clock = time.perf_counter()
+        paused = time.perf_counter()  # evaluation and saving are not training throughput
         if data.eval and t.eval_every and n % t.eval_every == 0 and n != len(steps):
             run_eval(n)
         if stopping or (t.save_every and n % t.save_every == 0) or n == len(steps):
             save(n)
+        clock += time.perf_counter() - paused
         if stopping:
             stop.consume()
             tracker.print(f"stopped at step {n} on request with a complete checkpoint: continue with --resume auto")

@@ -96,6 +96,18 @@ def test_deepspeed_auto_values_filled():
     assert "auto" not in json.dumps(ds)
 
 
+def test_optimizer_is_torch_adamw_fused_on_gpus_unless_the_json_says(tmp_path):
+    cfg = config.from_argv([])
+    gpu = ds_config.build(cfg, total_steps=10, bf16=True, cpu=False, hidden_size=32)["optimizer"]["params"]
+    cpu = ds_config.build(cfg, total_steps=10, bf16=False, cpu=True, hidden_size=32)["optimizer"]["params"]
+    assert gpu["torch_adam"] is cpu["torch_adam"] is True and gpu["fused"] is True and cpu["fused"] is False
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}, "optimizer": {"params": {"torch_adam": False}}}))
+    cfg = config.from_argv(["--deepspeed_config", str(path)])
+    params = ds_config.build(cfg, total_steps=10, bf16=True, cpu=False, hidden_size=32)["optimizer"]["params"]
+    assert params["torch_adam"] is False and "fused" not in params  # DeepSpeed's FusedAdam takes no such option
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_every_shipped_stage_config_fills(stage):
     cfg = config.from_argv(["--deepspeed_config", f"ds_configs/zero{stage}.json"])

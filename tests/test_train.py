@@ -139,16 +139,20 @@ def test_zero3_two_ranks_end_to_end(tmp_path, monkeypatch, capsys):
 
 
 def test_one_rank_and_two_ranks_take_the_same_steps(tmp_path):
-    """The same groups per optimizer step: 1 rank × 2 micro-batches equals 2 ranks × 1 (ZeRO-3 and ZeRO-2)."""
+    """The same groups per optimizer step: 1 rank × 2 micro-batches equals 2 ranks × 1 (ZeRO-3 and ZeRO-2), and
+    ZeRO-3 with compiled, checkpointed blocks (ZeRO-3 leaves) trains the same."""
     args = [*SMALL, "--max_steps", "4", "--export", "false"]
     launch(1, tmp_path / "one", *args, "--micro_batches_per_step", "2")
     launch(2, tmp_path / "two", *args)
     launch(2, tmp_path / "zero2", *args, "--deepspeed_config", "ds_configs/zero2.json")
-    one, two, zero2 = (train_losses(tmp_path / name) for name in ("one", "two", "zero2"))
-    assert len(one) == len(two) == len(zero2) == 4
+    proc = launch(2, tmp_path / "compiled", *args, "--model.compile", "true", "--model.gradient_checkpointing", "true")
+    one, two, zero2, compiled = (train_losses(tmp_path / name) for name in ("one", "two", "zero2", "compiled"))
+    assert len(one) == len(two) == len(zero2) == len(compiled) == 4
     assert one[0] == pytest.approx(two[0], abs=1e-6)
     assert one == pytest.approx(two, abs=1e-5)
     assert two == pytest.approx(zero2, abs=1e-5)
+    assert compiled == pytest.approx(two, abs=1e-4)
+    assert "compiled blocks" in proc.stdout and "recompile_limit" not in proc.stderr
     assert not (tmp_path / "two" / "final").exists()  # --export false
 
 
@@ -262,3 +266,12 @@ def test_mixed_label_kinds_train_in_one_run(tmp_path):
     assert metrics["pairwise_accuracy"] > 0.6
     exported = json.loads((out / "final" / "config.json").read_text())
     assert exported["bigrm_reward_std"] > 0 and "bigrm_reward_mean" in exported
+
+
+def test_impossible_attention_stops_before_any_work(tmp_path):
+    """A CUDA-only kernel on a CPU machine: a one-line error and exit 2, before the model or data are touched."""
+    out = tmp_path / "run"
+    proc = subprocess.run(command(1, out, *SMALL, "--model.attn_impl", "flex"), cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and "error: model.attn_impl=flex needs CUDA" in proc.stderr
+    assert not (out / "random-init").exists() and not (out / "synthetic-train.jsonl").exists()
