@@ -31,7 +31,8 @@ from bigrm.adapters import quantization_config
 from bigrm.config import ConfigError, QuantizationConfig
 from bigrm.packing import PackedBatch
 
-VARLEN_IMPLS = {"varlen": "bigrm_varlen", "flash_attn": "bigrm_flash_attn"}
+# no "flash" in a registered name: transformers takes any such name for its own flash-attention loader
+VARLEN_IMPLS = {"varlen": "bigrm_varlen", "flash_attn": "bigrm_fa_varlen"}
 CUDA_ONLY = (*VARLEN_IMPLS, "flex")
 
 
@@ -45,16 +46,29 @@ def _varlen_inputs(query, key, value, kw):
     return q, k, v, kw["cu_seq_lens_q"], kw["cu_seq_lens_k"], kw["max_length_q"], kw["max_length_k"]
 
 
+def varlen_signature() -> frozenset[str]:
+    """The keyword options of this torch's varlen_attn, read once at import: inside a compiled block the compiler
+    could not trace `inspect`. Empty before torch 2.10."""
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return frozenset()
+    from torch.nn.attention import varlen
+
+    return frozenset(inspect.signature(varlen.varlen_attn).parameters)
+
+
+VARLEN_PARAMS = varlen_signature()
+
+
 def _torch_varlen(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
     from torch.nn.attention import varlen
 
     q, k, v, cu_q, cu_k, max_q, max_k = _varlen_inputs(query, key, value, kw)
-    params = inspect.signature(varlen.varlen_attn).parameters
-    if q.shape[1] != k.shape[1] and "enable_gqa" not in params:  # torch 2.10 has no grouped-query option
+    gqa = "enable_gqa" in VARLEN_PARAMS
+    if q.shape[1] != k.shape[1] and not gqa:  # torch 2.10 has no grouped-query option
         k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
-    extra = {"enable_gqa": q.shape[1] != k.shape[1]} if "enable_gqa" in params else {}
+    extra = {"enable_gqa": q.shape[1] != k.shape[1]} if gqa else {}
     # torch 2.10 spells causality is_causal; later versions a (left, right) window, (-1, 0) being causal
-    extra.update({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True})
+    extra.update({"window_size": (-1, 0)} if "window_size" in VARLEN_PARAMS else {"is_causal": True})
     out = varlen.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling, **extra)
     return out[None], None
 
@@ -165,7 +179,7 @@ AttentionInterface.register("bigrm_flex", _flex)
 
 def _has_varlen() -> bool:
     """torch's own varlen attention: torch >= 2.10, and flash-attention kernels need Ampere (sm80) or newer."""
-    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+    if not VARLEN_PARAMS:
         return False
     return torch.cuda.get_device_capability() >= (8, 0)
 

@@ -101,8 +101,10 @@ def test_block_causal_mask():
 def test_resolve_attn(monkeypatch):
     import importlib.util
 
+    import bigrm.model as model_mod
+
     real = importlib.util.find_spec
-    installed = {"flash_attn": False, "torch.nn.attention.varlen": True}
+    installed = {"flash_attn": False}
 
     def find_spec(name):
         if name in installed:
@@ -127,7 +129,7 @@ def test_resolve_attn(monkeypatch):
     with pytest.raises(ValueError, match="sm80"):
         resolve_attn("varlen", cuda=True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (8, 0))
-    installed["torch.nn.attention.varlen"] = False  # torch < 2.10
+    monkeypatch.setattr(model_mod, "VARLEN_PARAMS", frozenset())  # torch < 2.10
     assert resolve_attn("auto", cuda=True) == "flex"
     assert resolve_attn("flex", cuda=True) == "flex"
 
@@ -279,3 +281,68 @@ def test_sdpa_takes_the_cheaper_layout():
     shared, total = rows([10] * 4, share=True)  # the 100-token prefixes in one bucket, the short suffixes in another
     assert [b.q_index.shape for b in shared.buckets] == [(8, 10), (4, 100)]
     assert shared.buckets[0].k_index.shape == (8, 110)  # a suffix's keys: its prefix, then itself
+
+
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal_window: bool, scale=None, gqa=False):
+    """What a varlen kernel computes, one segment at a time: causal attention aligned bottom-right."""
+    out = []
+    for s in range(len(cu_q) - 1):
+        qs, ks, vs = q[cu_q[s] : cu_q[s + 1]], k[cu_k[s] : cu_k[s + 1]], v[cu_k[s] : cu_k[s + 1]]
+        assert qs.shape[0] <= max_q and ks.shape[0] <= max_k
+        if gqa:
+            ks, vs = (t.repeat_interleave(qs.shape[1] // t.shape[1], dim=1) for t in (ks, vs))
+        assert ks.shape[1] == qs.shape[1], "grouped-query keys reached a kernel that does not take them"
+        offset = ks.shape[0] - qs.shape[0]
+        allowed = torch.arange(ks.shape[0])[None] <= torch.arange(qs.shape[0])[:, None] + offset
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1), attn_mask=allowed, scale=scale
+        )
+        out.append(o.transpose(0, 1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("kernel", ["torch-2.11", "torch-2.10", "flash_attn"])
+@pytest.mark.parametrize("share", [False, True])
+def test_varlen_glue_equals_per_sequence_reference(llama_dir, monkeypatch, kernel, share):
+    """The CUDA kernels' inputs, checked on CPU: a stand-in kernel with each real signature (torch 2.11+: window_size
+    and enable_gqa; torch 2.10: is_causal, no GQA; flash-attn) receives boundaries, gathered shared-prefix keys
+    and grouped-query heads that give the per-sequence rewards and gradients."""
+    import sys
+    import types
+
+    from test_sharing import shared_groups
+    from torch.nn.attention import varlen
+
+    import bigrm.model as model_mod
+
+    def new_torch(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        assert window_size == (-1, 0)
+        return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, True, scale, enable_gqa)
+
+    def old_torch(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False, scale=None):
+        assert is_causal
+        return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, True, scale)
+
+    def flash(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
+        assert causal and dropout_p == 0.0
+        return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, True, softmax_scale, gqa=True)
+
+    if kernel == "flash_attn":
+        monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=flash))
+    else:
+        monkeypatch.setattr(varlen, "varlen_attn", new_torch if kernel == "torch-2.11" else old_torch)
+        monkeypatch.setattr(model_mod, "VARLEN_PARAMS", model_mod.varlen_signature())
+    attn = "flash_attn" if kernel == "flash_attn" else "varlen"
+    tok = AutoTokenizer.from_pretrained(llama_dir)  # 4 query heads, 2 key/value heads
+    model = RewardModel(load_classifier(str(llama_dir), torch.float32, attn, tok), attn)
+    reference = AutoModelForSequenceClassification.from_pretrained(llama_dir, dtype=torch.float32)
+    groups = shared_groups(9) if share else random_groups(9, 400)
+    packed = model(collate(groups, tok.pad_token_id, share_prompt=share))
+    alone = torch.stack([reference(input_ids=torch.from_numpy(s)[None]).logits[0, 0] for g in groups for s in g.seqs])
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
+    weights = torch.linspace(-1, 1, len(alone))
+    (packed * weights).sum().backward()
+    (alone * weights).sum().backward()
+    got = dict(model.classifier.named_parameters())
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(got[name].grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
