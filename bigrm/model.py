@@ -3,9 +3,9 @@
 The model is a Hugging Face `AutoModelForSequenceClassification` with one label: its base model is the
 `AutoModel` backbone and its `score` Linear(hidden, 1) is the value head, so the trained weights load with plain
 transformers. Packed rows need attention isolated per segment:
-  sdpa           per micro-batch the cheaper of: every segment as one row of a padded batch (cost S * L^2), or the
-                 whole row under a block-diagonal causal 4-D mask (cost T^2); position ids alone do NOT isolate
-                 segments
+  sdpa           per micro-batch the cheaper of: every segment as one row of padded batches bucketed by length
+                 (cost about S * L^2), or the whole row under a block-diagonal causal 4-D mask (cost T^2); position
+                 ids alone do NOT isolate segments
   eager          the model's plain attention under the 4-D mask
   varlen         torch.nn.attention.varlen.varlen_attn over cu_seqlens (CUDA)
   flash_attn     flash_attn_varlen_func over cu_seqlens (CUDA, when flash-attn is installed)
