@@ -33,6 +33,20 @@ def random_groups(seed: int, vocab: int, n_groups: int = 5) -> list[Group]:
     return groups
 
 
+def assert_equals_per_sequence(model: RewardModel, path, batch, groups) -> None:
+    """Packed rewards, and the gradients of a weighted sum of them, equal each sequence's plain HF forward alone."""
+    reference = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    packed = model(batch)
+    alone = torch.stack([reference(input_ids=torch.from_numpy(s)[None]).logits[0, 0] for g in groups for s in g.seqs])
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
+    weights = torch.linspace(-1, 1, len(alone))
+    (packed * weights).sum().backward()
+    (alone * weights).sum().backward()
+    got = dict(model.classifier.named_parameters())
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(got[name].grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("arch", ["llama", "neox"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_rewards_equal_per_sequence_forward(arch, attn, request):
@@ -248,17 +262,9 @@ def test_sdpa_rows_and_dense_mask_equal_per_sequence_reference(llama_dir, monkey
     monkeypatch.setattr(SegmentRows, "cheaper_than_dense", lambda self, total: rows)
     tok = AutoTokenizer.from_pretrained(llama_dir)
     model = RewardModel(load_classifier(str(llama_dir), torch.float32, "sdpa", tok), "sdpa")
-    reference = AutoModelForSequenceClassification.from_pretrained(llama_dir, dtype=torch.float32)
     groups = shared_groups(8) if share else random_groups(8, 400)
-    packed = model(collate(groups, tok.pad_token_id, pad_to_multiple=16, share_prompt=share))
-    alone = torch.stack([reference(input_ids=torch.from_numpy(s)[None]).logits[0, 0] for g in groups for s in g.seqs])
-    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
-    weights = torch.linspace(-1, 1, len(alone))
-    (packed * weights).sum().backward()
-    (alone * weights).sum().backward()
-    got = dict(model.classifier.named_parameters())
-    for name, p in reference.named_parameters():
-        torch.testing.assert_close(got[name].grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    batch = collate(groups, tok.pad_token_id, pad_to_multiple=16, share_prompt=share)
+    assert_equals_per_sequence(model, llama_dir, batch, groups)
 
 
 def test_sdpa_takes_the_cheaper_layout():
@@ -335,14 +341,5 @@ def test_varlen_glue_equals_per_sequence_reference(llama_dir, monkeypatch, kerne
     attn = "flash_attn" if kernel == "flash_attn" else "varlen"
     tok = AutoTokenizer.from_pretrained(llama_dir)  # 4 query heads, 2 key/value heads
     model = RewardModel(load_classifier(str(llama_dir), torch.float32, attn, tok), attn)
-    reference = AutoModelForSequenceClassification.from_pretrained(llama_dir, dtype=torch.float32)
     groups = shared_groups(9) if share else random_groups(9, 400)
-    packed = model(collate(groups, tok.pad_token_id, share_prompt=share))
-    alone = torch.stack([reference(input_ids=torch.from_numpy(s)[None]).logits[0, 0] for g in groups for s in g.seqs])
-    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
-    weights = torch.linspace(-1, 1, len(alone))
-    (packed * weights).sum().backward()
-    (alone * weights).sum().backward()
-    got = dict(model.classifier.named_parameters())
-    for name, p in reference.named_parameters():
-        torch.testing.assert_close(got[name].grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert_equals_per_sequence(model, llama_dir, collate(groups, tok.pad_token_id, share_prompt=share), groups)
