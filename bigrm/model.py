@@ -33,6 +33,8 @@ from bigrm.packing import PackedBatch
 
 # no "flash" in a registered name: transformers takes any such name for its own flash-attention loader
 VARLEN_IMPLS = {"varlen": "bigrm_varlen", "flash_attn": "bigrm_fa_varlen"}
+# the name each of our backends is registered under with transformers; eager is the model's own
+HF_ATTN = {**VARLEN_IMPLS, "flex": "bigrm_flex", "sdpa": "bigrm_sdpa"}
 CUDA_ONLY = (*VARLEN_IMPLS, "flex")
 
 
@@ -171,10 +173,10 @@ def _sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, 
     return _segment_attention(query, key, value, rows, scaling, dropout), None
 
 
-AttentionInterface.register("bigrm_sdpa", _sdpa)
-AttentionInterface.register(VARLEN_IMPLS["varlen"], _torch_varlen)
-AttentionInterface.register(VARLEN_IMPLS["flash_attn"], _flash_varlen)
-AttentionInterface.register("bigrm_flex", _flex)
+AttentionInterface.register(HF_ATTN["sdpa"], _sdpa)
+AttentionInterface.register(HF_ATTN["varlen"], _torch_varlen)
+AttentionInterface.register(HF_ATTN["flash_attn"], _flash_varlen)
+AttentionInterface.register(HF_ATTN["flex"], _flex)
 
 
 def _has_varlen() -> bool:
@@ -186,7 +188,7 @@ def _has_varlen() -> bool:
 
 def resolve_attn(attn_impl: str, cuda: bool) -> str:
     """The config's attention choice → what runs on this device. `auto` on CUDA: flash-attn when installed, else
-    torch's varlen kernel, else FlexAttention; on CPU SDPA with a block-diagonal mask."""
+    torch's varlen kernel, else FlexAttention; on CPU sdpa."""
     if attn_impl == "auto":
         if not cuda:
             return "sdpa"
@@ -203,12 +205,12 @@ def resolve_attn(attn_impl: str, cuda: bool) -> str:
 
 
 def hf_attn_implementation(attn: str) -> str:
-    return {**VARLEN_IMPLS, "flex": "bigrm_flex", "sdpa": "bigrm_sdpa"}.get(attn, attn)
+    return HF_ATTN.get(attn, attn)
 
 
 def _segments(cu_seqlens: torch.Tensor) -> torch.Tensor:
     """(T,) the segment of every token."""
-    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    lens = cu_seqlens.diff()
     return torch.repeat_interleave(torch.arange(lens.numel(), device=cu_seqlens.device), lens)
 
 
