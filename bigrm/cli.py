@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from bigrm import config
+from bigrm import config, dist, precision
 from bigrm.checkpoint import CheckpointError
 from bigrm.data import DataError
 from bigrm.export import ExportError
@@ -20,7 +20,8 @@ def _run(fn, *args) -> int:
     try:
         fn(*args)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        if dist.launched_rank() == 0:  # every rank meets the same bad input: one message, not one per rank
+            print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
 
@@ -40,6 +41,12 @@ def train_main(argv: list[str] | None = None) -> int:
         return _run(train)
     except Preempted:  # the trainer has said where it stopped; launchers and slurm/train.sbatch act on the code
         return EXIT_CODE
+    except Exception as err:
+        if not dist.peer_gone(err):
+            raise
+        # not this rank's failure: one line instead of a traceback through DeepSpeed's collectives
+        print(f"rank {dist.launched_rank()} stopped: another rank failed (its error says why)", file=sys.stderr)
+        return 1
 
 
 def _sections(extra: list[str], allowed: tuple[str, ...]) -> config.Config:
@@ -56,7 +63,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="rows in any training format (.jsonl, .json, .parquet, a dir)")
     p.add_argument("--max_tokens_per_batch", type=int, default=16384, help="token budget of one packed forward")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--dtype", default="auto", choices=precision.CHOICES)
     p.add_argument("--attn_impl", default="auto", choices=config.ATTN_IMPLS)
     p.add_argument("--share_prompt", action="store_true", help="encode each prompt once (rewards unchanged)")
 
@@ -138,16 +145,13 @@ def export_main(argv: list[str]) -> int:
     )
     p.add_argument("--checkpoint", required=True, help="a complete checkpoint directory (checkpoints/step-*)")
     p.add_argument("--out", required=True, help="directory to write")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: the training dtype")
+    p.add_argument("--dtype", default="auto", choices=precision.CHOICES, help="auto: the training dtype")
     args = p.parse_args(argv)
 
     def do_export() -> None:
-        import torch
-
         from bigrm.export import export_checkpoint
 
-        dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-        rewards = export_checkpoint(Path(args.checkpoint), Path(args.out), dtype)
+        rewards = export_checkpoint(Path(args.checkpoint), Path(args.out), precision.saved(args.dtype))
         print(f"exported {args.checkpoint} → {args.out} (verified on {len(rewards)} held-out sequences)")
 
     return _run(do_export)

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from bigrm import precision
+
 RECIPES = Path(__file__).parent / "recipes"
 DEFAULT_RECIPE = RECIPES / "tiny.yaml"
 
@@ -127,7 +129,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _choice(self.attn_impl, "model.attn_impl", ATTN_IMPLS)
-        _choice(self.dtype, "model.dtype", ("auto", "bf16", "fp32"))
+        _choice(self.dtype, "model.dtype", precision.CHOICES)
 
 
 @dataclass

@@ -40,6 +40,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def launched_rank() -> int:
+    """The rank the launcher gave this process, whether or not it is in the process group (yet, or still)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def rank() -> int:
     return torch_dist.get_rank() if torch_dist.is_initialized() else 0
 
@@ -65,30 +70,54 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def shutdown() -> None:
+def all_sum_each(*parts: torch.Tensor) -> list[torch.Tensor]:
+    """Several 1-D tensors of one dtype summed over ranks in a single all_reduce."""
+    summed = all_sum(torch.cat(parts))
+    return list(summed.split([len(p) for p in parts]))
+
+
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")  # gloo's words
+
+
+def peer_gone(err: BaseException) -> bool:
+    """The error a collective raises on this rank because another rank exited (gloo; NCCL ranks wait instead, until
+    the launcher ends them): that rank has already reported why."""
+    return isinstance(err, RuntimeError) and any(words in str(err) for words in PEER_GONE)
+
+
+def shutdown(failed: bool = False) -> None:
     """Leave the process group explicitly: left to interpreter exit, DeepSpeed's communication threads can be
-    destroyed while still joinable, which aborts the process after the run has finished."""
+    destroyed while still joinable, which aborts the process after the run has finished.
+
+    After a failure the other ranks may be anywhere (inside a collective, or gone), so there is no barrier, and this
+    rank removes every local rank's shared-memory buffer: the launcher kills the others without letting them clean up.
+    """
     if torch_dist.is_initialized():
         rank = torch_dist.get_rank()
-        torch_dist.barrier()
+        if not failed:
+            torch_dist.barrier()
         torch_dist.destroy_process_group()
-        _remove_cpu_allreduce_buffer(rank)
+        _remove_cpu_allreduce_buffers("*" if failed else str(rank))
 
 
-def _remove_cpu_allreduce_buffer(rank: int) -> None:
+def _remove_cpu_allreduce_buffers(ranks: str) -> None:
     """DeepSpeed's CPU shared-memory allreduce leaves each rank's buffer (tens of MB) in /dev/shm, named by the
     rendezvous address and port: every CPU run would otherwise leak one per rank until /dev/shm fills RAM."""
     if torch.cuda.is_available():
         return
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{rank}"
-    (Path("/dev/shm") / name).unlink(missing_ok=True)
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{ranks}"
+    for path in Path("/dev/shm").glob(name):
+        path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def main_first() -> Iterator[None]:
-    """Rank 0 runs the block first (fills caches, writes files), then the others."""
+    """Rank 0 runs the block first (fills caches, writes files), then the others; if rank 0 fails in it, the others
+    are released too (and usually fail the same way) rather than wait for a barrier it never reaches."""
     if not is_main():
         barrier()
-    yield
-    if is_main():
-        barrier()
+    try:
+        yield
+    finally:
+        if is_main():
+            barrier()

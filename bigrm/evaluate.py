@@ -8,7 +8,7 @@ import torch
 
 from bigrm import dist
 from bigrm.config import LossConfig
-from bigrm.loss import STATS, metrics, ranking_loss
+from bigrm.loss import Stats, metrics, ranking_loss
 from bigrm.packing import PackedBatch, collate, layout_tokens, pack_bins
 from bigrm.sequences import Group
 
@@ -35,10 +35,10 @@ def evaluate(
     cfg: LossConfig,
     share_prompt: bool = False,
 ) -> dict[str, float]:
-    total = torch.zeros(len(STATS), dtype=torch.float64, device=device)
+    total = Stats.zeros(device)
     for mb in shard(groups, budget, window, dist.world(), dist.rank(), share_prompt):
         batch = collate([groups[i] for i in mb], pad_id, share_prompt=share_prompt).to(device)
         rewards = model(batch)
         _, stats = ranking_loss(rewards, batch, cfg)
         total += stats
-    return metrics(dist.all_sum(total).cpu(), cfg)
+    return metrics(Stats.unstack(dist.all_sum(total.stack()).cpu()), cfg)

@@ -20,7 +20,7 @@ computed on a dense (G, K, K) grid built by scatter: no Python loop over pairs o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -166,10 +166,50 @@ def combine(t: Terms, weight: torch.Tensor, cfg: LossConfig, weight_sum: float, 
     return (weight * t.ranking).sum() / max(unit_sum, 1e-12) + extras
 
 
-STATS = (
-    "prompt_num", "ranking_num", "unit_num", "extras_num", "weight_sum", "groups", "pairs", "correct_pairs",
-    "tau_sum", "tau_groups", "tie_pairs", "ties_close", "reward_sum", "reward_sq_sum", "rewards",
-)  # fmt: skip
+@dataclass
+class Stats:
+    """Additive float64 sums over a set of prompts, from which `metrics` computes the logged numbers; they add over
+    micro-batches and (stacked into one tensor) over ranks."""
+
+    prompt_num: torch.Tensor  # Σ w·ranking/units: the per_prompt loss numerator
+    ranking_num: torch.Tensor  # Σ w·ranking: the per_pair loss numerator
+    unit_num: torch.Tensor  # Σ w·units: the per_pair denominator
+    extras_num: torch.Tensor  # Σ w·extras
+    weight_sum: torch.Tensor  # Σ w
+    groups: torch.Tensor  # prompts
+    pairs: torch.Tensor  # ranked pairs (i above j)
+    correct_pairs: torch.Tensor  # ranked pairs with r_i > r_j
+    tau_sum: torch.Tensor  # Σ over prompts of Kendall's tau over its ranked pairs
+    tau_groups: torch.Tensor  # prompts with at least one ranked pair
+    tie_pairs: torch.Tensor  # tied pairs
+    ties_close: torch.Tensor  # tied pairs with |r_i - r_j| < tie_threshold
+    reward_sum: torch.Tensor  # Σ r
+    reward_sq_sum: torch.Tensor  # Σ r²
+    rewards: torch.Tensor  # completions rewarded
+
+    @classmethod
+    def zeros(cls, device: torch.device | str = "cpu") -> Stats:
+        return cls.unstack(torch.zeros(len(fields(cls)), dtype=torch.float64, device=device))
+
+    def stack(self) -> torch.Tensor:
+        """(15,) float64, in field order: what ranks sum in one all_reduce."""
+        return torch.stack([getattr(self, f.name) for f in fields(self)])
+
+    @classmethod
+    def unstack(cls, values: torch.Tensor) -> Stats:
+        return cls(*values.unbind())
+
+    def float64(self, device: torch.device) -> Stats:
+        return Stats(*(getattr(self, f.name).detach().double().to(device) for f in fields(self)))
+
+    def values(self) -> dict[str, float]:
+        return dict(zip((f.name for f in fields(self)), self.stack().tolist(), strict=True))
+
+    def __add__(self, other: Stats) -> Stats:
+        return Stats.unstack(self.stack() + other.stack())
+
+    def __radd__(self, other: int) -> Stats:  # sum() starts from 0
+        return self if other == 0 else NotImplemented
 
 
 def ranking_loss(
@@ -178,12 +218,11 @@ def ranking_loss(
     cfg: LossConfig,
     weight_sum: float | None = None,
     unit_sum: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, Stats]:
     """(loss, stats): the loss of this micro-batch's prompts with the step's denominators (default: this
-    micro-batch's own), and additive float64 sums named by STATS that `metrics` turns into numbers."""
-    stats = torch.zeros(len(STATS), dtype=torch.float64, device=rewards.device)
+    micro-batch's own), and the statistics that `metrics` turns into numbers."""
     if batch.num_groups == 0:  # placeholder micro-batch: keep the graph (ZeRO-3 needs every rank to backward)
-        return rewards.sum() * 0.0, stats
+        return rewards.sum() * 0.0, Stats.zeros(rewards.device)
     r = rewards.double() if rewards.dtype == torch.float64 else rewards.float()  # never below fp32
     grid = pair_grid(r, batch.seg_group, batch.seg_rank, batch.num_groups, batch.seg_score, batch.seg_target)
     t = terms(grid, batch.group_margin.to(r.dtype), cfg)
@@ -197,18 +236,29 @@ def ranking_loss(
         discordant = (grid.valid & (d < 0)).sum((1, 2)).double()
         pairs = grid.pairs_per_group.double()
         rd = r.detach().double()
-        parts = (
-            (w * t.ranking / t.units.clamp(min=1)).sum(), (w * t.ranking).sum(), (w * t.units).sum(),
-            (w * t.extras).sum(), w.sum(), torch.tensor(batch.num_groups), pairs.sum(), concordant.sum(),
-            ((concordant - discordant) / pairs.clamp(min=1)).sum(), (pairs > 0).sum(), grid.tied.sum(),
-            (grid.tied & (d.abs() < cfg.tie_threshold)).sum(), rd.sum(), rd.square().sum(), torch.tensor(len(rd)),
-        )  # fmt: skip
-        stats = torch.stack([p.detach().double().to(stats.device) for p in parts])
+        stats = Stats(
+            prompt_num=(w * t.ranking / t.units.clamp(min=1)).sum(),
+            ranking_num=(w * t.ranking).sum(),
+            unit_num=(w * t.units).sum(),
+            extras_num=(w * t.extras).sum(),
+            weight_sum=w.sum(),
+            groups=torch.tensor(batch.num_groups),
+            pairs=pairs.sum(),
+            correct_pairs=concordant.sum(),
+            tau_sum=((concordant - discordant) / pairs.clamp(min=1)).sum(),
+            tau_groups=(pairs > 0).sum(),
+            tie_pairs=grid.tied.sum(),
+            ties_close=(grid.tied & (d.abs() < cfg.tie_threshold)).sum(),
+            reward_sum=rd.sum(),
+            reward_sq_sum=rd.square().sum(),
+            rewards=torch.tensor(len(rd)),
+        )
+        stats = stats.float64(rewards.device)
     return loss, stats
 
 
-def metrics(stats: torch.Tensor, cfg: LossConfig) -> dict[str, float]:
-    v = dict(zip(STATS, stats.tolist(), strict=True))
+def metrics(stats: Stats, cfg: LossConfig) -> dict[str, float]:
+    v = stats.values()
     weights = max(v["weight_sum"], 1e-12)
     if cfg.pair_weighting == "per_prompt":
         loss = (v["prompt_num"] + v["extras_num"]) / weights

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bigrm import checkpoint, export
+from bigrm import checkpoint, export, precision
 from bigrm.config import DataConfig, LossConfig
 from bigrm.data import (
     DataError,
@@ -39,7 +39,7 @@ def load_model(path: str, device: torch.device, dtype: str = "auto", attn: str =
     """(RewardModel in eval mode, tokenizer) from an exported directory or a bigrm training checkpoint."""
     from transformers import AutoTokenizer
 
-    torch_dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    torch_dtype = precision.saved(dtype)
     attn = resolve_attn(attn, device.type == "cuda")
     p = Path(path)
     if checkpoint.is_complete(p):

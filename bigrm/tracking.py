@@ -46,6 +46,12 @@ class Tracker:
                 self.writer.add_scalar(f"{prefix}/{key}", value, step)
             self.writer.flush()
 
+    def record(self, kind: str, values: dict) -> None:
+        """A log.jsonl row that is not a metric series (the run's setup): no console line, no TensorBoard scalar."""
+        if self.main:
+            self.jsonl.write(json.dumps({"split": kind, **values}) + "\n")
+            self.jsonl.flush()
+
     def close(self) -> None:
         self.bar.close()
         if self.jsonl is not None:

@@ -1,20 +1,24 @@
-"""The trainer: the only module that drives DeepSpeed. Config → engine → steps → eval → metrics.json + final/."""
+"""The trainer: the only module that drives DeepSpeed. setup → resume → steps (log, evaluate, save) → finish.
+
+`run` is the outline; `Trainer` holds the run's state, declared in its `__init__`, and one method per phase.
+"""
 
 from __future__ import annotations
 
 import json
-import time
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from bigrm import adapters, checkpoint, dist, ds_config, export, flops, pipeline, preemption, tiny
+from bigrm import adapters, checkpoint, dist, ds_config, export, flops, pipeline, precision, preemption, tiny
 from bigrm import config as config_mod
 from bigrm.config import Config
 from bigrm.data import mix
 from bigrm.evaluate import evaluate
-from bigrm.loss import STATS, denominators, metrics, ranking_loss
+from bigrm.loss import Stats, denominators, metrics, ranking_loss
+from bigrm.meter import Meter
 from bigrm.model import (
     RewardModel,
     compile_blocks,
@@ -26,6 +30,28 @@ from bigrm.model import (
 )
 from bigrm.packing import Step, collate, layout_tokens, plan_epoch
 from bigrm.tracking import Tracker
+
+
+def run(cfg: Config) -> dict:
+    """Train, evaluate and export; returns the final eval metrics. Whatever happens, the tracker is closed and the
+    process group left (with a barrier only when every rank got to the end together)."""
+    trainer = Trainer(cfg, dist.init())
+    together = False  # every rank reached the same end: leaving may synchronise
+    try:
+        trainer.setup()
+        trainer.resume()
+        for n, step in trainer.remaining():
+            trainer.train_step(step)
+            trainer.after_step(n)  # logs, evaluates and saves at their intervals; a stop request raises Preempted
+        result = trainer.finish()
+        together = True
+        return result
+    except preemption.Preempted:
+        together = True
+        raise
+    finally:
+        trainer.close()
+        dist.shutdown(failed=not together)
 
 
 def model_dir(cfg: Config, out: Path, dtype: torch.dtype) -> str:
@@ -78,182 +104,236 @@ def plan_fingerprint(cfg: Config, data: pipeline.Dataset, steps: list[Step]) -> 
     }
 
 
-def run(cfg: Config) -> dict:
-    import deepspeed
-    from transformers import AutoConfig, AutoTokenizer, set_seed
-    from transformers.integrations import HfDeepSpeedConfig
+def check_resumable(saved: dict, fingerprint: dict, path: Path) -> None:
+    """A checkpoint's plan must be this run's: anything else would continue on other batches."""
+    if saved != fingerprint:
+        changed = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
+        raise checkpoint.CheckpointError(f"cannot resume {path}: the data plan changed {changed}")
 
-    device = dist.init()
-    t = cfg.train
-    out = Path(t.output_dir)
-    stop = preemption.StopRequest(out, device)
-    if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        config_mod.dump(cfg, out / "config.yaml")
-    dist.barrier()
-    set_seed(t.seed)
 
-    cuda = device.type == "cuda"
-    bf16 = cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and cuda)
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    attn = resolve_attn(cfg.model.attn_impl, cuda)  # an impossible choice stops the run before any work
-    path = model_dir(cfg, out, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    prepare_tokenizer(tokenizer)
-    with dist.main_first():  # rank 0 writes the synthetic files and fills the datasets cache first
-        if dist.is_main() and not cfg.data.train_files:
-            pipeline.write_synthetic(cfg, out)
-        data = pipeline.build(cfg, tokenizer, out)
-    steps = plan(cfg, data)
-    tracker = Tracker(out, len(steps), t.tensorboard)
-    for line in data.log:
-        tracker.print(line)
+class Trainer:
+    def __init__(self, cfg: Config, device: torch.device):
+        t = cfg.train
+        self.cfg, self.t, self.device, self.out = cfg, t, device, Path(t.output_dir)
+        self.dtype = precision.training(cfg.model.dtype, device.type == "cuda")
+        self.stop = preemption.StopRequest(self.out, device)
+        # built by setup()
+        self.tracker: Tracker | None = None  # rank 0's console lines, progress bar, log.jsonl, TensorBoard
+        self.tokenizer = None
+        self.data: pipeline.Dataset | None = None
+        self.steps: list[Step] = []  # every optimizer step of the run, the same on every rank
+        self.fingerprint: dict = {}  # what a resume must find unchanged (plan_fingerprint)
+        self.engine = None  # DeepSpeed around RewardModel
+        self.hf_ds_config = None  # ZeRO-3: kept alive for the whole run (transformers holds it by weak reference)
+        self.lora: adapters.Settings | None = None  # what a LoRA export rebuilds its base from
+        self.verify: list = []  # held-out groups every checkpoint and export checks itself on
+        self.group_sums: list[tuple[float, float]] = []  # per training prompt: its share of the step's denominators
+        self.model_flops = None  # (real tokens, causal pairs) → model FLOPs of one forward + backward
+        self.meter: Meter | None = None  # the current log window
+        # progress, moved by resume() and every step
+        self.start = 0  # steps already done
+        self.epoch = -1
+        self.epoch_stats = Stats.zeros(device)  # the current epoch's statistics: this rank's share
 
-    arch = AutoConfig.from_pretrained(path)
-    hidden = arch.hidden_size
-    ds = ds_config.build(cfg, len(steps), bf16=bf16, cpu=not cuda, hidden_size=hidden)
-    # transformers holds this only by weak reference: while it lives, from_pretrained loads straight into ZeRO-3 shards
-    keep_alive = HfDeepSpeedConfig(ds) if ds["zero_optimization"]["stage"] == 3 else None  # noqa: F841
-    classifier = load_classifier(path, dtype, attn, tokenizer, cfg.model.gradient_checkpointing, cfg.quantization)
-    settings = None
-    if cfg.lora.r:
-        adapters.add_lora(classifier, cfg.lora)
-        base = str(Path(path).resolve()) if Path(path).is_dir() else path
-        settings = adapters.Settings(base, cfg.lora, cfg.quantization)
-    if cfg.model.compile:
-        compile_blocks(classifier)
-    model = RewardModel(classifier, attn)
-    engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds
-    )
-    fingerprint = plan_fingerprint(cfg, data, steps)
-    start = 0
-    resume_from = checkpoint.resolve_resume(t.resume, out)
-    if resume_from is not None:
-        meta = checkpoint.load(engine, resume_from)
-        if meta["plan"] != fingerprint:
-            changed = {k: (meta["plan"].get(k), v) for k, v in fingerprint.items() if meta["plan"].get(k) != v}
-            raise checkpoint.CheckpointError(f"cannot resume {resume_from}: the data plan changed {changed}")
-        start = meta["step"]
-        tracker.print(f"resumed from {resume_from} at step {start} (epoch {meta['epoch']}, step {meta['index']})")
-    tracker.bar.update(start)
-    verify = (data.eval or data.train)[:4]  # held-out sequences that every export checks itself on
+    # setup ------------------------------------------------------------------------------------------------------
 
-    def save(n: int) -> None:
-        step = steps[n - 1]
-        epoch_sum = dist.all_sum(epoch_stats).tolist()  # collective: every rank is here
-        meta = {"step": n, "epoch": step.epoch, "index": step.index, "plan": fingerprint, "epoch_stats": epoch_sum}
+    def setup(self) -> None:
+        from transformers import set_seed
 
-        def hf_files(dest: Path) -> None:
-            engine.module.classifier.config.save_pretrained(dest)
-            tokenizer.save_pretrained(dest)
-            if settings:
-                settings.write(dest)
+        if dist.is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            config_mod.dump(self.cfg, self.out / "config.yaml")
+        dist.barrier()
+        set_seed(self.t.seed)
+        attn = resolve_attn(self.cfg.model.attn_impl, self.device.type == "cuda")  # fails before any work
+        path = model_dir(self.cfg, self.out, self.dtype)
+        self._load_data(path)
+        self._build_engine(path, attn)
 
-        verify_ids = [[s.tolist() for s in g.seqs] for g in verify]
-        saved = checkpoint.save(engine, out, meta, t.keep_checkpoints, hf_files, verify_ids, settings is not None)
-        tracker.print(f"checkpoint: {saved}")
+    def _load_data(self, path: str) -> None:
+        from transformers import AutoTokenizer
 
-    total, trainable = parameter_counts(model)
-    matmul = parameter_counts(model, matmul_only=True)
-    peak = flops.peak_tflops(t.peak_tflops, device, bf16)
-    tracker.print(
-        f"model {path}: attention {attn}, {'bf16' if bf16 else 'fp32'}, ZeRO stage {engine.zero_optimization_stage()}"
-        + (", compiled blocks" if cfg.model.compile else "")
-        + f", world {dist.world()}, {len(steps)} optimizer steps"
-        f"\nparameters {total:,}, trainable {trainable:,} ({100 * trainable / total:.2f}%)"
-        + (f", LoRA r={cfg.lora.r}" if cfg.lora.r else "")
-        + (f" on a {cfg.quantization.bits}-bit base" if cfg.quantization.bits else "")
-    )
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        prepare_tokenizer(self.tokenizer)
+        with dist.main_first():  # rank 0 writes the synthetic files and fills the datasets cache first
+            if dist.is_main() and not self.cfg.data.train_files:
+                pipeline.write_synthetic(self.cfg, self.out)
+            self.data = pipeline.build(self.cfg, self.tokenizer, self.out)
+        self.steps = plan(self.cfg, self.data)
+        self.tracker = Tracker(self.out, len(self.steps), self.t.tensorboard)
+        for line in self.data.log:
+            self.tracker.print(line)
 
-    def run_eval(step: int) -> dict:
-        engine.eval()
-        result = evaluate(
-            engine,
-            data.eval,
-            budget=t.max_tokens_per_batch,
-            window=t.packing_window,
-            pad_id=tokenizer.pad_token_id,
-            device=device,
-            cfg=cfg.loss,
-            share_prompt=t.share_prompt,
+    def _build_engine(self, path: str, attn: str) -> None:
+        import deepspeed
+        from transformers import AutoConfig
+        from transformers.integrations import HfDeepSpeedConfig
+
+        cfg, bf16 = self.cfg, self.dtype == torch.bfloat16
+        arch = AutoConfig.from_pretrained(path)
+        ds = ds_config.build(
+            cfg, len(self.steps), bf16=bf16, cpu=self.device.type != "cuda", hidden_size=arch.hidden_size
         )
-        engine.train()
-        tracker.log("eval", result, step)
-        return result
+        # while it lives, from_pretrained loads straight into ZeRO-3 shards
+        self.hf_ds_config = HfDeepSpeedConfig(ds) if ds["zero_optimization"]["stage"] == 3 else None
+        classifier = load_classifier(
+            path, self.dtype, attn, self.tokenizer, cfg.model.gradient_checkpointing, cfg.quantization
+        )
+        if cfg.lora.r:
+            adapters.add_lora(classifier, cfg.lora)
+            base = str(Path(path).resolve()) if Path(path).is_dir() else path
+            self.lora = adapters.Settings(base, cfg.lora, cfg.quantization)
+        if cfg.model.compile:
+            compile_blocks(classifier)
+        model = RewardModel(classifier, attn)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trained, config=ds)
+        self.fingerprint = plan_fingerprint(cfg, self.data, self.steps)
+        matmul = parameter_counts(model, matmul_only=True)
+        self.model_flops = partial(
+            flops.model_flops, matmul=matmul, hidden=arch.hidden_size, layers=arch.num_hidden_layers
+        )
+        self._describe(path, attn, model)
 
-    group_sums = [denominators([g], cfg.loss) for g in data.train]  # labels only: computed once, not per step
-    window = torch.zeros(len(STATS), dtype=torch.float64, device=device)
-    epoch_stats, epoch = torch.zeros_like(window), steps[start - 1].epoch if start else -1
-    if start and dist.is_main():  # the resumed epoch's reward statistics so far (summed over ranks)
-        epoch_stats += torch.tensor(meta["epoch_stats"], dtype=torch.float64, device=device)
-    tokens = np.zeros(4)  # real, processed, budget, model FLOPs
-    clock = time.perf_counter()
-    engine.train()
-    for n, step in enumerate(steps[start:], start + 1):
-        if step.epoch != epoch:  # reward statistics for the export describe the final epoch
-            epoch, epoch_stats = step.epoch, torch.zeros_like(epoch_stats)
+    def _describe(self, path: str, attn: str, model: RewardModel) -> None:
+        """The console banner, and the same figures as log.jsonl's `setup` row (what benchmarks read)."""
+        cfg, dtype = self.cfg, precision.name_of(self.dtype)
+        total, trainable = parameter_counts(model)
+        stage = self.engine.zero_optimization_stage()
+        self.tracker.print(
+            f"model {path}: attention {attn}, {dtype}, ZeRO stage {stage}"
+            + (", compiled blocks" if cfg.model.compile else "")
+            + f", world {dist.world()}, {len(self.steps)} optimizer steps"
+            f"\nparameters {total:,}, trainable {trainable:,} ({100 * trainable / total:.2f}%)"
+            + (f", LoRA r={cfg.lora.r}" if cfg.lora.r else "")
+            + (f" on a {cfg.quantization.bits}-bit base" if cfg.quantization.bits else "")
+        )
+        setup = {"model": path, "attention": attn, "dtype": dtype, "zero_stage": stage, "compiled": cfg.model.compile}
+        setup.update(world=dist.world(), steps=len(self.steps), parameters=total, trainable=trainable)
+        self.tracker.record("setup", setup)
+
+    # resume -----------------------------------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Continue from train.resume's checkpoint, if any: weights, optimizer, RNG, data position, epoch statistics."""
+        path = checkpoint.resolve_resume(self.t.resume, self.out)
+        saved = None
+        if path is not None:
+            saved = checkpoint.load(self.engine, path)
+            check_resumable(saved["plan"], self.fingerprint, path)
+            self.start = saved["step"]
+            self.tracker.print(
+                f"resumed from {path} at step {self.start} (epoch {saved['epoch']}, step {saved['index']})"
+            )
+        self.tracker.bar.update(self.start)
+        self.verify = (self.data.eval or self.data.train)[:4]  # held-out sequences that every export checks itself on
+        self.group_sums = [denominators([g], self.cfg.loss) for g in self.data.train]  # labels only: computed once
+        if self.start:
+            self.epoch = self.steps[self.start - 1].epoch
+            if dist.is_main():  # the resumed epoch's statistics so far (summed over ranks)
+                so_far = torch.tensor(saved["epoch_stats"], dtype=torch.float64, device=self.device)
+                self.epoch_stats += Stats.unstack(so_far)
+        peak = flops.peak_tflops(self.t.peak_tflops, self.device, self.dtype == torch.bfloat16)
+        self.meter = Meter(self.device, self.t.max_tokens_per_batch, peak)
+        self.engine.train()
+
+    def remaining(self) -> Iterator[tuple[int, Step]]:
+        """(1-based step number, step) of the steps still to train."""
+        return enumerate(self.steps[self.start :], self.start + 1)
+
+    # one step ---------------------------------------------------------------------------------------------------
+
+    def train_step(self, step: Step) -> None:
+        """This rank's micro-batches of one optimizer step: forward, loss, backward, (at the last) optimizer step."""
+        t, data = self.t, self.data
+        if step.epoch != self.epoch:  # reward statistics for the export describe the final epoch
+            self.epoch, self.epoch_stats = step.epoch, Stats.zeros(self.device)
         # the loss is normalised over the whole step's prompts, whatever rank or micro-batch holds them
         members = [i for rank in step.micro_batches for mb in rank for i in mb]
-        sums = (sum(group_sums[i][0] for i in members), sum(group_sums[i][1] for i in members))
+        sums = (sum(self.group_sums[i][0] for i in members), sum(self.group_sums[i][1] for i in members))
         for mb in step.micro_batches[dist.rank()]:
-            packed = collate([data.train[i] for i in mb], tokenizer.pad_token_id, share_prompt=t.share_prompt)
+            packed = collate([data.train[i] for i in mb], self.tokenizer.pad_token_id, share_prompt=t.share_prompt)
             pairs = flops.causal_pairs(packed.cu_seqlens, packed.seg_parent)  # on the CPU copy: no device sync
-            batch = packed.to(device)
-            rewards = engine(batch)
-            loss, stats = ranking_loss(rewards, batch, cfg.loss, *sums)
+            batch = packed.to(self.device)
+            rewards = self.engine(batch)
+            loss, stats = ranking_loss(rewards, batch, self.cfg.loss, *sums)
             # DeepSpeed averages over ranks and micro-batches: undo that, the step normalises itself
-            engine.backward(loss * dist.world() * t.micro_batches_per_step)
-            engine.step()
-            window += stats
-            epoch_stats += stats
-            done = flops.model_flops(batch.real_tokens, pairs, matmul, hidden, arch.num_hidden_layers)
-            tokens += (batch.real_tokens, batch.processed_tokens, t.max_tokens_per_batch, done)
-        tracker.step()
+            self.engine.backward(loss * dist.world() * t.micro_batches_per_step)
+            self.engine.step()
+            self.meter.add(stats, batch, self.model_flops(batch.real_tokens, pairs))
+            self.epoch_stats += stats
+        self.tracker.step()
+
+    def after_step(self, n: int) -> None:
+        """Log, evaluate and save at their intervals; a stop request saves, then raises Preempted."""
+        t, last = self.t, n == len(self.steps)
         # collective, every step; a stop still logs this step's window (the resumed run starts a new one) and saves
-        stopping = stop.requested()
-        if n % t.log_every == 0 or n == len(steps) or stopping:
-            local = torch.cat([window, torch.from_numpy(tokens).to(device)])
-            summed = dist.all_sum(local).cpu()
-            elapsed = time.perf_counter() - clock
-            logged = metrics(summed[: len(STATS)], cfg.loss)
-            logged.update(
-                lr=engine.get_lr()[0],
-                tokens_per_s=summed[len(STATS)].item() / elapsed,
-                tokens_per_s_per_gpu=summed[len(STATS)].item() / elapsed / dist.world(),
-                padding_efficiency=(summed[len(STATS)] / summed[len(STATS) + 1]).item(),
-                budget_fill=(summed[len(STATS)] / summed[len(STATS) + 2]).item(),
-                tflops_per_gpu=summed[len(STATS) + 3].item() / elapsed / dist.world() / 1e12,
-            )
-            if peak:
-                logged["mfu"] = logged["tflops_per_gpu"] / peak
-            if cuda:  # this rank's high-water mark since the start: what a larger model or budget must fit in
-                logged["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            tracker.log("train", logged, n)
-            window.zero_()
-            tokens[:] = 0
-            clock = time.perf_counter()
-        paused = time.perf_counter()  # evaluation and saving are not training throughput
-        if data.eval and t.eval_every and n % t.eval_every == 0 and n != len(steps):
-            run_eval(n)
-        if stopping or (t.save_every and n % t.save_every == 0) or n == len(steps):
-            save(n)
-        clock += time.perf_counter() - paused
+        stopping = self.stop.requested()
+        if n % t.log_every == 0 or last or stopping:
+            self.tracker.log("train", self.meter.read(self.cfg.loss, self.engine.get_lr()[0]), n)
+        with self.meter.paused():  # evaluation and saving are not training throughput
+            if self.data.eval and t.eval_every and n % t.eval_every == 0 and not last:
+                self.evaluate(n)
+            if stopping or (t.save_every and n % t.save_every == 0) or last:
+                self.save(n)
         if stopping:
-            stop.consume()
-            tracker.print(f"stopped at step {n} on request with a complete checkpoint: continue with --resume auto")
-            tracker.close()
-            dist.shutdown()
+            self.stop.consume()
+            done = "with a complete checkpoint: continue with --resume auto"
+            self.tracker.print(f"stopped at step {n} on request {done}")
             raise preemption.Preempted(f"stopped at step {n}")
 
-    final = run_eval(len(steps)) if data.eval else {"note": "no eval data configured"}
-    if dist.is_main():
-        (out / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
-    if t.export:
-        running = metrics(dist.all_sum(epoch_stats).cpu(), cfg.loss)
-        stats = {"reward_mean": running["reward_mean"], "reward_std": running["reward_std"]}
-        export.export_engine(engine, tokenizer, out / "final", verify, device, dtype, settings, stats)
-    tracker.print(f"metrics: {out / 'metrics.json'}" + (f"\nmodel: {out / 'final'}" if t.export else ""))
-    tracker.close()
-    dist.shutdown()
-    return final
+    # evaluate, save, finish -------------------------------------------------------------------------------------
+
+    def evaluate(self, step: int) -> dict:
+        t = self.t
+        self.engine.eval()
+        result = evaluate(
+            self.engine,
+            self.data.eval,
+            budget=t.max_tokens_per_batch,
+            window=t.packing_window,
+            pad_id=self.tokenizer.pad_token_id,
+            device=self.device,
+            cfg=self.cfg.loss,
+            share_prompt=t.share_prompt,
+        )
+        self.engine.train()
+        self.tracker.log("eval", result, step)
+        return result
+
+    def save(self, n: int) -> None:
+        """Collective: a complete checkpoint after step n."""
+        step = self.steps[n - 1]
+        epoch_sum = dist.all_sum(self.epoch_stats.stack()).tolist()
+        meta = {"step": n, "epoch": step.epoch, "index": step.index, "plan": self.fingerprint, "epoch_stats": epoch_sum}
+
+        def hf_files(dest: Path) -> None:
+            self.engine.module.classifier.config.save_pretrained(dest)
+            self.tokenizer.save_pretrained(dest)
+            if self.lora:
+                self.lora.write(dest)
+
+        verify_ids = [[s.tolist() for s in g.seqs] for g in self.verify]
+        saved = checkpoint.save(
+            self.engine, self.out, meta, self.t.keep_checkpoints, hf_files, verify_ids, self.lora is not None
+        )
+        self.tracker.print(f"checkpoint: {saved}")
+
+    def finish(self) -> dict:
+        """The final eval (metrics.json) and, with train.export, the verified export (final/)."""
+        out = self.out
+        final = self.evaluate(len(self.steps)) if self.data.eval else {"note": "no eval data configured"}
+        if dist.is_main():
+            (out / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
+        if self.t.export:
+            running = metrics(Stats.unstack(dist.all_sum(self.epoch_stats.stack()).cpu()), self.cfg.loss)
+            stats = {"reward_mean": running["reward_mean"], "reward_std": running["reward_std"]}
+            export.export_engine(
+                self.engine, self.tokenizer, out / "final", self.verify, self.device, self.dtype, self.lora, stats
+            )
+        self.tracker.print(f"metrics: {out / 'metrics.json'}" + (f"\nmodel: {out / 'final'}" if self.t.export else ""))
+        return final
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()

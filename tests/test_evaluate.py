@@ -13,7 +13,7 @@ import torch
 from bigrm import dist
 from bigrm.config import LossConfig
 from bigrm.evaluate import evaluate, shard
-from bigrm.loss import STATS, metrics
+from bigrm.loss import Stats, metrics
 from bigrm.packing import PackedBatch
 from bigrm.sequences import Group
 
@@ -134,7 +134,7 @@ def test_evaluate_metrics_are_not_trivial():
 def test_evaluate_no_groups():
     model = SumModel()
     got = evaluate(model, [], budget=50, window=8, pad_id=PAD, device=CPU, cfg=LossConfig())
-    assert got == metrics(torch.zeros(len(STATS), dtype=torch.float64), LossConfig())
+    assert got == metrics(Stats.zeros(), LossConfig())
     assert got["num_prompts"] == 0
 
 
@@ -177,9 +177,9 @@ def test_evaluate_sharded_over_fake_ranks(monkeypatch, world):
         calls.append(model.calls)
     assert len({len(c) for c in calls}) == 1
     assert sum(b.num_groups for c in calls for b in c) == len(groups)
-    assert_metrics_close(metrics(sum(totals), LossConfig()), direct_metrics(groups, 0.1))
+    assert_metrics_close(metrics(Stats.unstack(sum(totals)), LossConfig()), direct_metrics(groups, 0.1))
     for t in totals:  # no rank saw every group
-        assert 0 < metrics(t, LossConfig())["num_prompts"] < len(groups)
+        assert 0 < metrics(Stats.unstack(t), LossConfig())["num_prompts"] < len(groups)
 
 
 def test_evaluate_uses_collate_layout():

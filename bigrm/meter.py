@@ -1,0 +1,75 @@
+"""What the trainer logs every `train.log_every` steps: the window's loss statistics and its throughput.
+
+A window runs from one log line to the next; its wall time leaves out evaluation and saving (`paused`), which are
+not training throughput. Every figure is summed over ranks in one all_reduce when the window is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import astuple, dataclass
+
+import torch
+
+from bigrm import dist
+from bigrm.config import LossConfig
+from bigrm.loss import Stats, metrics
+from bigrm.packing import PackedBatch
+
+
+@dataclass
+class Tokens:
+    """Additive over micro-batches and ranks."""
+
+    real: float = 0.0  # tokens of the scored sequences (shared prefixes once)
+    processed: float = 0.0  # tokens forwarded, alignment padding included
+    budget: float = 0.0  # max_tokens_per_batch per micro-batch
+    model_flops: float = 0.0  # see bigrm.flops
+
+
+class Meter:
+    def __init__(self, device: torch.device, budget: int, peak_tflops: float | None):
+        self.device, self.budget, self.peak = device, budget, peak_tflops
+        self.stats, self.tokens = Stats.zeros(device), Tokens()
+        self.clock = time.perf_counter()
+
+    def add(self, stats: Stats, batch: PackedBatch, model_flops: float) -> None:
+        """One micro-batch of this rank."""
+        self.stats += stats
+        t = self.tokens
+        t.real, t.processed = t.real + batch.real_tokens, t.processed + batch.processed_tokens
+        t.budget, t.model_flops = t.budget + self.budget, t.model_flops + model_flops
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside does not count as training time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.clock += time.perf_counter() - start
+
+    def read(self, cfg: LossConfig, lr: float) -> dict[str, float]:
+        """Collective: the window's figures over all ranks; the next window starts now."""
+        local = torch.tensor(astuple(self.tokens), dtype=torch.float64, device=self.device)
+        stats, tokens = (x.cpu() for x in dist.all_sum_each(self.stats.stack(), local))
+        elapsed, world = time.perf_counter() - self.clock, dist.world()
+        t = Tokens(*tokens.tolist())
+        logged = metrics(Stats.unstack(stats), cfg)
+        logged.update(
+            lr=lr,
+            tokens_per_s=t.real / elapsed,
+            tokens_per_s_per_gpu=t.real / elapsed / world,
+            padding_efficiency=t.real / t.processed,
+            budget_fill=t.real / t.budget,
+            tflops_per_gpu=t.model_flops / elapsed / world / 1e12,
+        )
+        if self.peak:
+            logged["mfu"] = logged["tflops_per_gpu"] / self.peak
+        if self.device.type == "cuda":  # this rank's high-water mark since the start: what a larger run must fit in
+            logged["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.stats, self.tokens = Stats.zeros(self.device), Tokens()
+        self.clock = time.perf_counter()
+        return logged
