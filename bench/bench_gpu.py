@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shlex
 import shutil
 import statistics
@@ -41,7 +40,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench_memory import table
+from bench_memory import setup_row, table
 from bench_speed import MAX_LENGTH, make_groups
 from models import SHAPES, write_config
 
@@ -151,11 +150,11 @@ def run_one(setup: str, attn: str, size: str, model_dir: Path, data: Path, work:
         raise SystemExit(f"{setup} attn={attn} failed ({proc.returncode}):\n{text[-4000:]}")
     for heavy in ("checkpoints", "random-init"):  # the final ZeRO-3 checkpoint of a 1B run alone is ~14 GB
         shutil.rmtree(out / heavy, ignore_errors=True)
-    counts = re.search(r"parameters ([\d,]+), trainable ([\d,]+)", text)
+    ran = setup_row(out / "log.jsonl")
     return {
-        "setup": setup, "size": size, "attn": attn, "attn_resolved": re.search(r"attention (\w+),", text)[1],
+        "setup": setup, "size": size, "attn": attn, "attn_resolved": ran["attention"],
         "compile": args.compile, "gradient_checkpointing": checkpointing(setup, args),
-        "parameters": int(counts[1].replace(",", "")), "trainable": int(counts[2].replace(",", "")),
+        "parameters": ran["parameters"], "trainable": ran["trainable"],
         **summarise(out / "log.jsonl", args.warmup, args.steps), "command": shlex.join(cmd),
     }  # fmt: skip
 

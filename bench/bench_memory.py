@@ -67,6 +67,11 @@ def child(setup: str, model: str, out: str) -> None:
     print(json.dumps({"before_kib": before, "peak_kib": status_kib("VmHWM")}))
 
 
+def setup_row(log: Path) -> dict:
+    """What the trainer wrote about its run (attention, dtype, parameter counts) as the setup row of its log.jsonl."""
+    return next(r for r in map(json.loads, log.read_text().splitlines()) if r["split"] == "setup")
+
+
 def measure(setup: str, model: Path, work: Path) -> dict:
     proc = subprocess.run(
         [sys.executable, __file__, "--child", setup, "--model", str(model), "--out", str(work / setup)],
@@ -78,12 +83,12 @@ def measure(setup: str, model: Path, work: Path) -> dict:
     )
     if proc.returncode:
         raise RuntimeError(f"{setup} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
-    counts = re.search(r"parameters ([\d,]+), trainable ([\d,]+)", proc.stdout + proc.stderr)
+    ran = setup_row(work / setup / "log.jsonl")
     figures = json.loads(proc.stdout.strip().splitlines()[-1])
     return {
         "setup": setup,
-        "parameters": int(counts[1].replace(",", "")),
-        "trainable": int(counts[2].replace(",", "")),
+        "parameters": ran["parameters"],
+        "trainable": ran["trainable"],
         "rss_before_gib": figures["before_kib"] * 1024 / GIB,
         "peak_rss_gib": figures["peak_kib"] * 1024 / GIB,
         "setup_gib": (figures["peak_kib"] - figures["before_kib"]) * 1024 / GIB,

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 from models import write_config
 
+from bigrm import precision
 from bigrm.config import ATTN_IMPLS, LossConfig
 from bigrm.data import Example, split_implicit
 from bigrm.loss import ranking_loss
@@ -71,10 +72,9 @@ class Run:
 
 def run_settings(args) -> Run:
     cuda = args.device == "cuda"
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
     return Run(
         device=torch.device(args.device),
-        dtype=dtype or (torch.bfloat16 if cuda else torch.float32),
+        dtype=precision.training(args.dtype, cuda),
         checkpointing=args.gradient_checkpointing,
         attn=resolve_attn(args.attn, cuda),
     )
@@ -302,11 +302,11 @@ def loss_share(model_dir: str, budget: int, repeats: int, run: Run) -> list[tupl
 def describe(run: Run, tmp: str) -> str:
     """How each library trains in this run, as TRL's config resolves its defaults."""
     trl = trl_config(str(Path(tmp) / "describe"), 1, run)
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-    bigrm = f"bigrm: {run.attn} attention, {names[run.dtype]}"
-    precision = f"{names[run.dtype]} weights" + (", bf16 mixed precision" if trl.bf16 else "")
+    dtype = precision.name_of(run.dtype)
+    bigrm = f"bigrm: {run.attn} attention, {dtype}"
+    weights = f"{dtype} weights" + (", bf16 mixed precision" if trl.bf16 else "")
     checkpointing = {True: "gradient checkpointing", False: "no gradient checkpointing"}
-    return (f"{bigrm}, {checkpointing[run.checkpointing]}; TRL: SDPA over padded rows, {precision}, "
+    return (f"{bigrm}, {checkpointing[run.checkpointing]}; TRL: SDPA over padded rows, {weights}, "
             f"{checkpointing[trl.gradient_checkpointing]}")  # fmt: skip
 
 
@@ -380,7 +380,9 @@ def main() -> None:
     p.add_argument("--trl-batch", dest="trl_batch", type=int, default=8, help="TRL pairs per step")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], help="both libraries' weights and compute (see above)")
+    p.add_argument(
+        "--dtype", choices=precision.CHOICES, default="auto", help="both libraries' weights and compute (see above)"
+    )
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="both libraries")  # fmt: skip
     p.add_argument("--size", choices=["tiny", "1b"], default="tiny", help="the model's shape (bench/models.py)")
