@@ -338,17 +338,36 @@ def standardise_scores(examples: list[Example]) -> list[Example]:
     return [replace(e, targets=tuple((v - mean) / std for v in e.scores)) if e.scores else e for e in examples]
 
 
-def load_file(path: str, cfg: DataConfig) -> tuple[list[Example], list[RowError], int]:
+@dataclass
+class RowFile:
+    """A file's rows, read but not yet validated, with their format and how to name each row in an error."""
+
+    rows: list[Any]
+    fmt: str
+    locate: Locator
+
+
+def read_file(path: str, cfg: DataConfig) -> RowFile:
     rows = read_rows(path)
     if not rows:
         raise DataError(f"{path}: no rows")
     fmt = detect_format(set(rows[0]) if isinstance(rows[0], dict) else set(), cfg, path)
-    locate = Locator(path)
+    return RowFile(rows, fmt, Locator(path))
+
+
+def load_file(path: str, cfg: DataConfig) -> tuple[list[Example], list[RowError], int]:
+    file = read_file(path, cfg)
     examples, errors = [], []
-    for i, row in enumerate(rows):
-        parsed = parse_row(row, fmt, cfg, locate(i))
+    for i, row in enumerate(file.rows):
+        parsed = parse_row(row, file.fmt, cfg, file.locate(i))
         (errors if isinstance(parsed, RowError) else examples).append(parsed)
-    return standardise_scores(examples), errors, len(rows)
+    return standardise_scores(examples), errors, len(file.rows)
+
+
+def listed(errors: list, max_errors: int) -> str:
+    """Row errors as the indented lines of an error message: the first max_errors (data.max_errors), then a count."""
+    shown = "".join(f"\n  {e}" for e in errors[:max_errors])
+    return shown + (f"\n  ... and {len(errors) - max_errors} more" if len(errors) > max_errors else "")
 
 
 def load_examples(paths: list[str], cfg: DataConfig) -> tuple[list[list[Example]], LoadReport]:
@@ -360,9 +379,9 @@ def load_examples(paths: list[str], cfg: DataConfig) -> tuple[list[list[Example]
         errors += errs
         report.rows += n
     if errors and not cfg.skip_invalid:
-        shown = "\n  ".join(map(str, errors[: cfg.max_errors]))
-        more = f"\n  ... and {len(errors) - cfg.max_errors} more" if len(errors) > cfg.max_errors else ""
-        raise DataError(f"{len(errors)} invalid row(s) (set data.skip_invalid: true to skip them):\n  {shown}{more}")
+        raise DataError(
+            f"{len(errors)} invalid row(s) (set data.skip_invalid: true to skip them):{listed(errors, cfg.max_errors)}"
+        )
     report.skipped.update(f"{e.field}: {e.reason}" for e in errors)
     return per_file, report
 

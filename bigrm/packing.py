@@ -15,6 +15,7 @@ from math import nan
 import numpy as np
 import torch
 
+from bigrm.data import DataError
 from bigrm.sequences import Group
 
 
@@ -145,6 +146,18 @@ def layout_tokens(group: Group, share_prompt: bool) -> int:
     if not share_prompt:
         return group.num_tokens
     return group.num_tokens - (len(group.seqs) - 1) * shared_prefix(group.seqs)
+
+
+def check_budget(groups: list[Group], budget: int, share_prompt: bool, what: str = "", option: str = "--") -> None:
+    """All K completions of a prompt share one micro-batch: a DataError when some prompt's cannot fit the budget
+    (`option` prefixes the budget's name in the message: "train." in training, "--" on the command line)."""
+    big = [g for g in groups if layout_tokens(g, share_prompt) > budget]
+    if big:
+        raise DataError(
+            f"{len(big)} {what}prompt(s) need more than {option}max_tokens_per_batch={budget} tokens for their K "
+            f"completions, e.g. {big[0].source} ({big[0].num_tokens} tokens); raise the budget or lower "
+            "data.max_length"
+        )
 
 
 def collate(groups: list[Group], pad_id: int, pad_to_multiple: int = 1, share_prompt: bool = False) -> PackedBatch:

@@ -13,7 +13,7 @@ from pathlib import Path
 from bigrm import synthetic
 from bigrm.config import Config
 from bigrm.data import DataError, file_specs, load_examples
-from bigrm.packing import layout_tokens
+from bigrm.packing import check_budget
 from bigrm.sequences import Group, tokenize_examples
 
 
@@ -72,22 +72,15 @@ def build(cfg: Config, tokenizer, synthetic_dir: Path) -> Dataset:
 
     train, train_files = [], []
     for examples in per_file:
-        groups, enc = tokenize_examples(examples, tokenizer, d.max_length, d.overlong)
+        groups, enc = tokenize_examples(examples, tokenizer, d.max_length, d.overlong, d.max_errors)
         train_files.append(list(range(len(train), len(train) + len(groups))))
         train += groups
         log.append(f"train tokens: {enc.summary()}")
     if not train:
         raise DataError("no training prompts left after validation")
-    evals, enc = tokenize_examples(eval_examples, tokenizer, d.max_length, d.overlong)
+    evals, enc = tokenize_examples(eval_examples, tokenizer, d.max_length, d.overlong, d.max_errors)
     if eval_examples:
         log.append(f"eval tokens: {enc.summary()}")
-    budget = cfg.train.max_tokens_per_batch
     for name, groups in (("train", train), ("eval", evals)):
-        big = [g for g in groups if layout_tokens(g, cfg.train.share_prompt) > budget]
-        if big:
-            raise DataError(
-                f"{len(big)} {name} prompt(s) need more than train.max_tokens_per_batch={budget} tokens for their K "
-                f"completions, e.g. {big[0].source} ({big[0].num_tokens} tokens); raise the budget or lower "
-                "data.max_length"
-            )
+        check_budget(groups, cfg.train.max_tokens_per_batch, cfg.train.share_prompt, f"{name} ", "train.")
     return Dataset(train, train_files, [w for _, w in specs], evals, log)

@@ -19,19 +19,10 @@ import torch
 
 from bigrm import checkpoint, export, precision
 from bigrm.config import DataConfig, LossConfig
-from bigrm.data import (
-    DataError,
-    Example,
-    Locator,
-    RowError,
-    detect_format,
-    parse_row,
-    read_rows,
-    standardise_scores,
-)
+from bigrm.data import DataError, Example, RowError, listed, parse_row, read_file, standardise_scores
 from bigrm.loss import Labels
 from bigrm.model import RewardModel, hf_attn_implementation, load_classifier, prepare_tokenizer, resolve_attn
-from bigrm.packing import collate, layout_tokens, pack_bins
+from bigrm.packing import check_budget, collate, layout_tokens, pack_bins
 from bigrm.sequences import Group, Scored, scored_sequence
 
 
@@ -107,12 +98,9 @@ def prepare(path: str, cfg: DataConfig, tokenizer, segments: bool = False, separ
 
     Invalid rows stop the run with all errors listed unless cfg.skip_invalid; over-long completions follow
     cfg.overlong. Skipped rows stay in the output with their reason."""
-    rows = read_rows(path)
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    fmt = detect_format(set(rows[0]) if isinstance(rows[0], dict) else set(), cfg, path)
-    locate, results, errors = Locator(path), [], []
-    for i, row in enumerate(rows):
+    file = read_file(path, cfg)
+    fmt, locate, results, errors = file.fmt, file.locate, [], []
+    for i, row in enumerate(file.rows):
         result = RowResult(row if isinstance(row, dict) else {"row": row})
         results.append(result)
         bounds = None
@@ -146,8 +134,9 @@ def prepare(path: str, cfg: DataConfig, tokenizer, segments: bool = False, separ
     for r, example in zip(done, standardise_scores([r.example for r in done]), strict=True):
         r.example = example  # regression targets over the file's scores, exactly as training computes them
     if errors and not cfg.skip_invalid:
-        shown = "\n  ".join(errors[: cfg.max_errors])
-        raise DataError(f"{len(errors)} row(s) cannot be scored (see skip_invalid / overlong):\n  {shown}")
+        raise DataError(
+            f"{len(errors)} row(s) cannot be scored (see skip_invalid / overlong):{listed(errors, cfg.max_errors)}"
+        )
     return results
 
 
@@ -163,11 +152,9 @@ def score(
     """Fill `rewards` (and `token_values`) of every scorable row, packed under a token budget."""
     share_prompt = share_prompt and not every_token  # per-token values need every sequence laid out whole
     todo = [r for r in results if r.example is not None]
-    groups = [Group(tuple(np.asarray(s.ids, dtype=np.int64) for s in r.scored), 0.0, "") for r in todo]
+    groups = [Group(tuple(np.asarray(s.ids, dtype=np.int64) for s in r.scored), 0.0, r.example.source) for r in todo]
+    check_budget(groups, budget, share_prompt)
     sizes = [layout_tokens(g, share_prompt) for g in groups]
-    too_big = [r.example.source for r, n in zip(todo, sizes, strict=True) if n > budget]
-    if too_big:
-        raise DataError(f"{too_big[0]}: its completions need more than --max_tokens_per_batch={budget} tokens")
     for mb in pack_bins(list(range(len(groups))), sizes, budget, window=max(len(groups), 1)):
         batch = collate([groups[i] for i in mb], pad_id=0, share_prompt=share_prompt).to(device)
         if every_token:

@@ -17,7 +17,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bigrm.data import DataError, Example, Text
+from bigrm.config import DataConfig
+from bigrm.data import DataError, Example, Text, listed
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def scored_sequence(tokenizer, prompt: Text, completion: Text, max_length: int) 
 
 
 def tokenize_examples(
-    examples: list[Example], tokenizer, max_length: int, overlong: str
+    examples: list[Example], tokenizer, max_length: int, overlong: str, max_errors: int = DataConfig.max_errors
 ) -> tuple[list[Group], EncodeReport]:
     if tokenizer.eos_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise DataError("the tokenizer's pad token equals its EOS token; bigrm.model.prepare_tokenizer fixes that")
@@ -162,10 +163,9 @@ def tokenize_examples(
         report.prompt_tokens_cut += cut_tokens
         groups.append(Group(tuple(seqs), ex.margin, ex.source, ex.ranks, ex.scores, ex.targets, ex.weight))
     if errors:
-        shown = "\n  ".join(errors[:20])
         raise DataError(
             f"{len(errors)} row(s) have a completion that cannot fit (set data.overlong: skip to drop them, or raise "
-            f"data.max_length):\n  {shown}"
+            f"data.max_length):{listed(errors, max_errors)}"
         )
     report.groups = len(groups)
     report.sequences = sum(len(g.seqs) for g in groups)
