@@ -54,7 +54,7 @@ def child(setup: str, model: str, out: str) -> None:
     """One training run in this process; prints its figures as JSON on the last line."""
     import torch
 
-    from bigrm import config
+    from bigrm import options
     from bigrm.train import run
 
     torch.set_num_threads(2)
@@ -63,7 +63,7 @@ def child(setup: str, model: str, out: str) -> None:
             "--data.synthetic.num_train", "200", "--data.synthetic.num_eval", "0", "--export", "false",
             "--tensorboard", "false", "--log_every", "1", "--dtype", "fp32", "--gradient_checkpointing", "true",
             *SETUPS[setup]]  # fmt: skip
-    run(config.from_argv(args))
+    run(options.from_argv(args))
     print(json.dumps({"before_kib": before, "peak_kib": status_kib("VmHWM")}))
 
 

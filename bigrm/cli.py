@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from bigrm import config, dist, precision
+from bigrm import config, dist, options, precision
 from bigrm.checkpoint import CheckpointError
 from bigrm.data import DataError
 from bigrm.export import ExportError
@@ -29,13 +29,13 @@ def _run(fn, *args) -> int:
 def train_main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
-        print(config.help_text())
+        print(options.help_text())
         return 0
 
     def train() -> None:
         from bigrm.train import run
 
-        run(config.from_argv(argv))
+        run(options.from_argv(argv))
 
     try:
         return _run(train)
@@ -51,11 +51,11 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def _sections(extra: list[str], allowed: tuple[str, ...]) -> config.Config:
     """`--data.x value` (and for eval `--loss.x value`) options, as in training."""
-    values = config.parse_overrides(extra)
+    values = options.parse_overrides(extra)
     outside = [k for k in values if not k.startswith(allowed)]
     if outside:
         raise config.ConfigError(f"only {', '.join(a + '*' for a in allowed)} options apply here: {', '.join(outside)}")
-    return config.build(values)
+    return options.build(values)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

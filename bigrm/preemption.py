@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bigrm import config, dist
+from bigrm import dist, options
 
 EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): stopped with a complete checkpoint, run again to continue
 
@@ -56,4 +56,4 @@ class StopRequest:
 
 
 if __name__ == "__main__":
-    print(request_file(config.from_argv().train.output_dir))
+    print(request_file(options.from_argv().train.output_dir))

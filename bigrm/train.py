@@ -12,8 +12,7 @@ from pathlib import Path
 
 import torch
 
-from bigrm import adapters, checkpoint, dist, ds_config, export, flops, pipeline, precision, preemption, tiny
-from bigrm import config as config_mod
+from bigrm import adapters, checkpoint, dist, ds_config, export, flops, options, pipeline, precision, preemption, tiny
 from bigrm.config import Config
 from bigrm.data import mix
 from bigrm.evaluate import evaluate
@@ -142,7 +141,7 @@ class Trainer:
 
         if dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
-            config_mod.dump(self.cfg, self.out / "config.yaml")
+            options.dump(self.cfg, self.out / "config.yaml")
         dist.barrier()
         set_seed(self.t.seed)
         attn = resolve_attn(self.cfg.model.attn_impl, self.device.type == "cuda")  # fails before any work

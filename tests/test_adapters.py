@@ -14,7 +14,7 @@ from test_model import random_groups
 from test_train import SMALL, launch, train_losses
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from bigrm import adapters, checkpoint, cli, config, export
+from bigrm import adapters, checkpoint, cli, export, options
 from bigrm.config import ConfigError, LoraConfig, QuantizationConfig
 from bigrm.model import RewardModel, load_classifier, parameter_counts
 from bigrm.packing import collate
@@ -77,12 +77,12 @@ def test_target_modules_by_name(llama_dir):
 
 def test_quantization_needs_lora_and_valid_values():
     with pytest.raises(ConfigError, match="quantization.bits: a quantised backbone cannot be trained"):
-        config.load(None, ["--quantization.bits", "4"])
+        options.load(None, ["--quantization.bits", "4"])
     with pytest.raises(ConfigError, match="quantization.bits"):
-        config.load(None, ["--lora.r", "8", "--quantization.bits", "3"])
+        options.load(None, ["--lora.r", "8", "--quantization.bits", "3"])
     with pytest.raises(ConfigError, match="quantization.type"):
-        config.load(None, ["--lora.r", "8", "--quantization.bits", "4", "--quantization.type", "int4"])
-    cfg = config.load(None, ["--r", "8", "--bits", "4", "--alpha", "32"])
+        options.load(None, ["--lora.r", "8", "--quantization.bits", "4", "--quantization.type", "int4"])
+    cfg = options.load(None, ["--r", "8", "--bits", "4", "--alpha", "32"])
     assert (cfg.lora.r, cfg.quantization.bits, cfg.lora.alpha) == (8, 4, 32.0)
 
 

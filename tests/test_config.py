@@ -5,33 +5,33 @@ import json
 
 import pytest
 
-from bigrm import config, ds_config
-from bigrm.config import ConfigError
+from bigrm import ds_config, options
+from bigrm.config import ConfigError, TrainConfig
 
 
 def test_default_recipe_loads_and_overrides_apply():
-    cfg = config.from_argv(
+    cfg = options.from_argv(
         ["--output_dir", "/tmp/x", "--train.lr=0.5", "--data.synthetic.max_k", "4", "--local_rank=1"]
     )
     assert cfg.train.output_dir == "/tmp/x"
     assert cfg.train.lr == 0.5
-    assert config.from_argv(["--lr", "3e-3"]).train.lr == 0.003  # YAML 1.1 reads this as a string
+    assert options.from_argv(["--lr", "3e-3"]).train.lr == 0.003  # YAML 1.1 reads this as a string
     assert cfg.data.synthetic.max_k == 4
     assert cfg.model.path == ""  # the tiny recipe
 
 
 def test_shipped_recipes_are_valid():
-    for recipe in sorted(config.RECIPES.glob("*.yaml")):
-        config.from_argv(["--config", str(recipe)])
+    for recipe in sorted(options.RECIPES.glob("*.yaml")):
+        options.from_argv(["--config", str(recipe)])
 
 
 def test_yaml_file_and_nested_sections(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  train_files: [a.jsonl, {path: b.jsonl, weight: 0.5}]\ntrain:\n  epochs: 2\n")
-    cfg = config.from_argv(["--config", str(path), "--local_rank", "0", "--micro_batches_per_step", "4"])
+    cfg = options.from_argv(["--config", str(path), "--local_rank", "0", "--micro_batches_per_step", "4"])
     assert cfg.data.train_files == ["a.jsonl", {"path": "b.jsonl", "weight": 0.5}]
     assert cfg.train.epochs == 2 and cfg.train.micro_batches_per_step == 4
-    assert cfg.train.lr == config.TrainConfig().lr  # untouched keys keep their defaults
+    assert cfg.train.lr == TrainConfig().lr  # untouched keys keep their defaults
 
 
 @pytest.mark.parametrize(
@@ -49,42 +49,42 @@ def test_bad_yaml_names_file_and_key(tmp_path, text, match):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=match):
-        config.from_argv(["--config", str(path)])
+        options.from_argv(["--config", str(path)])
 
 
 def test_bad_overrides():
     with pytest.raises(ConfigError, match="unknown option"):
-        config.from_argv(["--no_such_key", "1"])
+        options.from_argv(["--no_such_key", "1"])
     with pytest.raises(ConfigError, match="needs a value"):
-        config.from_argv(["--lr"])
+        options.from_argv(["--lr"])
     with pytest.raises(ConfigError, match="expected bool"):
-        config.from_argv(["--tensorboard", "maybe"])
+        options.from_argv(["--tensorboard", "maybe"])
 
 
 def test_every_option_is_documented_once():
-    text = config.help_text()
-    for key, f in config.LEAVES.items():
+    text = options.help_text()
+    for key, f in options.LEAVES.items():
         assert f.metadata.get("help"), key
         assert text.count(f"--{key} ") == 1
 
 
 def test_bare_keys_are_unique_or_rejected():
-    bare = [k.rsplit(".", 1)[-1] for k in config.LEAVES]
-    for key in config.LEAVES:
+    bare = [k.rsplit(".", 1)[-1] for k in options.LEAVES]
+    for key in options.LEAVES:
         name = key.rsplit(".", 1)[-1]
         if bare.count(name) == 1:
-            assert config.resolve_key(name) == key
+            assert options.resolve_key(name) == key
 
 
 def test_dump_round_trips(tmp_path):
-    cfg = config.from_argv(["--lr", "0.01"])
-    config.dump(cfg, tmp_path / "c.yaml")
-    again = config.from_argv(["--config", str(tmp_path / "c.yaml")])
+    cfg = options.from_argv(["--lr", "0.01"])
+    options.dump(cfg, tmp_path / "c.yaml")
+    again = options.from_argv(["--config", str(tmp_path / "c.yaml")])
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
 
 
 def test_deepspeed_auto_values_filled():
-    cfg = config.from_argv(["--micro_batches_per_step", "3", "--lr", "0.002", "--grad_clip", "0.5"])
+    cfg = options.from_argv(["--micro_batches_per_step", "3", "--lr", "0.002", "--grad_clip", "0.5"])
     ds = ds_config.build(cfg, total_steps=100, bf16=False, cpu=True, hidden_size=64)
     assert ds["gradient_accumulation_steps"] == 3
     assert ds["optimizer"]["params"]["lr"] == 0.002
@@ -97,20 +97,20 @@ def test_deepspeed_auto_values_filled():
 
 
 def test_optimizer_is_torch_adamw_fused_on_gpus_unless_the_json_says(tmp_path):
-    cfg = config.from_argv([])
+    cfg = options.from_argv([])
     gpu = ds_config.build(cfg, total_steps=10, bf16=True, cpu=False, hidden_size=32)["optimizer"]["params"]
     cpu = ds_config.build(cfg, total_steps=10, bf16=False, cpu=True, hidden_size=32)["optimizer"]["params"]
     assert gpu["torch_adam"] is cpu["torch_adam"] is True and gpu["fused"] is True and cpu["fused"] is False
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 3}, "optimizer": {"params": {"torch_adam": False}}}))
-    cfg = config.from_argv(["--deepspeed_config", str(path)])
+    cfg = options.from_argv(["--deepspeed_config", str(path)])
     params = ds_config.build(cfg, total_steps=10, bf16=True, cpu=False, hidden_size=32)["optimizer"]["params"]
     assert params["torch_adam"] is False and "fused" not in params  # DeepSpeed's FusedAdam takes no such option
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_every_shipped_stage_config_fills(stage):
-    cfg = config.from_argv(["--deepspeed_config", f"ds_configs/zero{stage}.json"])
+    cfg = options.from_argv(["--deepspeed_config", f"ds_configs/zero{stage}.json"])
     ds = ds_config.build(cfg, total_steps=10, bf16=True, cpu=False, hidden_size=32)
     assert ds["zero_optimization"]["stage"] == stage and ds["bf16"]["enabled"] is True
     assert "auto" not in json.dumps(ds)
@@ -119,7 +119,7 @@ def test_every_shipped_stage_config_fills(stage):
 def test_deepspeed_fixed_value_conflict_is_an_error(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"gradient_accumulation_steps": 8, "zero_optimization": {"stage": 2}}))
-    cfg = config.from_argv(["--deepspeed_config", str(path), "--micro_batches_per_step", "2"])
+    cfg = options.from_argv(["--deepspeed_config", str(path), "--micro_batches_per_step", "2"])
     with pytest.raises(ConfigError, match="gradient_accumulation_steps is 8"):
         ds_config.build(cfg, total_steps=10, bf16=False, cpu=True, hidden_size=32)
 
