@@ -14,7 +14,6 @@ import torch
 
 from bigrm import adapters, checkpoint, dist, ds_config, export, flops, options, pipeline, precision, preemption, tiny
 from bigrm.config import Config
-from bigrm.data import mix
 from bigrm.evaluate import evaluate
 from bigrm.loss import Stats, denominators, metrics, ranking_loss
 from bigrm.meter import Meter
@@ -27,7 +26,8 @@ from bigrm.model import (
     resolve_attn,
     write_random_init,
 )
-from bigrm.packing import Step, collate, layout_tokens, plan_epoch
+from bigrm.packing import Step, collate
+from bigrm.plan import check_resumable, plan, plan_fingerprint
 from bigrm.tracking import Tracker
 
 
@@ -63,51 +63,6 @@ def model_dir(cfg: Config, out: Path, dtype: torch.dtype) -> str:
             if not path or random_init:
                 write_random_init(path or str(out / "tiny-llama"), str(out / "random-init"), cfg.train.seed, dtype)
     return str(out / "random-init") if (not path or random_init) else path
-
-
-def plan(cfg: Config, data: pipeline.Dataset) -> list[Step]:
-    """Every optimizer step of the run; identical on every rank."""
-    t = cfg.train
-    sizes = [layout_tokens(g, t.share_prompt) for g in data.train]
-    steps = []
-    for epoch in range(t.epochs):
-        items = mix(data.train_files, data.weights, t.seed + epoch)
-        epoch_steps = plan_epoch(
-            items,
-            sizes,
-            budget=t.max_tokens_per_batch,
-            world=dist.world(),
-            accum=t.micro_batches_per_step,
-            window=t.packing_window,
-            seed=t.seed,
-            epoch=epoch,
-        )
-        steps += epoch_steps
-    return steps[: t.max_steps] if t.max_steps else steps
-
-
-def plan_fingerprint(cfg: Config, data: pipeline.Dataset, steps: list[Step]) -> dict:
-    """What fixes the data order: a resume with any of it changed would silently train on other batches."""
-    t = cfg.train
-    return {
-        "seed": t.seed,
-        "epochs": t.epochs,
-        "steps": len(steps),
-        "max_tokens_per_batch": t.max_tokens_per_batch,
-        "micro_batches_per_step": t.micro_batches_per_step,
-        "packing_window": t.packing_window,
-        "share_prompt": t.share_prompt,
-        "train_prompts": len(data.train),
-        "train_tokens": sum(g.num_tokens for g in data.train),
-        "file_weights": data.weights,
-    }
-
-
-def check_resumable(saved: dict, fingerprint: dict, path: Path) -> None:
-    """A checkpoint's plan must be this run's: anything else would continue on other batches."""
-    if saved != fingerprint:
-        changed = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
-        raise checkpoint.CheckpointError(f"cannot resume {path}: the data plan changed {changed}")
 
 
 class Trainer:

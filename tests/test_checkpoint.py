@@ -87,3 +87,12 @@ def test_sigterm_during_a_save_leaves_no_incomplete_checkpoint_trusted(tmp_path,
     assert proc.returncode == -signal.SIGTERM, proc.stderr
     trusted = [checkpoint.read_meta(p)["step"] for p in checkpoint.complete_checkpoints(tmp_path)]
     assert trusted == ([3] if moment == "shards" else [6])
+
+
+def test_a_resume_with_another_number_of_ranks_is_refused(tmp_path, monkeypatch):
+    from bigrm import dist
+
+    path = fake(tmp_path, 3)  # written by 1 rank
+    monkeypatch.setattr(dist, "world", lambda: 2)
+    with pytest.raises(CheckpointError, match="written by 1 ranks; resume it with the same number \\(2 now\\)"):
+        checkpoint.load(engine=None, path=path)  # refused before the engine is touched
