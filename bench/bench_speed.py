@@ -46,7 +46,7 @@ from models import write_config
 
 from bigrm import precision
 from bigrm.config import ATTN_IMPLS, LossConfig
-from bigrm.data import Example, split_implicit
+from bigrm.data import Example, Labels, split_implicit
 from bigrm.loss import ranking_loss
 from bigrm.model import RewardModel, load_classifier, resolve_attn, write_random_init
 from bigrm.packing import collate, layout_tokens, pack_bins
@@ -114,7 +114,7 @@ def make_groups(k: int, n: int, seed: int, long_prompt: bool) -> list[Example]:
             while len(prompt) < 11 * mean:
                 prompt = rng.choice(prompts) + prompt
         outs = rng.sample(completions, k)
-        examples.append(Example(prompt, tuple(outs), 0.0, f"bench:{i}", tuple(range(k))))
+        examples.append(Example(prompt, tuple(outs), f"bench:{i}", Labels(tuple(range(k)))))
     return examples
 
 
@@ -138,7 +138,7 @@ class BigrmVariant:
         start = clock(device)
         for packed in self.batches:
             batch = packed.to(device)
-            loss, _ = ranking_loss(model(batch), batch, LossConfig())
+            loss, _ = ranking_loss(model(batch), batch.labels, LossConfig())
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -286,14 +286,14 @@ def loss_share(model_dir: str, budget: int, repeats: int, run: Run) -> list[tupl
         for _ in range(repeats):
             start = clock(run.device)
             rewards = model(batch)
-            loss, _ = ranking_loss(rewards, batch, LossConfig())
+            loss, _ = ranking_loss(rewards, batch.labels, LossConfig())
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             step_times.append(clock(run.device) - start)
             fake = torch.randn(len(batch.last_index), requires_grad=True, device=run.device)
             start = clock(run.device)
-            ranking_loss(fake, batch, LossConfig())[0].backward()
+            ranking_loss(fake, batch.labels, LossConfig())[0].backward()
             loss_times.append(clock(run.device) - start)
         rows.append((k, 1000 * statistics.median(loss_times), 1000 * statistics.median(step_times)))
     return rows

@@ -25,15 +25,23 @@ Text = str | list[dict]  # plain text, or chat messages [{"role", "content"}, ..
 
 
 @dataclass(frozen=True)
+class Labels:
+    """What a prompt's completions are trained toward, declared once: Example and sequences.Group carry it, and
+    packing.collate lays it out per segment (packing.SegmentLabels) for the loss."""
+
+    ranks: tuple[int, ...] = ()  # per completion, 0 = best; equal ranks are ties; empty means 0..K-1
+    scores: tuple[float, ...] | None = None  # scored rows: the raw scores
+    targets: tuple[float, ...] | None = None  # scored rows: scores standardised over their file
+    margin: float = 0.0  # subtracted inside every pair's loss
+    weight: float = 1.0  # the prompt's share of the loss
+
+
+@dataclass(frozen=True)
 class Example:
     prompt: Text
     completions: tuple[Text, ...]  # best first (scored rows: in the row's order)
-    margin: float
     source: str  # "file:line N" / "file:row N", for error messages further down the chain
-    ranks: tuple[int, ...] = ()  # per completion, 0 = best; equal ranks are ties
-    scores: tuple[float, ...] | None = None  # scored rows: the raw scores
-    targets: tuple[float, ...] | None = None  # scored rows: scores standardised over their file
-    weight: float = 1.0
+    labels: Labels = Labels()
 
 
 class DataError(ValueError):
@@ -307,13 +315,11 @@ def parse_row(row: Any, fmt: str, cfg: DataConfig, where: str) -> Example | RowE
     weight = 1.0 if weight is None else weight
     if not _finite_number(weight) or weight <= 0:
         return RowError(where, cfg.weight_column, f"must be a positive number, got {weight!r}")
-    example = Example(
-        prompt, tuple(completions), float(margin), where, tuple(range(len(completions))), weight=float(weight)
-    )
+    labels = Labels(tuple(range(len(completions))), margin=float(margin), weight=float(weight))
     if fmt == "ranked":
-        return replace(example, ranks=tuple(ranks))
+        labels = replace(labels, ranks=tuple(ranks))
     if fmt != "scored":
-        return example
+        return Example(prompt, tuple(completions), where, labels)
     scores = row.get(cfg.scores_column)
     if not isinstance(scores, list) or len(scores) != len(completions):
         return RowError(where, cfg.scores_column, f"needs one number per completion ({len(completions)})")
@@ -321,7 +327,8 @@ def parse_row(row: Any, fmt: str, cfg: DataConfig, where: str) -> Example | RowE
     if bad is not None:
         return RowError(where, f"{cfg.scores_column}[{bad}]", f"must be a finite number, got {scores[bad]!r}")
     distinct = sorted(set(scores), reverse=True)  # equal scores share a rank: ties
-    return replace(example, ranks=tuple(distinct.index(v) for v in scores), scores=tuple(map(float, scores)))
+    labels = replace(labels, ranks=tuple(distinct.index(v) for v in scores), scores=tuple(map(float, scores)))
+    return Example(prompt, tuple(completions), where, labels)
 
 
 def _finite_number(value: Any) -> bool:
@@ -330,12 +337,17 @@ def _finite_number(value: Any) -> bool:
 
 def standardise_scores(examples: list[Example]) -> list[Example]:
     """Regression targets: every scored example's scores, standardised over all scores of the file."""
-    values = [v for e in examples if e.scores for v in e.scores]
+    values = [v for e in examples if e.labels.scores for v in e.labels.scores]
     if not values:
         return examples
     mean = sum(values) / len(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)) or 1.0
-    return [replace(e, targets=tuple((v - mean) / std for v in e.scores)) if e.scores else e for e in examples]
+    return [
+        replace(e, labels=replace(e.labels, targets=tuple((v - mean) / std for v in e.labels.scores)))
+        if e.labels.scores
+        else e
+        for e in examples
+    ]
 
 
 @dataclass

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from bigrm.config import LossConfig
-from bigrm.loss import Labels, metrics, pair_grid, ranking_loss
+from bigrm.loss import metrics, pair_grid, ranking_loss
+from bigrm.packing import SegmentLabels
 
 # RewardBench v1 (allenai/reward-bench, rewardbench/constants.py: EXAMPLE_COUNTS and SUBSET_MAPPING). The counts
 # are the weights of the subsets inside their section, not necessarily the rows we get: math-prm has 447 rows but
@@ -38,7 +39,7 @@ REWARDBENCH_PRIOR_SETS = ["anthropic_helpful", "anthropic_hhh", "shp", "summariz
 
 def ranking_report(
     rewards: torch.Tensor,
-    labels: Labels,
+    labels: SegmentLabels,
     lengths: torch.Tensor,
     cfg: LossConfig,
     subsets: list[str] | None = None,
@@ -47,7 +48,7 @@ def ranking_report(
     """A JSON-serialisable report of how well `rewards` rank the labelled completions.
 
     Inputs: rewards and lengths (completion length in tokens) are (N,), one entry per completion in the order of
-    `labels` (a bigrm.loss.Labels or a PackedBatch: the G prompts' completions contiguous, groups in order 0..G-1,
+    `labels` (a bigrm.packing.SegmentLabels: the G prompts' completions contiguous, groups in order 0..G-1,
     seg_rank 0 for the best); cfg is the loss configuration of training; subsets is None or one name per prompt.
 
     Keys (pairs are the valid pairs of the module docstring, p = σ(r_i − r_j)); the first six, with tie_accuracy,

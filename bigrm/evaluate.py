@@ -39,6 +39,6 @@ def evaluate(
     for mb in shard(groups, budget, window, dist.world(), dist.rank(), share_prompt):
         batch = collate([groups[i] for i in mb], pad_id, share_prompt=share_prompt).to(device)
         rewards = model(batch)
-        _, stats = ranking_loss(rewards, batch, cfg)
+        _, stats = ranking_loss(rewards, batch.labels, cfg)
         total += stats
     return metrics(Stats.unstack(dist.all_sum(total.stack()).cpu()), cfg)

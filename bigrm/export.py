@@ -167,7 +167,7 @@ def export_checkpoint(path: Path, dest: Path, dtype: torch.dtype | None = None) 
     saved = _read_checkpoint(path, dtype)
     tokenizer = saved.tokenizer
     ids = torch.load(path / "verify.pt", weights_only=False)  # per group, K lists of token ids
-    verify = [Group(tuple(np.asarray(s, dtype=np.int64) for s in seqs), 0.0, "verify") for seqs in ids]
+    verify = [Group(tuple(np.asarray(s, dtype=np.int64) for s in seqs), "verify") for seqs in ids]
     batch, seqs = _verify_batch(verify, tokenizer.pad_token_id, torch.device("cpu"))
     trained = saved.classifier()
     with torch.no_grad():

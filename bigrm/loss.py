@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from bigrm.config import LossConfig
-from bigrm.packing import PackedBatch
+from bigrm.packing import SegmentLabels
 from bigrm.sequences import Group
 
 
@@ -86,19 +86,6 @@ def pair_grid(
 
 
 @dataclass
-class Labels:
-    """What the loss reads of a micro-batch (a PackedBatch has the same fields)."""
-
-    seg_group: torch.Tensor  # (N,)
-    seg_rank: torch.Tensor  # (N,)
-    seg_score: torch.Tensor  # (N,) NaN for unscored rows
-    seg_target: torch.Tensor  # (N,) NaN for unscored rows
-    group_margin: torch.Tensor  # (G,)
-    group_weight: torch.Tensor  # (G,)
-    num_groups: int
-
-
-@dataclass
 class Terms:
     ranking: torch.Tensor  # (G,) summed over the prompt's units
     units: torch.Tensor  # (G,) pairs (listmle: completions) the ranking sums over
@@ -146,9 +133,9 @@ def terms(grid: PairGrid, group_margin: torch.Tensor, cfg: LossConfig) -> Terms:
 
 def group_units(group: Group, cfg: LossConfig) -> int:
     """The units Terms counts for this prompt, from its labels alone (so a step's denominators are known early)."""
-    if group.targets is not None and cfg.scores == "regress":
+    if group.labels.targets is not None and cfg.scores == "regress":
         return 0
-    ranks = np.asarray(group.ranks or range(len(group.seqs)))
+    ranks = np.asarray(group.labels.ranks or range(len(group.seqs)))
     if cfg.objective == "pairwise":
         return int((ranks[:, None] < ranks[None, :]).sum())
     return int(((ranks[None, :] >= ranks[:, None]).sum(1) > 1).sum())
@@ -156,7 +143,7 @@ def group_units(group: Group, cfg: LossConfig) -> int:
 
 def denominators(groups: list[Group], cfg: LossConfig) -> tuple[float, float]:
     """(Σ w, Σ w·units) over the prompts of an optimizer step."""
-    return sum(g.weight for g in groups), sum(g.weight * group_units(g, cfg) for g in groups)
+    return sum(g.labels.weight for g in groups), sum(g.labels.weight * group_units(g, cfg) for g in groups)
 
 
 def combine(t: Terms, weight: torch.Tensor, cfg: LossConfig, weight_sum: float, unit_sum: float) -> torch.Tensor:
@@ -214,19 +201,19 @@ class Stats:
 
 def ranking_loss(
     rewards: torch.Tensor,
-    batch: Labels | PackedBatch,
+    labels: SegmentLabels,
     cfg: LossConfig,
     weight_sum: float | None = None,
     unit_sum: float | None = None,
 ) -> tuple[torch.Tensor, Stats]:
     """(loss, stats): the loss of this micro-batch's prompts with the step's denominators (default: this
     micro-batch's own), and the statistics that `metrics` turns into numbers."""
-    if batch.num_groups == 0:  # placeholder micro-batch: keep the graph (ZeRO-3 needs every rank to backward)
+    if labels.num_groups == 0:  # placeholder micro-batch: keep the graph (ZeRO-3 needs every rank to backward)
         return rewards.sum() * 0.0, Stats.zeros(rewards.device)
     r = rewards.double() if rewards.dtype == torch.float64 else rewards.float()  # never below fp32
-    grid = pair_grid(r, batch.seg_group, batch.seg_rank, batch.num_groups, batch.seg_score, batch.seg_target)
-    t = terms(grid, batch.group_margin.to(r.dtype), cfg)
-    w = batch.group_weight.to(r.dtype)
+    grid = pair_grid(r, labels.seg_group, labels.seg_rank, labels.num_groups, labels.seg_score, labels.seg_target)
+    t = terms(grid, labels.group_margin.to(r.dtype), cfg)
+    w = labels.group_weight.to(r.dtype)
     if weight_sum is None:
         weight_sum, unit_sum = float(w.sum()), float((w * t.units).sum())
     loss = combine(t, w, cfg, weight_sum, unit_sum)
@@ -242,7 +229,7 @@ def ranking_loss(
             unit_num=(w * t.units).sum(),
             extras_num=(w * t.extras).sum(),
             weight_sum=w.sum(),
-            groups=torch.tensor(batch.num_groups),
+            groups=torch.tensor(labels.num_groups),
             pairs=pairs.sum(),
             correct_pairs=concordant.sum(),
             tau_sum=((concordant - discordant) / pairs.clamp(min=1)).sum(),

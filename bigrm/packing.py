@@ -15,7 +15,7 @@ from math import nan
 import numpy as np
 import torch
 
-from bigrm.data import DataError
+from bigrm.data import DataError, Labels
 from bigrm.sequences import Group
 
 
@@ -101,20 +101,52 @@ def plan_epoch(
 
 
 @dataclass
+class SegmentLabels:
+    """The labels (data.Labels) of a set of prompts laid out per scored segment and per prompt: what the loss reads."""
+
+    seg_group: torch.Tensor  # (N,) prompt of each scored segment, 0..G-1, segments grouped in prompt order
+    seg_rank: torch.Tensor  # (N,) 0 = best within its prompt, equal for ties
+    seg_score: torch.Tensor  # (N,) raw score of scored rows, NaN for others
+    seg_target: torch.Tensor  # (N,) standardised score of scored rows, NaN for others
+    group_margin: torch.Tensor  # (G,)
+    group_weight: torch.Tensor  # (G,)
+    num_groups: int
+
+    @staticmethod
+    def of(labels: list[Labels], ks: list[int], dtype: torch.dtype = torch.float32) -> SegmentLabels:
+        """Prompt g has ks[g] completions; `dtype` is that of scores, targets, margins and weights."""
+        prompts = list(zip(labels, ks, strict=True))
+
+        def per_completion(values, kind: torch.dtype) -> torch.Tensor:
+            return torch.tensor([v for lab, k in prompts for v in values(lab, k)], dtype=kind)
+
+        return SegmentLabels(
+            seg_group=torch.repeat_interleave(torch.arange(len(ks)), torch.tensor(ks, dtype=torch.long)),
+            seg_rank=per_completion(lambda lab, k: lab.ranks or range(k), torch.long),
+            seg_score=per_completion(lambda lab, k: lab.scores or [nan] * k, dtype),
+            seg_target=per_completion(lambda lab, k: lab.targets or [nan] * k, dtype),
+            group_margin=torch.tensor([lab.margin for lab in labels], dtype=dtype),
+            group_weight=torch.tensor([lab.weight for lab in labels], dtype=dtype),
+            num_groups=len(labels),
+        )
+
+    def to(self, device: torch.device | str) -> SegmentLabels:
+        return SegmentLabels(**{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
+
+
+def _to(value, device: torch.device | str):
+    return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+
+
+@dataclass
 class PackedBatch:
     input_ids: torch.Tensor  # (1, T) all segments end to end
     position_ids: torch.Tensor  # (1, T) restarting at 0 in every segment (a shared suffix continues its prefix)
     cu_seqlens: torch.Tensor  # (S + 1,) int32 segment boundaries: shared prefixes, sequences, alignment padding
     seg_parent: torch.Tensor  # (S,) the shared-prefix segment a segment continues, -1 for none
     last_index: torch.Tensor  # (N,) position of each scored segment's final token
-    seg_group: torch.Tensor  # (N,) group of each scored segment, 0..G-1
-    seg_rank: torch.Tensor  # (N,) 0 = best within its group, equal for ties
-    seg_score: torch.Tensor  # (N,) raw score of scored rows, NaN for others
-    seg_target: torch.Tensor  # (N,) standardised score of scored rows, NaN for others
-    group_margin: torch.Tensor  # (G,)
-    group_weight: torch.Tensor  # (G,)
+    labels: SegmentLabels
     max_seqlen: int
-    num_groups: int
     real_tokens: int
     # varlen kernels with shared prefixes: each segment's keys are its prefix's tokens then its own
     kv_index: torch.Tensor | None = None  # (T_k,) token positions gathered into the key/value stream
@@ -122,11 +154,8 @@ class PackedBatch:
     max_seqlen_k: int = 0
 
     def to(self, device: torch.device | str) -> PackedBatch:
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for k, v in moved.items():
-            if isinstance(v, torch.Tensor):
-                moved[k] = v.to(device, non_blocking=True)
-        return PackedBatch(**moved)
+        moved = {f.name: _to(getattr(self, f.name), device) for f in fields(self)}
+        return PackedBatch(**{**moved, "labels": self.labels.to(device)})
 
     @property
     def processed_tokens(self) -> int:
@@ -189,14 +218,8 @@ def collate(groups: list[Group], pad_id: int, pad_to_multiple: int = 1, share_pr
         cu_seqlens=torch.from_numpy(cu).to(torch.int32),
         seg_parent=torch.from_numpy(parents),
         last_index=torch.from_numpy(cu[1:][scored] - 1),
-        seg_group=torch.from_numpy(np.repeat(np.arange(len(groups)), k_per_group)),
-        seg_rank=torch.tensor([r for g in groups for r in (g.ranks or range(len(g.seqs)))], dtype=torch.long),
-        seg_score=torch.tensor([v for g in groups for v in (g.scores or [nan] * len(g.seqs))], dtype=torch.float32),
-        seg_target=torch.tensor([v for g in groups for v in (g.targets or [nan] * len(g.seqs))], dtype=torch.float32),
-        group_margin=torch.tensor([g.margin for g in groups], dtype=torch.float32),
-        group_weight=torch.tensor([g.weight for g in groups], dtype=torch.float32),
+        labels=SegmentLabels.of([g.labels for g in groups], k_per_group),
         max_seqlen=int(lens.max()),
-        num_groups=len(groups),
         real_tokens=real,
     )
     if (parents >= 0).any():

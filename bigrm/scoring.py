@@ -20,9 +20,8 @@ import torch
 from bigrm import checkpoint, export, precision
 from bigrm.config import DataConfig, LossConfig
 from bigrm.data import DataError, Example, RowError, listed, parse_row, read_file, standardise_scores
-from bigrm.loss import Labels
 from bigrm.model import RewardModel, hf_attn_implementation, load_classifier, prepare_tokenizer, resolve_attn
-from bigrm.packing import check_budget, collate, layout_tokens, pack_bins
+from bigrm.packing import SegmentLabels, check_budget, collate, layout_tokens, pack_bins
 from bigrm.sequences import Group, Scored, scored_sequence
 
 
@@ -152,7 +151,7 @@ def score(
     """Fill `rewards` (and `token_values`) of every scorable row, packed under a token budget."""
     share_prompt = share_prompt and not every_token  # per-token values need every sequence laid out whole
     todo = [r for r in results if r.example is not None]
-    groups = [Group(tuple(np.asarray(s.ids, dtype=np.int64) for s in r.scored), 0.0, r.example.source) for r in todo]
+    groups = [Group(tuple(np.asarray(s.ids, dtype=np.int64) for s in r.scored), r.example.source) for r in todo]
     check_budget(groups, budget, share_prompt)
     sizes = [layout_tokens(g, share_prompt) for g in groups]
     for mb in pack_bins(list(range(len(groups))), sizes, budget, window=max(len(groups), 1)):
@@ -210,21 +209,7 @@ def report(results: list[RowResult], cfg: LossConfig) -> dict:
     if not done:
         raise DataError("no row could be scored")
     examples = [r.example for r in done]
-    ks = torch.tensor([len(e.completions) for e in examples])
-
-    def per_completion(values) -> torch.Tensor:
-        return torch.tensor([v for e in examples for v in values(e)], dtype=torch.float64)
-
-    nan = float("nan")
-    labels = Labels(
-        seg_group=torch.repeat_interleave(torch.arange(len(done)), ks),
-        seg_rank=torch.tensor([x for e in examples for x in e.ranks]),
-        seg_score=per_completion(lambda e: e.scores or [nan] * len(e.completions)),
-        seg_target=per_completion(lambda e: e.targets or [nan] * len(e.completions)),
-        group_margin=torch.tensor([e.margin for e in examples], dtype=torch.float64),
-        group_weight=torch.tensor([e.weight for e in examples], dtype=torch.float64),
-        num_groups=len(done),
-    )
+    labels = SegmentLabels.of([e.labels for e in examples], [len(e.completions) for e in examples], torch.float64)
     subsets = [r.row.get("subset") for r in done]
     out = ranking_report(
         torch.tensor([x for r in done for x in r.rewards], dtype=torch.float64),

@@ -18,20 +18,16 @@ from typing import NamedTuple
 import numpy as np
 
 from bigrm.config import DataConfig
-from bigrm.data import DataError, Example, Text, listed
+from bigrm.data import DataError, Example, Labels, Text, listed
 
 
 @dataclass(frozen=True)
 class Group:
-    """One prompt's K scored sequences, best first."""
+    """One prompt's K scored sequences, in its example's completion order, with its labels."""
 
     seqs: tuple[np.ndarray, ...]  # K int64 arrays of token ids
-    margin: float
     source: str
-    ranks: tuple[int, ...] = ()  # per sequence, 0 = best, equal = tied; empty means 0..K-1
-    scores: tuple[float, ...] | None = None  # raw scores of scored rows
-    targets: tuple[float, ...] | None = None  # standardised scores of scored rows
-    weight: float = 1.0
+    labels: Labels = Labels()
 
     @property
     def num_tokens(self) -> int:
@@ -161,7 +157,7 @@ def tokenize_examples(
             continue
         report.prompts_cut += cut
         report.prompt_tokens_cut += cut_tokens
-        groups.append(Group(tuple(seqs), ex.margin, ex.source, ex.ranks, ex.scores, ex.targets, ex.weight))
+        groups.append(Group(tuple(seqs), ex.source, ex.labels))
     if errors:
         raise DataError(
             f"{len(errors)} row(s) have a completion that cannot fit (set data.overlong: skip to drop them, or raise "

@@ -210,7 +210,7 @@ class Trainer:
             pairs = flops.causal_pairs(packed.cu_seqlens, packed.seg_parent)  # on the CPU copy: no device sync
             batch = packed.to(self.device)
             rewards = self.engine(batch)
-            loss, stats = ranking_loss(rewards, batch, self.cfg.loss, *sums)
+            loss, stats = ranking_loss(rewards, batch.labels, self.cfg.loss, *sums)
             # DeepSpeed averages over ranks and micro-batches: undo that, the step normalises itself
             self.engine.backward(loss * dist.world() * t.micro_batches_per_step)
             self.engine.step()

@@ -71,7 +71,7 @@ def test_ranked_rows_with_k_from_2_to_5(tmp_path):
     for i, (ex, row) in enumerate(zip(examples, rows, strict=True)):
         assert ex.prompt == row["prompt"]
         assert ex.completions == tuple(row["ranked_outputs"])  # best first, order kept
-        assert ex.margin == 0.0
+        assert ex.labels.margin == 0.0
         assert ex.source == f"{path}:line {i + 1}"
 
 
@@ -211,7 +211,7 @@ def test_chat_completions_need_a_chat_prompt(tmp_path):
 def test_configurable_column_names(tmp_path):
     ranked = write_lines(tmp_path / "r.jsonl", [{"question": "q", "responses": ["a", "b", "c"], "gap": 0.5}])
     (ex,) = load_one(ranked, prompt_column="question", ranked_column="responses", margin_column="gap")
-    assert (ex.prompt, ex.completions, ex.margin) == ("q", ("a", "b", "c"), 0.5)
+    assert (ex.prompt, ex.completions, ex.labels.margin) == ("q", ("a", "b", "c"), 0.5)
 
     pairs = write_lines(tmp_path / "p.jsonl", [{"prompt": "q", "good": "a", "bad": "b"}])
     (ex,) = load_one(pairs, chosen_column="good", rejected_column="bad")
@@ -234,8 +234,8 @@ def test_margin_column(tmp_path):
         {"prompt": "p5", "chosen": "a", "rejected": "b", "margin": -1.5},
     ]
     examples = load_one(write_lines(tmp_path / "margin.jsonl", rows))
-    assert [e.margin for e in examples] == [2.0, 0.25, 0.0, 0.0, -1.5]
-    assert all(isinstance(e.margin, float) for e in examples)
+    assert [e.labels.margin for e in examples] == [2.0, 0.25, 0.0, 0.0, -1.5]
+    assert all(isinstance(e.labels.margin, float) for e in examples)
 
 
 # ---------------------------------------------------------------------------------------------------- file types
@@ -281,7 +281,7 @@ def test_every_file_type_gives_the_same_examples(tmp_path, name):
     assert read_rows(path) == ROWS
     examples, errors, n = load_file(path, DataConfig())
     assert (errors, n) == ([], 3)
-    assert [(e.prompt, e.completions, e.margin) for e in examples] == [
+    assert [(e.prompt, e.completions, e.labels.margin) for e in examples] == [
         ("first", ("a", "b", "c"), 0.5),
         ("second", ("d", "e"), 0.0),
         ("third", ("f", "g", "h", "i"), 1.0),
@@ -711,7 +711,7 @@ def test_real_hh_rows_split_exactly(real):
     for line, ex in by_line.items():
         assert ex.source == f"{REAL_DATA}:line {line}"
         row = rows[line - 1]
-        assert len(ex.completions) == 2 and ex.margin == 0.0
+        assert len(ex.completions) == 2 and ex.labels.margin == 0.0
         chosen, rejected = ex.completions
         assert isinstance(ex.prompt, str) and ex.prompt
         assert ex.prompt + chosen == row["chosen"]
@@ -747,11 +747,11 @@ def test_tie_blocks_in_ranked_rows_share_a_rank(tmp_path):
     path = write_lines(tmp_path / "ties.jsonl", [{"prompt": "p", "ranked_outputs": [["a", "b"], "c", ["d"]]}])
     (ex,), errors, _ = load_file(path, DataConfig())
     assert not errors
-    assert ex.completions == ("a", "b", "c", "d") and ex.ranks == (0, 0, 1, 2)
+    assert ex.completions == ("a", "b", "c", "d") and ex.labels.ranks == (0, 0, 1, 2)
     chat = [{"role": "assistant", "content": "x"}]
     row = {"prompt": msgs("user", "q"), "ranked_outputs": [chat, [msgs("assistant", "y"), msgs("assistant", "z")]]}
     ex = parse_row(row, "ranked", DataConfig(), "f:line 1")
-    assert ex.ranks == (0, 1, 1) and ex.completions[0] == chat  # a message list is one completion, not a block
+    assert ex.labels.ranks == (0, 1, 1) and ex.completions[0] == chat  # a message list is one completion, not a block
     bad = parse_row({"prompt": "p", "ranked_outputs": ["a", []]}, "ranked", DataConfig(), "f:line 3")
     assert str(bad) == "f:line 3: field 'ranked_outputs[1]': an empty list of tied completions"
     dup = parse_row({"prompt": "p", "ranked_outputs": [["a", "a"], "b"]}, "ranked", DataConfig(), "f:line 4")
@@ -765,16 +765,16 @@ def test_scored_rows_rank_by_score_and_standardise_per_file(tmp_path):
     ]
     examples, errors, _ = load_file(write_lines(tmp_path / "scored.jsonl", rows), DataConfig())
     assert not errors
-    assert examples[0].ranks == (1, 0, 1) and examples[1].ranks == (0, 1)  # equal scores tie
-    assert examples[0].scores == (1.0, 3.0, 1.0)
+    assert examples[0].labels.ranks == (1, 0, 1) and examples[1].labels.ranks == (0, 1)  # equal scores tie
+    assert examples[0].labels.scores == (1.0, 3.0, 1.0)
     values = [1, 3, 1, 5, 2]
     mean, std = sum(values) / 5, math.sqrt(sum((v - 2.4) ** 2 for v in values) / 5)
-    targets = examples[0].targets + examples[1].targets
+    targets = examples[0].labels.targets + examples[1].labels.targets
     assert targets == pytest.approx([(v - mean) / std for v in values])
     renamed = [{"question": "p", "answers": ["a", "b"], "ratings": [0.1, 0.2]}]
     cfg = DataConfig(prompt_column="question", completions_column="answers", scores_column="ratings")
     (ex,), _, _ = load_file(write_lines(tmp_path / "renamed.jsonl", renamed), cfg)
-    assert ex.ranks == (1, 0)
+    assert ex.labels.ranks == (1, 0)
 
 
 @pytest.mark.parametrize(
@@ -802,5 +802,5 @@ def test_row_weights_and_mixed_label_kinds(tmp_path):
     scored = write_lines(tmp_path / "scored.jsonl", [{"prompt": "p", "completions": ["a", "b"], "scores": [0, 1]}])
     ranked = write_lines(tmp_path / "ranked.jsonl", [{"prompt": "p", "ranked_outputs": [["a", "b"], "c"]}])
     per_file, _ = load_examples([pairs, scored, ranked], DataConfig())
-    assert [e.weight for e in per_file[0]] == [2.5, 1.0]
-    assert per_file[1][0].scores == (0.0, 1.0) and per_file[2][0].ranks == (0, 0, 1)
+    assert [e.labels.weight for e in per_file[0]] == [2.5, 1.0]
+    assert per_file[1][0].labels.scores == (0.0, 1.0) and per_file[2][0].labels.ranks == (0, 0, 1)

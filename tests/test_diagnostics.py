@@ -14,7 +14,8 @@ import torch
 
 from bigrm.config import LossConfig
 from bigrm.diagnostics import ranking_report
-from bigrm.loss import Labels, metrics, ranking_loss
+from bigrm.loss import metrics, ranking_loss
+from bigrm.packing import SegmentLabels
 
 SUBSET_NAMES = ["alpacaeval-easy", "mt-bench-med", "llmbar-natural", "donotanswer", "xstest-should-refuse"]
 SUBSET_NAMES += ["xstest-should-respond", "math-prm", "hep-go", "hep-js", "shp", "summarize", "my-own-set"]
@@ -48,10 +49,10 @@ def random_groups(seed: int, n_groups: int = 60) -> list[Group]:
     return groups
 
 
-def tensors(groups: list[Group], dtype=torch.float64) -> tuple[torch.Tensor, Labels, torch.Tensor]:
+def tensors(groups: list[Group], dtype=torch.float64) -> tuple[torch.Tensor, SegmentLabels, torch.Tensor]:
     """(rewards, labels, lengths) as bigrm eval passes them."""
     n = sum(len(g.rewards) for g in groups)
-    labels = Labels(
+    labels = SegmentLabels(
         seg_group=torch.tensor([i for i, g in enumerate(groups) for _ in g.rewards]),
         seg_rank=torch.tensor([x for g in groups for x in g.ranks]),
         seg_score=torch.full((n,), math.nan, dtype=dtype),

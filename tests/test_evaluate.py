@@ -12,6 +12,7 @@ import torch
 
 from bigrm import dist
 from bigrm.config import LossConfig
+from bigrm.data import Labels
 from bigrm.evaluate import evaluate, shard
 from bigrm.loss import Stats, metrics
 from bigrm.packing import PackedBatch
@@ -28,7 +29,7 @@ def make_groups(seed: int, n: int, max_k: int = 6) -> list[Group]:
         k = int(rng.integers(2, max_k + 1))
         # small token ids so segment sums tie now and then
         seqs = tuple(rng.integers(1, 4, size=int(rng.integers(1, 6))).astype(np.int64) for _ in range(k))
-        groups.append(Group(seqs, float(rng.choice([0.0, 0.5, 1.0])), f"g{g}"))
+        groups.append(Group(seqs, f"g{g}", Labels(margin=float(rng.choice([0.0, 0.5, 1.0])))))
     return groups
 
 
@@ -43,7 +44,7 @@ class SumModel:
         ids = batch.input_ids[0]
         cu = batch.cu_seqlens.long()
         n = len(batch.last_index)
-        assert n == len(batch.seg_group) == len(batch.seg_rank)
+        assert n == len(batch.labels.seg_group) == len(batch.labels.seg_rank)
         out = []
         for s in range(n):
             assert int(batch.last_index[s]) == int(cu[s + 1]) - 1
@@ -63,7 +64,7 @@ def direct_metrics(groups: list[Group], coef: float = 0.0) -> dict[str, float]:
             for j in range(i + 1, k):
                 conc += r[i] > r[j]
                 disc += r[i] < r[j]
-                pair_loss += -math.log(1.0 / (1.0 + math.exp(-(r[i] - r[j] - g.margin))))
+                pair_loss += -math.log(1.0 / (1.0 + math.exp(-(r[i] - r[j] - g.labels.margin))))
         n = math.comb(k, 2)
         pairs += n
         correct += conc
@@ -112,7 +113,7 @@ def test_evaluate_matches_direct_computation(coef, budget, window, seed):
     )
     assert_metrics_close(got, direct_metrics(groups, coef))
     # every group went through the model exactly once, within the budget
-    assert sum(b.num_groups for b in model.calls) == len(groups)
+    assert sum(b.labels.num_groups for b in model.calls) == len(groups)
     assert all(b.real_tokens <= budget for b in model.calls)
     if budget == 40:
         assert len(model.calls) > 1
@@ -126,7 +127,7 @@ def test_evaluate_metrics_are_not_trivial():
     assert -0.9 < want["kendall_tau"] < 0.9
     ties = sum(float(a.sum()) == float(b.sum()) for g in groups for i, a in enumerate(g.seqs) for b in g.seqs[i + 1 :])
     assert ties > 0
-    reversed_groups = [Group(g.seqs[::-1], g.margin, g.source) for g in groups]
+    reversed_groups = [Group(g.seqs[::-1], g.source, g.labels) for g in groups]
     got = evaluate(SumModel(), reversed_groups, budget=60, window=8, pad_id=PAD, device=CPU, cfg=LossConfig())
     assert got["kendall_tau"] == pytest.approx(-want["kendall_tau"], abs=1e-6)
 
@@ -176,7 +177,7 @@ def test_evaluate_sharded_over_fake_ranks(monkeypatch, world):
         evaluate(model, groups, budget=30, window=8, pad_id=PAD, device=CPU, cfg=LossConfig(l2_rewards_coef=0.1))
         calls.append(model.calls)
     assert len({len(c) for c in calls}) == 1
-    assert sum(b.num_groups for c in calls for b in c) == len(groups)
+    assert sum(b.labels.num_groups for c in calls for b in c) == len(groups)
     assert_metrics_close(metrics(Stats.unstack(sum(totals)), LossConfig()), direct_metrics(groups, 0.1))
     for t in totals:  # no rank saw every group
         assert 0 < metrics(Stats.unstack(t), LossConfig())["num_prompts"] < len(groups)
@@ -193,7 +194,7 @@ def test_evaluate_uses_collate_layout():
         assert len(cu) == len(b.last_index) + 1
         segs = [tuple(b.input_ids[0, cu[s] : cu[s + 1]].tolist()) for s in range(len(cu) - 1)]
         by_group: dict[int, list] = {}
-        for s, (g, k) in enumerate(zip(b.seg_group.tolist(), b.seg_rank.tolist(), strict=True)):
+        for s, (g, k) in enumerate(zip(b.labels.seg_group.tolist(), b.labels.seg_rank.tolist(), strict=True)):
             by_group.setdefault(g, []).append((k, segs[s]))
         seen += [tuple(seq for _, seq in sorted(v)) for v in by_group.values()]
     want = [tuple(tuple(s.tolist()) for s in g.seqs) for g in groups]
@@ -206,6 +207,6 @@ def test_evaluate_with_random_groups_larger_k():
     for g in range(20):
         k = rng.choice([2, 3, 8, 16])
         seqs = tuple(np.array([rng.randint(1, 9) for _ in range(rng.randint(1, 4))], dtype=np.int64) for _ in range(k))
-        groups.append(Group(seqs, rng.random(), f"r{g}"))
+        groups.append(Group(seqs, f"r{g}", Labels(margin=rng.random())))
     got = evaluate(SumModel(), groups, budget=70, window=5, pad_id=PAD, device=CPU, cfg=LossConfig())
     assert_metrics_close(got, direct_metrics(groups))

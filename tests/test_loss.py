@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from bigrm.config import LossConfig
-from bigrm.loss import Labels, denominators, group_units, metrics, pair_grid, ranking_loss, terms
+from bigrm.data import Labels
+from bigrm.loss import denominators, group_units, metrics, pair_grid, ranking_loss, terms
+from bigrm.packing import SegmentLabels
 from bigrm.sequences import Group
 
 
@@ -37,9 +39,9 @@ def random_groups(seed: int, n: int = 30, scored_share: float = 0.3, tie_share: 
     return groups
 
 
-def labels(groups, dtype=torch.float64) -> Labels:
+def labels(groups, dtype=torch.float64) -> SegmentLabels:
     nan = float("nan")
-    return Labels(
+    return SegmentLabels(
         seg_group=torch.tensor([i for i, g in enumerate(groups) for _ in g["ranks"]]),
         seg_rank=torch.tensor([r for g in groups for r in g["ranks"]]),
         seg_score=torch.tensor([v for g in groups for v in (g["scores"] or [nan] * len(g["ranks"]))], dtype=dtype),
@@ -172,8 +174,8 @@ def test_step_denominators_make_micro_batches_add_up(cfg):
     """Prompts split over micro-batches (and ranks) with the step's denominators sum to the one-batch loss."""
     groups = random_groups(5, n=24)
     as_groups = [
-        Group(tuple(np.zeros(1, np.int64) for _ in g["ranks"]), g["margin"], "", tuple(g["ranks"]),
-              g["scores"] and tuple(g["scores"]), g["targets"] and tuple(g["targets"]), g["weight"])
+        Group(tuple(np.zeros(1, np.int64) for _ in g["ranks"]), "", Labels(tuple(g["ranks"]),
+              g["scores"] and tuple(g["scores"]), g["targets"] and tuple(g["targets"]), g["margin"], g["weight"]))
         for g in groups
     ]  # fmt: skip
     sums = denominators(as_groups, cfg)

@@ -29,7 +29,7 @@ def random_groups(seed: int, vocab: int, n_groups: int = 5) -> list[Group]:
     for g in range(n_groups):
         k = int(rng.integers(2, 6))
         seqs = tuple(rng.integers(3, vocab, size=int(rng.integers(2, 30))).astype(np.int64) for _ in range(k))
-        groups.append(Group(seqs, 0.0, f"g{g}"))
+        groups.append(Group(seqs, f"g{g}"))
     return groups
 
 
@@ -271,7 +271,7 @@ def test_sdpa_takes_the_cheaper_layout():
     def rows(lengths: list[int], share: bool = False) -> tuple[SegmentRows, int]:
         prompt = np.arange(3, 3 + share * 100, dtype=np.int64)
         groups = [
-            Group(tuple(np.concatenate([prompt, np.arange(s, s + n, dtype=np.int64)]) for s in (400, 450)), 0.0, "")
+            Group(tuple(np.concatenate([prompt, np.arange(s, s + n, dtype=np.int64)]) for s in (400, 450)), "")
             for n in lengths
         ]
         batch = collate(groups, pad_id=0, share_prompt=share)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from bigrm.data import Labels
 from bigrm.packing import Step, collate, first_fit_decreasing, pack_bins, plan_epoch
 from bigrm.sequences import Group
 
@@ -203,7 +204,7 @@ def make_groups(rng: np.random.Generator, n: int) -> list[Group]:
     for g in range(n):
         k = int(rng.integers(2, 6))
         seqs = tuple(rng.integers(1, 1000, size=int(rng.integers(1, 12))).astype(np.int64) for _ in range(k))
-        groups.append(Group(seqs, float(rng.uniform(0, 2)), f"src{g}"))
+        groups.append(Group(seqs, f"src{g}", Labels(margin=float(rng.uniform(0, 2)))))
     return groups
 
 
@@ -224,11 +225,13 @@ def test_collate(seed):
     assert b.cu_seqlens.tolist() == [0, *np.cumsum(lens).tolist()]
     assert b.last_index.tolist() == (np.cumsum(lens) - 1).tolist()
     assert b.input_ids[0, b.last_index].tolist() == [int(s[-1]) for s in seqs]
-    assert b.seg_group.tolist() == [g for g, grp in enumerate(groups) for _ in grp.seqs]
-    assert b.seg_rank.tolist() == [k for grp in groups for k in range(len(grp.seqs))]
-    torch.testing.assert_close(b.group_margin, torch.tensor([g.margin for g in groups], dtype=torch.float32))
+    assert b.labels.seg_group.tolist() == [g for g, grp in enumerate(groups) for _ in grp.seqs]
+    assert b.labels.seg_rank.tolist() == [k for grp in groups for k in range(len(grp.seqs))]
+    torch.testing.assert_close(
+        b.labels.group_margin, torch.tensor([g.labels.margin for g in groups], dtype=torch.float32)
+    )
     assert b.max_seqlen == max(lens)
-    assert b.num_groups == 5
+    assert b.labels.num_groups == 5
     assert b.real_tokens == real == sum(g.num_tokens for g in groups)
     assert b.processed_tokens == real
 
@@ -249,8 +252,9 @@ def test_collate_pad_to_multiple(seed):
     pad = b.processed_tokens - real
     assert b.input_ids[0, :real].tolist() == unpadded.input_ids[0].tolist()
     assert b.input_ids[0, real:].tolist() == [7] * pad
-    for name in ("last_index", "seg_group", "seg_rank", "group_margin"):
-        assert torch.equal(getattr(b, name), getattr(unpadded, name)), name
+    assert torch.equal(b.last_index, unpadded.last_index)
+    for name in ("seg_group", "seg_rank", "group_margin"):
+        assert torch.equal(getattr(b.labels, name), getattr(unpadded.labels, name)), name
     if pad:  # the padding is its own segment, not scored
         assert b.cu_seqlens.tolist() == [*unpadded.cu_seqlens.tolist(), real + pad]
         assert b.position_ids[0].tolist() == unpadded.position_ids[0].tolist() + list(range(pad))
@@ -263,37 +267,38 @@ def test_collate_pad_to_multiple(seed):
 
 
 def test_collate_pad_segment_exists():
-    g = Group((np.array([1, 2, 3], dtype=np.int64), np.array([4, 5], dtype=np.int64)), 0.5, "x")
+    g = Group((np.array([1, 2, 3], dtype=np.int64), np.array([4, 5], dtype=np.int64)), "x", Labels(margin=0.5))
     b = collate([g], pad_id=0, pad_to_multiple=8)
     assert b.input_ids.tolist() == [[1, 2, 3, 4, 5, 0, 0, 0]]
     assert b.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
     assert b.cu_seqlens.tolist() == [0, 3, 5, 8]
     assert b.last_index.tolist() == [2, 4]
-    assert b.seg_rank.tolist() == [0, 1]
+    assert b.labels.seg_rank.tolist() == [0, 1]
     assert b.real_tokens == 5 and b.processed_tokens == 8 and b.max_seqlen == 3
 
 
 @pytest.mark.parametrize("multiple,tokens", [(1, 1), (8, 8)])
 def test_collate_empty_placeholder(multiple, tokens):
     b = collate([], pad_id=3, pad_to_multiple=multiple)
-    assert b.num_groups == 0
+    assert b.labels.num_groups == 0
     assert b.real_tokens == 0
     assert b.input_ids.tolist() == [[3] * tokens]
     assert b.position_ids.tolist() == [list(range(tokens))]
     assert b.cu_seqlens.tolist() == [0, tokens]
-    for name in ("last_index", "seg_group", "seg_rank", "group_margin"):
-        assert getattr(b, name).numel() == 0, name
+    assert b.last_index.numel() == 0
+    for name in ("seg_group", "seg_rank", "group_margin"):
+        assert getattr(b.labels, name).numel() == 0, name
     assert b.processed_tokens == tokens
 
 
 def test_collate_carries_ties_scores_targets_and_weights():
     one = np.array([5, 6], dtype=np.int64)
     groups = [
-        Group((one, one + 1, one + 2), 0.5, "a", ranks=(0, 0, 1), weight=2.0),
-        Group((one, one + 3), 0.0, "b", ranks=(1, 0), scores=(1.0, 4.0), targets=(-1.0, 1.0)),
+        Group((one, one + 1, one + 2), "a", Labels(ranks=(0, 0, 1), margin=0.5, weight=2.0)),
+        Group((one, one + 3), "b", Labels(ranks=(1, 0), scores=(1.0, 4.0), targets=(-1.0, 1.0))),
     ]
     b = collate(groups, pad_id=0)
-    assert b.seg_rank.tolist() == [0, 0, 1, 1, 0]
-    assert b.seg_score[:3].isnan().all() and b.seg_score[3:].tolist() == [1.0, 4.0]
-    assert b.seg_target[:3].isnan().all() and b.seg_target[3:].tolist() == [-1.0, 1.0]
-    assert b.group_weight.tolist() == [2.0, 1.0] and b.group_margin.tolist() == [0.5, 0.0]
+    assert b.labels.seg_rank.tolist() == [0, 0, 1, 1, 0]
+    assert b.labels.seg_score[:3].isnan().all() and b.labels.seg_score[3:].tolist() == [1.0, 4.0]
+    assert b.labels.seg_target[:3].isnan().all() and b.labels.seg_target[3:].tolist() == [-1.0, 1.0]
+    assert b.labels.group_weight.tolist() == [2.0, 1.0] and b.labels.group_margin.tolist() == [0.5, 0.0]

@@ -21,7 +21,7 @@ def dataset(sizes: list[list[int]], weights: list[float] | None = None) -> Datas
     train, files = [], []
     for f, file_sizes in enumerate(sizes):
         files.append(list(range(len(train), len(train) + len(file_sizes))))
-        train += [Group((np.zeros(n // 2, np.int64), np.ones(n - n // 2, np.int64)), 0.0, f"f{f}") for n in file_sizes]
+        train += [Group((np.zeros(n // 2, np.int64), np.ones(n - n // 2, np.int64)), f"f{f}") for n in file_sizes]
     return Dataset(train, files, weights or [1.0] * len(sizes), eval=[])
 
 

@@ -152,6 +152,6 @@ def test_scored_rows_get_the_training_regression_targets(tmp_path, llama_dir):
     ]
     data = write(tmp_path / "scored.jsonl", rows)
     _, tok = scoring.load_model(str(llama_dir), torch.device("cpu"))
-    prepared = [r.example.targets for r in scoring.prepare(str(data), DataConfig(), tok)]
-    trained = [e.targets for e in load_file(str(data), DataConfig())[0]]
+    prepared = [r.example.labels.targets for r in scoring.prepare(str(data), DataConfig(), tok)]
+    trained = [e.labels.targets for e in load_file(str(data), DataConfig())[0]]
     assert prepared == trained and all(t is not None for t in prepared)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from tokenizers import processors
 
-from bigrm.data import DataError, Example
+from bigrm.data import DataError, Example, Labels
 from bigrm.sequences import EncodeReport, encode, render, tokenize_examples, truncate
 from bigrm.tiny import build_tokenizer
 
@@ -33,7 +33,7 @@ def ids_of(tokenizer, text: str, special: bool = True) -> list[int]:
 
 
 def example(prompt, *completions, margin: float = 0.0, source: str = SOURCE) -> Example:
-    return Example(prompt, tuple(completions), margin, source)
+    return Example(prompt, tuple(completions), source, Labels(margin=margin))
 
 
 def msgs(*pairs: str) -> list[dict]:
@@ -70,7 +70,7 @@ def test_plain_sequence_is_tokenizer_ids_plus_eos(tok):
     assert seqs(groups) == expected
     for group, ex in zip(groups, examples, strict=True):
         assert all(s.dtype == np.int64 for s in group.seqs)
-        assert (group.margin, group.source) == (ex.margin, ex.source)
+        assert (group.labels.margin, group.source) == (ex.labels.margin, ex.source)
         assert group.num_tokens == sum(len(s) for s in group.seqs)
     assert (report.groups, report.sequences) == (3, 9)
     assert report.tokens == sum(len(s) for g in expected for s in g)

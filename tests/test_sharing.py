@@ -24,7 +24,7 @@ def shared_groups(seed: int, ks=(2, 3, 16), prompt_len=(5, 40)) -> list[Group]:
             np.concatenate([prompt, lead, rng.integers(3, 400, size=int(rng.integers(1, 12)))]).astype(np.int64)
             for _ in range(k)
         )
-        groups.append(Group(seqs, 0.0, f"k{k}"))
+        groups.append(Group(seqs, f"k{k}"))
     return groups
 
 
@@ -33,7 +33,7 @@ def test_layout():
     b = np.array([1, 2, 3, 5], dtype=np.int64)
     assert shared_prefix((a, b)) == 3
     assert shared_prefix((a, a[:3])) == 2  # every sequence keeps its final token in its suffix
-    g = Group((a, b), 0.0, "")
+    g = Group((a, b), "")
     assert layout_tokens(g, True) == 3 + 2 + 1 and layout_tokens(g, False) == 9
     batch = collate([g], pad_id=0, share_prompt=True)
     assert batch.input_ids[0].tolist() == [1, 2, 3, 4, 9, 5]

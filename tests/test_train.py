@@ -133,7 +133,7 @@ def test_zero3_two_ranks_end_to_end(tmp_path, monkeypatch, capsys):
     exec(snippet.replace("outputs/tiny/final", str(final)), namespace)
     text = "write a positive review of the phone:" + " great superb it was lovely and the perfect"
     expected = rewards_with_plain_transformers(
-        final, [Group((np.array(tok(text)["input_ids"] + [tok.eos_token_id]),), 0.0, "")]
+        final, [Group((np.array(tok(text)["input_ids"] + [tok.eos_token_id]),), "")]
     )
     assert namespace["reward"] == pytest.approx(expected[0][0], abs=1e-6)
 
