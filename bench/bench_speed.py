@@ -74,7 +74,7 @@ def run_settings(args) -> Run:
     cuda = args.device == "cuda"
     return Run(
         device=torch.device(args.device),
-        dtype=precision.training(args.dtype, cuda),
+        dtype=precision.training(args.dtype or "auto", cuda),
         checkpointing=args.gradient_checkpointing,
         attn=resolve_attn(args.attn, cuda),
     )
@@ -380,9 +380,7 @@ def main() -> None:
     p.add_argument("--trl-batch", dest="trl_batch", type=int, default=8, help="TRL pairs per step")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument(
-        "--dtype", choices=precision.CHOICES, default="auto", help="both libraries' weights and compute (see above)"
-    )
+    p.add_argument("--dtype", choices=precision.CHOICES, help="both libraries' weights and compute (see above)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="both libraries")  # fmt: skip
     p.add_argument("--size", choices=["tiny", "1b"], default="tiny", help="the model's shape (bench/models.py)")

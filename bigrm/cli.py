@@ -42,10 +42,11 @@ def train_main(argv: list[str] | None = None) -> int:
     except Preempted:  # the trainer has said where it stopped; launchers and slurm/train.sbatch act on the code
         return EXIT_CODE
     except Exception as err:
-        if not dist.peer_gone(err):
+        gone = dist.peer_gone(err)
+        if not gone:
             raise
         # not this rank's failure: one line instead of a traceback through DeepSpeed's collectives
-        print(f"rank {dist.launched_rank()} stopped: another rank failed (its error says why)", file=sys.stderr)
+        print(f"rank {dist.launched_rank()} stopped: another rank went away (gloo: {gone})", file=sys.stderr)
         return 1
 
 

@@ -79,10 +79,10 @@ def all_sum_each(*parts: torch.Tensor) -> list[torch.Tensor]:
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")  # gloo's words
 
 
-def peer_gone(err: BaseException) -> bool:
-    """The error a collective raises on this rank because another rank exited (gloo; NCCL ranks wait instead, until
-    the launcher ends them): that rank has already reported why."""
-    return isinstance(err, RuntimeError) and any(words in str(err) for words in PEER_GONE)
+def peer_gone(err: BaseException) -> str | None:
+    """gloo's words when a collective failed on this rank because another rank went away (NCCL ranks wait instead,
+    until the launcher ends them): that rank's own error, if it could print one, says why."""
+    return next((words for words in PEER_GONE if words in str(err)), None) if isinstance(err, RuntimeError) else None
 
 
 def shutdown(failed: bool = False) -> None:

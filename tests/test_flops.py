@@ -16,7 +16,7 @@ from bigrm.packing import collate
 def test_causal_pairs_count_what_the_mask_allows(share_prompt):
     groups = random_groups(5, 400, n_groups=6)
     prefix = np.arange(3, 20)  # a common prompt so that sharing has a prefix to lay out once
-    groups = [type(g)(tuple(np.concatenate([prefix, s]) for s in g.seqs), 0.0, g.source) for g in groups]
+    groups = [type(g)(tuple(np.concatenate([prefix, s]) for s in g.seqs), g.source) for g in groups]
     batch = collate(groups, 0, pad_to_multiple=8, share_prompt=share_prompt)
     allowed = block_causal_mask(batch.cu_seqlens, batch.processed_tokens, torch.float32, True, batch.seg_parent)
     assert flops.causal_pairs(batch.cu_seqlens, batch.seg_parent) == int(allowed.sum())
