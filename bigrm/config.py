@@ -53,6 +53,9 @@ class SyntheticConfig:
             raise ConfigError(f"data.synthetic: need 2 <= min_k <= max_k, got {self.min_k}, {self.max_k}")
 
 
+REWARD_CONVENTIONS = ("trl", "grpo", "openrlhf")  # described in bigrm.sequences
+
+
 @dataclass
 class DataConfig:
     train_files: list = opt(
@@ -78,6 +81,16 @@ class DataConfig:
         "Implicit-prompt text pairs: the prompt is the longest common prefix of chosen and rejected, cut just "
         "after the last occurrence of this marker in it (or the whole common prefix when the marker is absent).",
     )
+    reward_convention: str = opt(
+        "trl",
+        "Which token carries the reward, to match the RM's consumer (it scores the same token). `trl`: text rows are "
+        "tokenizer(prompt + completion) with the tokenizer's special tokens plus EOS; chat rows are the chat "
+        "template's rendering as is (TRL RewardTrainer, TRL GRPO with chat prompts, RewardBench, "
+        "apply_chat_template(..., tokenize=True)). `grpo`: text rows are prompt + completion with no special tokens "
+        "and no EOS (TRL GRPO with text prompts); chat rows as `trl`. `openrlhf`: the text or rendering with trailing "
+        "newlines stripped, plus ' ' + EOS unless it ends in EOS, no special tokens added (OpenRLHF). Exports record "
+        "it; `bigrm score`/`eval` use the recorded one unless this option is given.",
+    )
     max_length: int = opt(1024, "Most tokens in one scored sequence (prompt + completion + EOS).")
     overlong: str = opt(
         "error",
@@ -92,6 +105,7 @@ class DataConfig:
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {self.eval_fraction}")
         _choice(self.overlong, "data.overlong", ("error", "skip"))
+        _choice(self.reward_convention, "data.reward_convention", REWARD_CONVENTIONS)
         _positive(self.max_length, "data.max_length")
         _positive(self.max_errors, "data.max_errors")
 

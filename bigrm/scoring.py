@@ -4,8 +4,8 @@ Rows go through the same validation and the same scored-sequence definition as t
 budget and forwarded without padding. Parts of a completion can be scored too:
   segments   a completion given as a list of pieces (["step 1 ...", "step 2 ..."]) or split at a separator string
              is rewarded at the end of every piece: the value at the last token that ends at or before the piece's
-             end (the final piece's value is the completion's reward, read at its EOS);
-  per token  the value head's output at every completion token (the appended EOS included).
+             end (the final piece's value is the completion's reward, read at the scored sequence's last token);
+  per token  the value head's output at every completion token (with what the reward convention appends).
 """
 
 from __future__ import annotations
@@ -32,24 +32,26 @@ from bigrm.data import (
 from bigrm.loss import Labels
 from bigrm.model import RewardModel, hf_attn_implementation, load_classifier, prepare_tokenizer, resolve_attn
 from bigrm.packing import collate, layout_tokens, pack_bins
-from bigrm.sequences import Group, Scored, scored_sequence
+from bigrm.sequences import EncodeReport, Group, Scored, scored_sequence
 
 
 def load_model(path: str, device: torch.device, dtype: str = "auto", attn: str = "auto"):
-    """(RewardModel in eval mode, tokenizer) from an exported directory or a bigrm training checkpoint."""
+    """(RewardModel in eval mode, tokenizer, the reward convention it was trained with or None if unrecorded) from an
+    exported directory or a bigrm training checkpoint."""
     from transformers import AutoTokenizer
 
     torch_dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     attn = resolve_attn(attn, device.type == "cuda")
     p = Path(path)
     if checkpoint.is_complete(p):
-        classifier, tokenizer = export.classifier_from_checkpoint(p, torch_dtype)
+        classifier, tokenizer, convention = export.classifier_from_checkpoint(p, torch_dtype)
         classifier.config._attn_implementation = hf_attn_implementation(attn)
     else:
         tokenizer = AutoTokenizer.from_pretrained(p)
         prepare_tokenizer(tokenizer)
         classifier = load_classifier(str(p), torch_dtype or "auto", attn, tokenizer)
-    return RewardModel(classifier.to(device).eval(), attn), tokenizer
+        convention = getattr(classifier.config, export.CONVENTION_KEY, None)
+    return RewardModel(classifier.to(device).eval(), attn), tokenizer, convention
 
 
 @dataclass
@@ -129,7 +131,7 @@ def prepare(path: str, cfg: DataConfig, tokenizer, segments: bool = False, separ
             errors.append(result.error)
             continue
         for k, completion in enumerate(parsed.completions):
-            scored = scored_sequence(tokenizer, parsed.prompt, completion, cfg.max_length)
+            scored = scored_sequence(tokenizer, parsed.prompt, completion, cfg.max_length, cfg.reward_convention)
             if isinstance(scored, int):
                 result.error = f"{parsed.source}: completion {k}: {scored} tokens, longer than max_length"
                 break
@@ -149,6 +151,12 @@ def prepare(path: str, cfg: DataConfig, tokenizer, segments: bool = False, separ
         shown = "\n  ".join(errors[: cfg.max_errors])
         raise DataError(f"{len(errors)} row(s) cannot be scored (see skip_invalid / overlong):\n  {shown}")
     return results
+
+
+def cut_summary(results: list[RowResult]) -> str:
+    """How many scored sequences lost prompt tokens to data.max_length, as training reports it."""
+    cut = [s.cut for r in results if r.example is not None for s in r.scored]
+    return EncodeReport(prompts_cut=sum(c > 0 for c in cut), prompt_tokens_cut=sum(cut)).cut_summary()
 
 
 @torch.no_grad()
@@ -186,7 +194,7 @@ def score(
 
 
 def segment_rewards(scored: Scored, values: np.ndarray, bounds: list[int], completion: str) -> list[float]:
-    """The value at the last token ending at or before each piece end; the last piece gets the reward (EOS)."""
+    """The value at the last token ending at or before each piece end; the last piece gets the reward."""
     base = scored.text.find(completion, scored.char_start)
     out = []
     for b in bounds[:-1]:

@@ -115,6 +115,8 @@ def run(cfg: Config) -> dict:
     # transformers holds this only by weak reference: while it lives, from_pretrained loads straight into ZeRO-3 shards
     keep_alive = HfDeepSpeedConfig(ds) if ds["zero_optimization"]["stage"] == 3 else None  # noqa: F841
     classifier = load_classifier(path, dtype, attn, tokenizer, cfg.model.gradient_checkpointing, cfg.quantization)
+    # checkpoints and exports carry the convention, so scoring reads the token the head was trained at
+    setattr(classifier.config, export.CONVENTION_KEY, cfg.data.reward_convention)
     settings = None
     if cfg.lora.r:
         adapters.add_lora(classifier, cfg.lora)

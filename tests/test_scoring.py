@@ -59,7 +59,7 @@ def test_rewards_match_plain_transformers_for_every_format(tmp_path, llama_dir, 
     out = run_score(tmp_path, llama_dir, write(tmp_path / "c.jsonl", chat))
     rendered = [tok.apply_chat_template(chat[0]["prompt"] + [{"role": "assistant", "content": c}], tokenize=False)
                 for c in ("hello", "go away")]  # fmt: skip
-    expected = [value(tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]) for t in rendered]
+    expected = [value(tok(t, add_special_tokens=False)["input_ids"]) for t in rendered]  # the rendering as is
     assert out[0]["rewards"] == pytest.approx(expected, abs=1e-5)
 
 
@@ -99,7 +99,7 @@ def test_invalid_rows_stop_or_come_back_with_their_reason(tmp_path, llama_dir):
     rows = [{"prompt": "p", "ranked_outputs": ["a", "b"]}, {"prompt": "p", "ranked_outputs": ["a"]}]
     data = write(tmp_path / "bad.jsonl", rows)
     with pytest.raises(DataError, match="line 2: field 'ranked_outputs': needs at least 2"):
-        model, tok = scoring.load_model(str(llama_dir), torch.device("cpu"))
+        model, tok, _ = scoring.load_model(str(llama_dir), torch.device("cpu"))
         scoring.prepare(str(data), DataConfig(), tok)
     out = run_score(tmp_path, llama_dir, data, "--data.skip_invalid", "true")
     assert out[0]["rewards"] is not None and "error" not in out[0]
@@ -164,7 +164,7 @@ def test_scored_rows_get_the_training_regression_targets(tmp_path, llama_dir):
         {"prompt": "q", "completions": [" d", " e"], "scores": [5, 0]},
     ]
     data = write(tmp_path / "scored.jsonl", rows)
-    _, tok = scoring.load_model(str(llama_dir), torch.device("cpu"))
+    _, tok, _ = scoring.load_model(str(llama_dir), torch.device("cpu"))
     prepared = [r.example.targets for r in scoring.prepare(str(data), DataConfig(), tok)]
     trained = [e.targets for e in load_file(str(data), DataConfig())[0]]
     assert prepared == trained and all(t is not None for t in prepared)
