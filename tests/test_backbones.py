@@ -224,3 +224,18 @@ def test_export_check_includes_a_sequence_longer_than_the_window(backbone_dir, m
 
     assert problem(short) is None  # what the old self-check saw
     assert "does not reproduce the trained model" in problem(export.verification_groups(held_out, 8))
+
+
+@pytest.mark.slow
+def test_training_refuses_an_impossible_backend_before_any_work(backbone_dir, tmp_path):
+    """`bigrm train` on a soft-capped model under sdpa: exit 2 with the reason, before data or weights are touched."""
+    import subprocess
+
+    from test_train import ENV, SMALL, command
+
+    out = tmp_path / "run"
+    args = [*SMALL, "--model.path", str(backbone_dir("gemma2")), "--model.attn_impl", "sdpa"]
+    proc = subprocess.run(command(1, out, *args), env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "'gemma2' uses attention logit soft-capping, which attn_impl=sdpa cannot compute; use eager" in proc.stderr
+    assert not (out / "synthetic-train.jsonl").exists()
