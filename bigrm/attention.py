@@ -125,26 +125,22 @@ def varlen_signature() -> frozenset[str]:
 VARLEN_PARAMS = varlen_signature()
 
 
+# the backends that can compute each feature; torch 2.10's varlen_attn has only is_causal, later ones take a window
+CAPABLE = {SOFTCAP: ("eager", "flash_attn", "flex"), WINDOWS: ("sdpa", "eager", "flash_attn", "flex", "varlen")}
+
+
 def _can(attn: str, feature: str) -> bool:
-    if feature == SOFTCAP:
-        return attn in ("eager", "flash_attn", "flex")
-    # torch 2.10's varlen_attn only knows is_causal; later ones take a (left, right) window
-    return attn != "varlen" or "window_size" in VARLEN_PARAMS
-
-
-ABLE = {
-    SOFTCAP: "eager (any device), or flash_attn or flex (CUDA)",
-    WINDOWS: "sdpa or eager (any device), or flash_attn, flex or varlen on torch >= 2.11 (CUDA)",
-}
+    return attn in CAPABLE[feature] and (attn != "varlen" or "window_size" in VARLEN_PARAMS)
 
 
 def check_backend(attn: str, needs: AttentionNeeds) -> None:
     """A ConfigError when `attn` cannot compute what the model asks of attention, naming the backends that can."""
     for feature in needs.features:
         if not _can(attn, feature):
+            able = " or ".join(a + (" (torch >= 2.11)" if a == "varlen" else "") for a in CAPABLE[feature])
             raise ConfigError(
-                f"model type {needs.model_type!r} uses {feature}, which attn_impl={attn} cannot compute; use "
-                f"{ABLE[feature]}, or auto"
+                f"model type {needs.model_type!r} uses {feature}, which attn_impl={attn} cannot compute; use {able} "
+                "(flash_attn, flex and varlen need CUDA), or auto"
             )
 
 

@@ -37,11 +37,12 @@ def groups(seed: int = 0):
 def reference(path, family: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Each sequence forwarded alone through plain transformers (its own default attention): the rewards, and the
     gradients of sum(w * rewards). Computed once per family."""
-    if family not in _references:
+    if family not in _references:  # first asked for under no_grad or not: gradients either way
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
         seqs = [torch.from_numpy(s)[None] for g in groups() for s in g.seqs]
-        rewards = torch.stack([model(input_ids=s).logits[0, 0] for s in seqs])
-        (rewards * torch.linspace(-1, 1, len(rewards))).sum().backward()
+        with torch.enable_grad():
+            rewards = torch.stack([model(input_ids=s).logits[0, 0] for s in seqs])
+            (rewards * torch.linspace(-1, 1, len(rewards))).sum().backward()
         _references[family] = rewards.detach(), {n: p.grad for n, p in model.named_parameters()}
     return _references[family]
 
