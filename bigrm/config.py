@@ -126,7 +126,9 @@ class ModelConfig:
         "installed, else `varlen` (torch.nn.attention.varlen, torch >= 2.10, sm80+), else `flex` "
         "(FlexAttention with a block-sparse mask); on CPU `sdpa`: per micro-batch the cheaper of the segments as rows "
         "of a padded batch and the packed row under a block-diagonal causal mask. `eager`: that mask with the "
-        "model's plain attention. `varlen`, `flash_attn` and `flex` need CUDA.",
+        "model's plain attention. `varlen`, `flash_attn` and `flex` need CUDA. Every backend honours the model's "
+        "sliding windows; soft-capped attention logits (Gemma-2) need `eager`, `flash_attn` or `flex`, which `auto` "
+        "then picks; a backend that cannot compute what the model asks is refused at start-up.",
     )
     dtype: str = opt("auto", "Weights and compute dtype: `auto` (bf16 on CUDA, fp32 on CPU), `bf16` or `fp32`.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from bigrm import adapters, checkpoint, dist
+from bigrm.attention import attention_needs, hf_attn_implementation, read_attention_needs, resolve_attn
 from bigrm.model import RewardModel, load_classifier
 from bigrm.packing import collate
 from bigrm.sequences import Group
@@ -83,12 +84,28 @@ def adapted_classifier(
 ) -> nn.Module:
     """A LoRA run's classifier, from its base directory and its trained weights: as trained (adapters beside the
     base, quantised if it was) or merged (adapters added into the de-quantised base: a plain classifier)."""
-    classifier = load_classifier(settings.base, dtype, "sdpa", tokenizer, quant=settings.quantization)
+    attn = resolve_attn("auto", cuda=False, needs=read_attention_needs(settings.base))
+    classifier = load_classifier(settings.base, dtype, attn, tokenizer, quant=settings.quantization)
     if merged and settings.quantization.bits:
         classifier = classifier.dequantize()
     wrapped = adapters.add_lora(classifier, settings.lora)
     adapters.load_trained(classifier, state, f"the trained weights for {settings.base}")
     return (adapters.merge(wrapped, dtype) if merged else classifier).eval()
+
+
+def verification_groups(held_out: list[Group], window: int | None, n: int = 4) -> list[Group]:
+    """The groups every export checks itself on: the first `n` held-out ones, plus, when none of those has a sequence
+    longer than the model's smallest attention window, the first held-out group that has one (a packed forward that
+    ignored the window would agree with plain transformers on shorter sequences)."""
+    chosen = held_out[:n]
+
+    def long(g: Group) -> bool:
+        return any(len(s) > window for s in g.seqs)
+
+    if window is None or any(long(g) for g in chosen):
+        return chosen
+    longer = next((g for g in held_out[n:] if long(g)), None)
+    return chosen + [longer] if longer else chosen
 
 
 def _verify_batch(groups: list[Group], pad_id: int, device: torch.device):
@@ -182,8 +199,10 @@ def export_checkpoint(path: Path, dest: Path, dtype: torch.dtype | None = None) 
     verify = [Group(tuple(np.asarray(s, dtype=np.int64) for s in seqs), 0.0, "verify") for seqs in ids]
     batch, seqs = _verify_batch(verify, tokenizer.pad_token_id, torch.device("cpu"))
     trained = saved.classifier()
+    attn = resolve_attn("auto", cuda=False, needs=attention_needs(trained.config))  # eager for soft-capped models
+    trained.config._attn_implementation = hf_attn_implementation(attn)
     with torch.no_grad():
-        expected = RewardModel(trained, "sdpa")(batch).float()
+        expected = RewardModel(trained, attn)(batch).float()
     classifier = saved.classifier(merged=True) if saved.settings else trained  # LoRA: rebuilt, then merged
     convention = getattr(saved.config, CONVENTION_KEY, None)
     save_classifier(classifier, classifier.state_dict(), tokenizer, dest, convention=convention)

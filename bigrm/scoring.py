@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from bigrm import checkpoint, export
+from bigrm.attention import hf_attn_implementation, read_attention_needs, resolve_attn
 from bigrm.config import DataConfig, LossConfig
 from bigrm.data import (
     DataError,
@@ -30,7 +31,7 @@ from bigrm.data import (
     standardise_scores,
 )
 from bigrm.loss import Labels
-from bigrm.model import RewardModel, hf_attn_implementation, load_classifier, prepare_tokenizer, resolve_attn
+from bigrm.model import RewardModel, load_classifier, prepare_tokenizer
 from bigrm.packing import collate, layout_tokens, pack_bins
 from bigrm.sequences import EncodeReport, Group, Scored, scored_sequence
 
@@ -41,8 +42,10 @@ def load_model(path: str, device: torch.device, dtype: str = "auto", attn: str =
     from transformers import AutoTokenizer
 
     torch_dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    attn = resolve_attn(attn, device.type == "cuda")
     p = Path(path)
+    # a backend the model needs and the device lacks, or a model bigrm cannot run: refused before loading weights
+    config_dir = p / "hf" if checkpoint.is_complete(p) else p
+    attn = resolve_attn(attn, device.type == "cuda", read_attention_needs(str(config_dir)))
     if checkpoint.is_complete(p):
         classifier, tokenizer, convention = export.classifier_from_checkpoint(p, torch_dtype)
         classifier.config._attn_implementation = hf_attn_implementation(attn)

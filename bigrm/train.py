@@ -11,6 +11,7 @@ import torch
 
 from bigrm import adapters, checkpoint, dist, ds_config, export, flops, pipeline, preemption, tiny
 from bigrm import config as config_mod
+from bigrm.attention import read_attention_needs, resolve_attn
 from bigrm.config import Config
 from bigrm.data import mix
 from bigrm.evaluate import evaluate
@@ -21,7 +22,6 @@ from bigrm.model import (
     load_classifier,
     parameter_counts,
     prepare_tokenizer,
-    resolve_attn,
     write_random_init,
 )
 from bigrm.packing import Step, collate, layout_tokens, plan_epoch
@@ -96,7 +96,8 @@ def run(cfg: Config) -> dict:
     cuda = device.type == "cuda"
     bf16 = cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and cuda)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    attn = resolve_attn(cfg.model.attn_impl, cuda)  # an impossible choice stops the run before any work
+    # an impossible choice, or a model bigrm cannot run, stops the run before any work
+    attn = resolve_attn(cfg.model.attn_impl, cuda, read_attention_needs(cfg.model.path))
     path = model_dir(cfg, out, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     prepare_tokenizer(tokenizer)
@@ -139,7 +140,7 @@ def run(cfg: Config) -> dict:
         start = meta["step"]
         tracker.print(f"resumed from {resume_from} at step {start} (epoch {meta['epoch']}, step {meta['index']})")
     tracker.bar.update(start)
-    verify = (data.eval or data.train)[:4]  # held-out sequences that every export checks itself on
+    verify = export.verification_groups(data.eval or data.train, model.needs.smallest_window)
 
     def save(n: int) -> None:
         step = steps[n - 1]
