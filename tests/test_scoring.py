@@ -168,3 +168,33 @@ def test_scored_rows_get_the_training_regression_targets(tmp_path, llama_dir):
     prepared = [r.example.targets for r in scoring.prepare(str(data), DataConfig(), tok)]
     trained = [e.targets for e in load_file(str(data), DataConfig())[0]]
     assert prepared == trained and all(t is not None for t in prepared)
+
+
+def test_score_uses_the_convention_the_model_records(tmp_path, llama_dir, plain, capsys):
+    """An export trained with `grpo` is scored at GRPO's token without flags; an explicit option wins, with a warning;
+    and the truncation count is reported as training reports it."""
+    import shutil
+
+    from bigrm.export import CONVENTION_KEY
+
+    value, tok = plain
+    model_dir = tmp_path / "grpo-model"
+    shutil.copytree(llama_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, CONVENTION_KEY: "grpo"}))
+    rows = [{"prompt": "write a positive review:", "chosen": " great superb", "rejected": " awful"}]
+    data = write(tmp_path / "r.jsonl", rows)
+    out = run_score(tmp_path, model_dir, data)
+    grpo = [
+        value(tok(rows[0]["prompt"] + rows[0][k], add_special_tokens=False)["input_ids"])
+        for k in ("chosen", "rejected")
+    ]
+    assert out[0]["rewards"] == pytest.approx(grpo, abs=1e-5)
+    assert "data.reward_convention=grpo (recorded in the model)" in capsys.readouterr().out
+
+    out = run_score(tmp_path, model_dir, data, "--data.reward_convention", "trl", "--data.max_length", "5")
+    printed = capsys.readouterr().out
+    assert "warning: scoring with data.reward_convention=trl; the model was trained with grpo" in printed
+    assert "2 sequences had their prompt cut from the left" in printed
+    seq = scored_sequence(tok, rows[0]["prompt"], rows[0]["chosen"], 5)
+    assert seq.cut > 0 and out[0]["rewards"][0] == pytest.approx(value(seq.ids), abs=1e-5)
