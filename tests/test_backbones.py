@@ -180,7 +180,7 @@ def test_bigrm_score_equals_plain_transformers(backbone_dir, tmp_path, family):
     """`bigrm score`'s path (its attention chosen for the model: eager for soft-capping on CPU), with and without
     shared prompts, against each scored sequence alone through plain transformers."""
     path = backbone_dir(family)
-    model, tokenizer = scoring.load_model(str(path), torch.device("cpu"), "fp32")
+    model, tokenizer, _ = scoring.load_model(str(path), torch.device("cpu"), "fp32")
     assert model.attn == ("eager" if family in SOFTCAPPED else "sdpa")
     plain = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
     for share in (False, True):
