@@ -331,28 +331,28 @@ def test_multi_turn_chat_completion_is_never_cut(tok):
 # ---------------------------------------------------------------------------------------------------- conventions
 
 
-def test_grpo_convention_scores_text_as_is_and_chat_as_rendered():
+def text_and_chat(convention: str, reply: str = " hi"):
+    """The scored sequences of one text row and one chat row under `convention` (a BOS-adding tokenizer), and the
+    chat row's rendering."""
     tok = with_bos(build_tokenizer())
     prompt = msgs("user", "hello there")
-    plain, chat = tokenize_examples(
-        [example("hello there", " hi", " no"), example(prompt, "hi", "no")], tok, 1024, "error", "grpo"
-    )[0]
+    rows = [example("hello there", reply, " no"), example(prompt, "hi", "no")]
+    plain, chat = tokenize_examples(rows, tok, 1024, "error", convention)[0]
+    return tok, plain, chat, tok.apply_chat_template(prompt + msgs("assistant", "hi"), tokenize=False)
+
+
+def test_grpo_convention_scores_text_as_is_and_chat_as_rendered():
+    tok, plain, chat, rendered = text_and_chat("grpo")
     # TRL GRPO tokenises prompt + completion with add_special_tokens=False and appends nothing
     assert plain.seqs[0].tolist() == ids_of(tok, "hello there hi", special=False)
-    rendered = tok.apply_chat_template(prompt + msgs("assistant", "hi"), tokenize=False)
     assert chat.seqs[0].tolist() == ids_of(tok, rendered, special=False)
 
 
 def test_openrlhf_convention_strips_newlines_and_appends_spaced_eos():
-    tok = with_bos(build_tokenizer())
-    prompt = msgs("user", "hello there")
-    plain, chat = tokenize_examples(
-        [example("hello there", " hi\n\n", " no"), example(prompt, "hi", "no")], tok, 1024, "error", "openrlhf"
-    )[0]
+    tok, plain, chat, rendered = text_and_chat("openrlhf", reply=" hi\n\n")
     # OpenRLHF's reward dataset: (prompt + reply).rstrip("\n") + " " + EOS, add_special_tokens=False
     assert plain.seqs[0].tolist() == ids_of(tok, "hello there hi </s>", special=False)
     assert plain.seqs[1].tolist() == ids_of(tok, "hello there no </s>", special=False)
-    rendered = tok.apply_chat_template(prompt + msgs("assistant", "hi"), tokenize=False)
     assert rendered.endswith("</s>\n")  # stripped, it already ends in EOS: nothing appended
     assert chat.seqs[0].tolist() == ids_of(tok, rendered.rstrip("\n"), special=False)
 
