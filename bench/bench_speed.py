@@ -45,10 +45,11 @@ import torch
 from models import write_config
 
 from bigrm import precision
+from bigrm.attention import read_attention_needs, resolve_attn
 from bigrm.config import ATTN_IMPLS, LossConfig
 from bigrm.data import Example, Labels, split_implicit
 from bigrm.loss import ranking_loss
-from bigrm.model import RewardModel, load_classifier, resolve_attn, write_random_init
+from bigrm.model import RewardModel, load_classifier, write_random_init
 from bigrm.packing import collate, layout_tokens, pack_bins
 from bigrm.sequences import tokenize_examples
 
@@ -76,7 +77,7 @@ def run_settings(args) -> Run:
         device=torch.device(args.device),
         dtype=precision.training(args.dtype or "auto", cuda),
         checkpointing=args.gradient_checkpointing,
-        attn=resolve_attn(args.attn, cuda),
+        attn=resolve_attn(args.attn, cuda, read_attention_needs("")),  # Llamas, as the built-in one: plain causal
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -50,12 +51,18 @@ def train_main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _sections(extra: list[str], allowed: tuple[str, ...]) -> config.Config:
-    """`--data.x value` (and for eval `--loss.x value`) options, as in training."""
+def _sections(extra: list[str], allowed: tuple[str, ...], convention: str | None) -> config.Config:
+    """`--data.x value` (and for eval `--loss.x value`) options, as in training; `data.reward_convention` defaults to
+    `convention`, the one the model records (it was trained to score that token)."""
     values = options.parse_overrides(extra)
     outside = [k for k in values if not k.startswith(allowed)]
     if outside:
         raise config.ConfigError(f"only {', '.join(a + '*' for a in allowed)} options apply here: {', '.join(outside)}")
+    given = values.setdefault("data.reward_convention", convention or config.DataConfig.reward_convention)
+    if convention and given != convention:
+        print(f"warning: scoring with data.reward_convention={given}; the model was trained with {convention}")
+    recorded = " (recorded in the model)" if given == convention else ""
+    print(f"rewards read as data.reward_convention={given}{recorded}")
     return options.build(values)
 
 
@@ -99,9 +106,11 @@ def score_main(argv: list[str]) -> int:
         from bigrm import scoring
 
         device = torch.device(args.device)
-        model, tokenizer = scoring.load_model(args.model, device, args.dtype, args.attn_impl)
+        model, tokenizer, convention = scoring.load_model(args.model, device, args.dtype, args.attn_impl)
         segments = args.segments or args.separator is not None
-        results = scoring.prepare(args.data, _sections(extra, ("data.",)).data, tokenizer, segments, args.separator)
+        cfg = _sections(extra, ("data.",), convention)
+        results = scoring.prepare(args.data, cfg.data, tokenizer, segments, args.separator)
+        print(f"prompt truncation (data.max_length={cfg.data.max_length}): {scoring.cut_summary(results)}")
         every = segments or args.per_token
         scoring.score(model, results, args.max_tokens_per_batch, device, every, args.share_prompt)
         out = Path(args.out)
@@ -127,9 +136,11 @@ def eval_main(argv: list[str]) -> int:
         from bigrm import scoring
 
         device = torch.device(args.device)
-        model, tokenizer = scoring.load_model(args.model, device, args.dtype, args.attn_impl)
-        cfg = _sections(extra, ("data.", "loss."))
-        results = scoring.prepare(args.data, cfg.data, tokenizer)
+        model, tokenizer, convention = scoring.load_model(args.model, device, args.dtype, args.attn_impl)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the metrics JSON alone
+            cfg = _sections(extra, ("data.", "loss."), convention)
+            results = scoring.prepare(args.data, cfg.data, tokenizer)
+            print(f"prompt truncation (data.max_length={cfg.data.max_length}): {scoring.cut_summary(results)}")
         scoring.score(model, results, args.max_tokens_per_batch, device, False, args.share_prompt)
         metrics = scoring.report(results, cfg.loss)
         text = json.dumps(metrics, indent=2)

@@ -47,6 +47,9 @@ class SyntheticConfig:
             raise ConfigError(f"data.synthetic: need 2 <= min_k <= max_k, got {self.min_k}, {self.max_k}")
 
 
+REWARD_CONVENTIONS = ("trl", "grpo", "openrlhf")  # described in bigrm.sequences
+
+
 @dataclass
 class DataConfig:
     train_files: list = opt(
@@ -72,6 +75,16 @@ class DataConfig:
         "Implicit-prompt text pairs: the prompt is the longest common prefix of chosen and rejected, cut just "
         "after the last occurrence of this marker in it (or the whole common prefix when the marker is absent).",
     )
+    reward_convention: str = opt(
+        "trl",
+        "Which token carries the reward, to match the RM's consumer (it scores the same token). `trl`: text rows are "
+        "tokenizer(prompt + completion) with the tokenizer's special tokens plus EOS; chat rows are the chat "
+        "template's rendering as is (TRL RewardTrainer, TRL GRPO with chat prompts, RewardBench, "
+        "apply_chat_template(..., tokenize=True)). `grpo`: text rows are prompt + completion with no special tokens "
+        "and no EOS (TRL GRPO with text prompts); chat rows as `trl`. `openrlhf`: the text or rendering with trailing "
+        "newlines stripped, plus ' ' + EOS unless it ends in EOS, no special tokens added (OpenRLHF). Exports record "
+        "it; `bigrm score`/`eval` use the recorded one unless this option is given.",
+    )
     max_length: int = opt(1024, "Most tokens in one scored sequence (prompt + completion + EOS).")
     overlong: str = opt(
         "error",
@@ -86,6 +99,7 @@ class DataConfig:
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {self.eval_fraction}")
         _choice(self.overlong, "data.overlong", ("error", "skip"))
+        _choice(self.reward_convention, "data.reward_convention", REWARD_CONVENTIONS)
         _positive(self.max_length, "data.max_length")
         _positive(self.max_errors, "data.max_errors")
 
@@ -106,7 +120,9 @@ class ModelConfig:
         "installed, else `varlen` (torch.nn.attention.varlen, torch >= 2.10, sm80+), else `flex` "
         "(FlexAttention with a block-sparse mask); on CPU `sdpa`: per micro-batch the cheaper of the segments as rows "
         "of a padded batch and the packed row under a block-diagonal causal mask. `eager`: that mask with the "
-        "model's plain attention. `varlen`, `flash_attn` and `flex` need CUDA.",
+        "model's plain attention. `varlen`, `flash_attn` and `flex` need CUDA. Every backend honours the model's "
+        "sliding windows; soft-capped attention logits (Gemma-2) need `eager`, `flash_attn` or `flex`, which `auto` "
+        "then picks; a backend that cannot compute what the model asks is refused at start-up.",
     )
     dtype: str = opt("auto", "Weights and compute dtype: `auto` (bf16 on CUDA, fp32 on CPU), `bf16` or `fp32`.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")

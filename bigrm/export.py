@@ -15,11 +15,14 @@ import torch
 from torch import nn
 
 from bigrm import adapters, checkpoint, dist
+from bigrm.attention import attention_needs, hf_attn_implementation, read_attention_needs, resolve_attn
 from bigrm.model import RewardModel, load_classifier
 from bigrm.packing import collate
 from bigrm.sequences import Group
 
 PREFIX = "classifier."
+# config.json key of the reward convention (bigrm.sequences) the model was trained with: scoring reads it back
+CONVENTION_KEY = "bigrm_reward_convention"
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
 
@@ -28,15 +31,24 @@ class ExportError(RuntimeError):
 
 
 def save_classifier(
-    classifier, state: dict[str, torch.Tensor], tokenizer, dest: Path, reward_stats: dict | None = None
+    classifier,
+    state: dict[str, torch.Tensor],
+    tokenizer,
+    dest: Path,
+    reward_stats: dict | None = None,
+    convention: str | None = None,
 ) -> None:
     """Loads back with AutoModelForSequenceClassification.from_pretrained(dest). `reward_stats` (mean and std of
-    the rewards over the final training epoch) go into config.json as `bigrm_reward_mean` / `bigrm_reward_std`
-    for normalising rewards at PPO time."""
+    the rewards over the final training epoch) go into config.json as `bigrm_reward_mean` / `bigrm_reward_std`,
+    and as `mean` / `std`, the names OpenRLHF's `--normalize_reward` reads; `convention` as CONVENTION_KEY."""
     dest.mkdir(parents=True, exist_ok=True)
     classifier.config.pad_token_id = tokenizer.pad_token_id
     for key, value in (reward_stats or {}).items():
         setattr(classifier.config, f"bigrm_{key}", value)
+    if reward_stats:
+        classifier.config.mean, classifier.config.std = reward_stats["reward_mean"], reward_stats["reward_std"]
+    if convention:
+        setattr(classifier.config, CONVENTION_KEY, convention)
     classifier.save_pretrained(dest, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(dest)
 
@@ -72,12 +84,28 @@ def adapted_classifier(
 ) -> nn.Module:
     """A LoRA run's classifier, from its base directory and its trained weights: as trained (adapters beside the
     base, quantised if it was) or merged (adapters added into the de-quantised base: a plain classifier)."""
-    classifier = load_classifier(settings.base, dtype, "sdpa", tokenizer, quant=settings.quantization)
+    attn = resolve_attn("auto", cuda=False, needs=read_attention_needs(settings.base))
+    classifier = load_classifier(settings.base, dtype, attn, tokenizer, quant=settings.quantization)
     if merged and settings.quantization.bits:
         classifier = classifier.dequantize()
     wrapped = adapters.add_lora(classifier, settings.lora)
     adapters.load_trained(classifier, state, f"the trained weights for {settings.base}")
     return (adapters.merge(wrapped, dtype) if merged else classifier).eval()
+
+
+def verification_groups(held_out: list[Group], window: int | None, n: int = 4) -> list[Group]:
+    """The groups every export checks itself on: the first `n` held-out ones, plus, when none of those has a sequence
+    longer than the model's smallest attention window, the first held-out group that has one (a packed forward that
+    ignored the window would agree with plain transformers on shorter sequences)."""
+    chosen = held_out[:n]
+
+    def long(g: Group) -> bool:
+        return any(len(s) > window for s in g.seqs)
+
+    if window is None or any(long(g) for g in chosen):
+        return chosen
+    longer = next((g for g in held_out[n:] if long(g)), None)
+    return chosen + [longer] if longer else chosen
 
 
 def _verify_batch(groups: list[Group], pad_id: int, device: torch.device):
@@ -117,7 +145,8 @@ def export_engine(
             state = classifier.state_dict()
         else:
             classifier = engine.module.classifier
-        save_classifier(classifier, state, tokenizer, dest, reward_stats)
+        convention = getattr(engine.module.classifier.config, CONVENTION_KEY, None)
+        save_classifier(classifier, state, tokenizer, dest, reward_stats, convention)
         quant_bits = settings.quantization.bits if lora else 0
         problem = check(expected, plain_rewards(dest, seqs, device), tolerance(dtype, quant_bits), dest)
     failed = dist.all_sum(torch.tensor([float(problem is not None)], device=device)).item()
@@ -156,10 +185,10 @@ def _read_checkpoint(path: Path, dtype: torch.dtype | None) -> _Checkpoint:
 
 
 def classifier_from_checkpoint(path: Path, dtype: torch.dtype | None = None):
-    """(HF classifier with the checkpoint's weights, tokenizer) built on one process from a bigrm checkpoint; for a
-    LoRA checkpoint, the adapted model as trained."""
+    """(HF classifier with the checkpoint's weights, tokenizer, recorded reward convention or None) built on one
+    process from a bigrm checkpoint; for a LoRA checkpoint, the adapted model as trained."""
     saved = _read_checkpoint(path, dtype)
-    return saved.classifier(), saved.tokenizer
+    return saved.classifier(), saved.tokenizer, getattr(saved.config, CONVENTION_KEY, None)
 
 
 def export_checkpoint(path: Path, dest: Path, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -170,10 +199,13 @@ def export_checkpoint(path: Path, dest: Path, dtype: torch.dtype | None = None) 
     verify = [Group(tuple(np.asarray(s, dtype=np.int64) for s in seqs), "verify") for seqs in ids]
     batch, seqs = _verify_batch(verify, tokenizer.pad_token_id, torch.device("cpu"))
     trained = saved.classifier()
+    attn = resolve_attn("auto", cuda=False, needs=attention_needs(trained.config))  # eager for soft-capped models
+    trained.config._attn_implementation = hf_attn_implementation(attn)
     with torch.no_grad():
-        expected = RewardModel(trained, "sdpa")(batch).float()
+        expected = RewardModel(trained, attn)(batch).float()
     classifier = saved.classifier(merged=True) if saved.settings else trained  # LoRA: rebuilt, then merged
-    save_classifier(classifier, classifier.state_dict(), tokenizer, dest)
+    convention = getattr(saved.config, CONVENTION_KEY, None)
+    save_classifier(classifier, classifier.state_dict(), tokenizer, dest, convention=convention)
     quant_bits = saved.settings.quantization.bits if saved.settings else 0
     got = plain_rewards(dest, seqs, torch.device("cpu"))
     problem = check(expected, got, tolerance(classifier.dtype, quant_bits), dest)

@@ -72,13 +72,17 @@ def build(cfg: Config, tokenizer, synthetic_dir: Path) -> Dataset:
 
     train, train_files = [], []
     for examples in per_file:
-        groups, enc = tokenize_examples(examples, tokenizer, d.max_length, d.overlong, d.max_errors)
+        groups, enc = tokenize_examples(
+            examples, tokenizer, d.max_length, d.overlong, d.reward_convention, d.max_errors
+        )
         train_files.append(list(range(len(train), len(train) + len(groups))))
         train += groups
         log.append(f"train tokens: {enc.summary()}")
     if not train:
         raise DataError("no training prompts left after validation")
-    evals, enc = tokenize_examples(eval_examples, tokenizer, d.max_length, d.overlong, d.max_errors)
+    evals, enc = tokenize_examples(
+        eval_examples, tokenizer, d.max_length, d.overlong, d.reward_convention, d.max_errors
+    )
     if eval_examples:
         log.append(f"eval tokens: {enc.summary()}")
     for name, groups in (("train", train), ("eval", evals)):

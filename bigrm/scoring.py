@@ -4,8 +4,8 @@ Rows go through the same validation and the same scored-sequence definition as t
 budget and forwarded without padding. Parts of a completion can be scored too:
   segments   a completion given as a list of pieces (["step 1 ...", "step 2 ..."]) or split at a separator string
              is rewarded at the end of every piece: the value at the last token that ends at or before the piece's
-             end (the final piece's value is the completion's reward, read at its EOS);
-  per token  the value head's output at every completion token (the appended EOS included).
+             end (the final piece's value is the completion's reward, read at the scored sequence's last token);
+  per token  the value head's output at every completion token (with what the reward convention appends).
 """
 
 from __future__ import annotations
@@ -18,28 +18,33 @@ import numpy as np
 import torch
 
 from bigrm import checkpoint, export, precision
+from bigrm.attention import hf_attn_implementation, read_attention_needs, resolve_attn
 from bigrm.config import DataConfig, LossConfig
 from bigrm.data import DataError, Example, RowError, listed, parse_row, read_file, standardise_scores
-from bigrm.model import RewardModel, hf_attn_implementation, load_classifier, prepare_tokenizer, resolve_attn
+from bigrm.model import RewardModel, load_classifier, prepare_tokenizer
 from bigrm.packing import SegmentLabels, check_budget, collate, layout_tokens, pack_bins
-from bigrm.sequences import Group, Scored, scored_sequence
+from bigrm.sequences import EncodeReport, Group, Scored, scored_sequence
 
 
 def load_model(path: str, device: torch.device, dtype: str = "auto", attn: str = "auto"):
-    """(RewardModel in eval mode, tokenizer) from an exported directory or a bigrm training checkpoint."""
+    """(RewardModel in eval mode, tokenizer, the reward convention it was trained with or None if unrecorded) from an
+    exported directory or a bigrm training checkpoint."""
     from transformers import AutoTokenizer
 
     torch_dtype = precision.saved(dtype)
-    attn = resolve_attn(attn, device.type == "cuda")
     p = Path(path)
+    # a backend the model needs and the device lacks, or a model bigrm cannot run: refused before loading weights
+    config_dir = p / "hf" if checkpoint.is_complete(p) else p
+    attn = resolve_attn(attn, device.type == "cuda", read_attention_needs(str(config_dir)))
     if checkpoint.is_complete(p):
-        classifier, tokenizer = export.classifier_from_checkpoint(p, torch_dtype)
+        classifier, tokenizer, convention = export.classifier_from_checkpoint(p, torch_dtype)
         classifier.config._attn_implementation = hf_attn_implementation(attn)
     else:
         tokenizer = AutoTokenizer.from_pretrained(p)
         prepare_tokenizer(tokenizer)
         classifier = load_classifier(str(p), torch_dtype or "auto", attn, tokenizer)
-    return RewardModel(classifier.to(device).eval(), attn), tokenizer
+        convention = getattr(classifier.config, export.CONVENTION_KEY, None)
+    return RewardModel(classifier.to(device).eval(), attn), tokenizer, convention
 
 
 @dataclass
@@ -116,7 +121,7 @@ def prepare(path: str, cfg: DataConfig, tokenizer, segments: bool = False, separ
             errors.append(result.error)
             continue
         for k, completion in enumerate(parsed.completions):
-            scored = scored_sequence(tokenizer, parsed.prompt, completion, cfg.max_length)
+            scored = scored_sequence(tokenizer, parsed.prompt, completion, cfg.max_length, cfg.reward_convention)
             if isinstance(scored, int):
                 result.error = f"{parsed.source}: completion {k}: {scored} tokens, longer than max_length"
                 break
@@ -137,6 +142,12 @@ def prepare(path: str, cfg: DataConfig, tokenizer, segments: bool = False, separ
             f"{len(errors)} row(s) cannot be scored (see skip_invalid / overlong):{listed(errors, cfg.max_errors)}"
         )
     return results
+
+
+def cut_summary(results: list[RowResult]) -> str:
+    """How many scored sequences lost prompt tokens to data.max_length, as training reports it."""
+    cut = [s.cut for r in results if r.example is not None for s in r.scored]
+    return EncodeReport(prompts_cut=sum(c > 0 for c in cut), prompt_tokens_cut=sum(cut)).cut_summary()
 
 
 @torch.no_grad()
@@ -172,7 +183,7 @@ def score(
 
 
 def segment_rewards(scored: Scored, values: np.ndarray, bounds: list[int], completion: str) -> list[float]:
-    """The value at the last token ending at or before each piece end; the last piece gets the reward (EOS)."""
+    """The value at the last token ending at or before each piece end; the last piece gets the reward."""
     base = scored.text.find(completion, scored.char_start)
     out = []
     for b in bounds[:-1]:

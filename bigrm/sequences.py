@@ -1,9 +1,17 @@
 """Validated examples → scored token sequences.
 
-The scored sequence of a completion is `tokenizer(prompt + completion)` followed by EOS when the tokenizer has one
-and it is not already last; chat rows use the chat template's rendering of the whole conversation instead of
-`prompt + completion`. The reward is the value head's output at that sequence's final token. Export, scoring
-and evaluation all use this same definition (`render` and `encode` below).
+The scored sequence of a completion, and so the token whose value is the reward, is set by the reward convention
+(`data.reward_convention`), chosen to match how the RM's consumer tokenises what it scores:
+  trl       text rows: `tokenizer(prompt + completion)` with the tokenizer's special tokens, then EOS unless it is
+            already last (TRL RewardTrainer); chat rows: the chat template's rendering of the whole conversation
+            as is, nothing added or appended (TRL RewardTrainer and GRPO, RewardBench, apply_chat_template(...,
+            tokenize=True)). The default.
+  grpo      text rows: `prompt + completion` with no special tokens added and nothing appended (TRL GRPO's
+            reward-model path for text prompts); chat rows as `trl`.
+  openrlhf  the text (chat rows: their rendering) with trailing newlines stripped, then " " + EOS unless it already
+            ends in EOS, with no special tokens added (OpenRLHF's reward dataset).
+The reward is the value head's output at that sequence's final token. Training, evaluation, scoring and export all
+use this one definition (`render` and `encode` below); exports record the convention in their config.
 
 Over-long sequences: the prompt is cut from the left (leading special tokens such as BOS are kept) until the
 sequence fits max_length; a completion that alone does not fit is an error or a counted skip (data.overlong).
@@ -43,11 +51,11 @@ class EncodeReport:
     prompt_tokens_cut: int = 0
     skipped: Counter = field(default_factory=Counter)
 
+    def cut_summary(self) -> str:
+        return f"{self.prompts_cut} sequences had their prompt cut from the left ({self.prompt_tokens_cut} tokens)"
+
     def summary(self) -> str:
-        text = (
-            f"{self.groups} prompts, {self.sequences} sequences, {self.tokens} tokens; "
-            f"{self.prompts_cut} sequences had their prompt cut from the left ({self.prompt_tokens_cut} tokens)"
-        )
+        text = f"{self.groups} prompts, {self.sequences} sequences, {self.tokens} tokens; {self.cut_summary()}"
         if self.skipped:
             text += "; skipped: " + "; ".join(f"{n} × {why}" for why, n in self.skipped.items())
         return text
@@ -74,17 +82,24 @@ def render(tokenizer, prompt: Text, completion: Text) -> tuple[str, int]:
 
 
 class Encoded(NamedTuple):
-    ids: list[int]  # ending in EOS
+    ids: list[int]  # the scored sequence: its last token carries the reward
     n_lead: int  # leading special tokens (BOS...), never cut
     prompt_end: int  # index of the first token that is not wholly prompt
     ends: list[int]  # character end of each token in the rendered text (EOS: the text's length)
 
 
-def encode(tokenizer, text: str, start: int, chat: bool) -> Encoded:
-    """One rendered text (completion starting at character `start`) as the scored token sequence.
+def encode(tokenizer, text: str, start: int, chat: bool, convention: str = DataConfig.reward_convention) -> Encoded:
+    """One rendered text (completion starting at character `start`) as the scored token sequence of `convention`.
 
-    Chat renderings already hold the template's special tokens, so they are not added again."""
-    enc = tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True)
+    Chat renderings already hold the template's special tokens, so they are never added again."""
+    add_special = convention == "trl" and not chat
+    if convention == "openrlhf":
+        if tokenizer.eos_token is None:
+            raise DataError("data.reward_convention=openrlhf needs a tokenizer with an EOS token")
+        text = text.rstrip("\n")
+        if not text.endswith(tokenizer.eos_token):
+            text += " " + tokenizer.eos_token
+    enc = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     special = set(tokenizer.all_special_ids)
     n_lead = 0
@@ -94,7 +109,7 @@ def encode(tokenizer, text: str, start: int, chat: bool) -> Encoded:
     prompt_end = sum(1 for s, e in offsets if e <= start)
     ends = [e for _, e in offsets]
     eos = tokenizer.eos_token_id
-    if eos is not None and (not ids or ids[-1] != eos):
+    if add_special and eos is not None and (not ids or ids[-1] != eos):
         ids, ends = ids + [eos], ends + [len(text)]
     return Encoded(ids, n_lead, max(prompt_end, n_lead), ends)
 
@@ -121,10 +136,12 @@ class Scored:
     char_start: int  # where the completion starts in `text`
 
 
-def scored_sequence(tokenizer, prompt: Text, completion: Text, max_length: int) -> Scored | int:
+def scored_sequence(
+    tokenizer, prompt: Text, completion: Text, max_length: int, convention: str = DataConfig.reward_convention
+) -> Scored | int:
     """The scored sequence, or the completion's token count when it alone exceeds max_length."""
     text, start = render(tokenizer, prompt, completion)
-    enc = encode(tokenizer, text, start, chat=isinstance(prompt, list))
+    enc = encode(tokenizer, text, start, chat=isinstance(prompt, list), convention=convention)
     fitted = truncate(enc.ids, enc.n_lead, enc.prompt_end, max_length)
     if fitted is None:
         return len(enc.ids) - enc.prompt_end + enc.n_lead
@@ -134,7 +151,12 @@ def scored_sequence(tokenizer, prompt: Text, completion: Text, max_length: int) 
 
 
 def tokenize_examples(
-    examples: list[Example], tokenizer, max_length: int, overlong: str, max_errors: int = DataConfig.max_errors
+    examples: list[Example],
+    tokenizer,
+    max_length: int,
+    overlong: str,
+    convention: str = DataConfig.reward_convention,
+    max_errors: int = DataConfig.max_errors,
 ) -> tuple[list[Group], EncodeReport]:
     if tokenizer.eos_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise DataError("the tokenizer's pad token equals its EOS token; bigrm.model.prepare_tokenizer fixes that")
@@ -142,7 +164,7 @@ def tokenize_examples(
     for ex in examples:
         seqs, cut, cut_tokens, bad = [], 0, 0, None
         for k, completion in enumerate(ex.completions):
-            scored = scored_sequence(tokenizer, ex.prompt, completion, max_length)
+            scored = scored_sequence(tokenizer, ex.prompt, completion, max_length, convention)
             if isinstance(scored, int):
                 bad = bad or (k, scored)
                 continue

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from bigrm import adapters, checkpoint, dist, ds_config, export, flops, options, pipeline, precision, preemption, tiny
+from bigrm.attention import read_attention_needs, resolve_attn
 from bigrm.config import Config
 from bigrm.evaluate import evaluate
 from bigrm.loss import Stats, denominators, metrics, ranking_loss
@@ -23,7 +24,6 @@ from bigrm.model import (
     load_classifier,
     parameter_counts,
     prepare_tokenizer,
-    resolve_attn,
     write_random_init,
 )
 from bigrm.packing import Step, collate
@@ -99,7 +99,10 @@ class Trainer:
             options.dump(self.cfg, self.out / "config.yaml")
         dist.barrier()
         set_seed(self.t.seed)
-        attn = resolve_attn(self.cfg.model.attn_impl, self.device.type == "cuda")  # fails before any work
+        # an impossible choice, or a model bigrm cannot run, stops the run before any work
+        attn = resolve_attn(
+            self.cfg.model.attn_impl, self.device.type == "cuda", read_attention_needs(self.cfg.model.path)
+        )
         path = model_dir(self.cfg, self.out, self.dtype)
         self._load_data(path)
         self._build_engine(path, attn)
@@ -133,6 +136,8 @@ class Trainer:
         classifier = load_classifier(
             path, self.dtype, attn, self.tokenizer, cfg.model.gradient_checkpointing, cfg.quantization
         )
+        # checkpoints and exports carry the convention, so scoring reads the token the head was trained at
+        setattr(classifier.config, export.CONVENTION_KEY, cfg.data.reward_convention)
         if cfg.lora.r:
             adapters.add_lora(classifier, cfg.lora)
             base = str(Path(path).resolve()) if Path(path).is_dir() else path
@@ -140,6 +145,7 @@ class Trainer:
         if cfg.model.compile:
             compile_blocks(classifier)
         model = RewardModel(classifier, attn)
+        self.verify = export.verification_groups(self.data.eval or self.data.train, model.needs.smallest_window)
         trained = [p for p in model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trained, config=ds)
         self.fingerprint = plan_fingerprint(cfg, self.data, self.steps)
@@ -180,7 +186,6 @@ class Trainer:
                 f"resumed from {path} at step {self.start} (epoch {saved['epoch']}, step {saved['index']})"
             )
         self.tracker.bar.update(self.start)
-        self.verify = (self.data.eval or self.data.train)[:4]  # held-out sequences that every export checks itself on
         self.group_sums = [denominators([g], self.cfg.loss) for g in self.data.train]  # labels only: computed once
         if self.start:
             self.epoch = self.steps[self.start - 1].epoch

@@ -8,7 +8,8 @@ import torch
 from test_model import random_groups
 
 from bigrm import flops
-from bigrm.model import block_causal_mask, parameter_counts
+from bigrm.attention import block_causal_mask
+from bigrm.model import parameter_counts
 from bigrm.packing import collate
 
 

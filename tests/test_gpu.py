@@ -11,6 +11,7 @@ import subprocess
 import pytest
 import torch
 from conftest import REPO
+from test_backbones import SOFTCAPPED, WINDOWED
 from test_model import random_groups
 from test_sharing import shared_groups
 from test_train import ENV, SMALL, command
@@ -78,6 +79,30 @@ def test_backend_matches_per_sequence_reference(arch, share, compiled, attn, req
         for name, g in exact_grads.items():
             if g.dim() == 2:  # weight matrices; a norm's few weights carry too few digits in bf16 to compare alone
                 assert error(got_grads[name], g) <= 2 * error(bf16_grads[name], g) + 0.01, name
+
+
+@pytest.mark.parametrize("share", [False, True])
+@pytest.mark.parametrize("attn", BACKENDS)
+@pytest.mark.parametrize("family", WINDOWED)
+def test_windows_and_softcap_match_per_sequence_reference(backbone_dir, family, attn, share):
+    """The backbone matrix's windowed and soft-capped families on every CUDA backend (sequences longer than their
+    windows), or refused where the backend cannot compute what the model asks."""
+    from bigrm.attention import VARLEN_PARAMS, check_backend, read_attention_needs
+    from bigrm.config import ConfigError
+
+    path = str(backbone_dir(family))
+    if attn == "varlen" and "window_size" not in VARLEN_PARAMS:
+        pytest.skip("this torch's varlen_attn takes no window (refused: test_backbones)")
+    if attn in ("sdpa", "varlen") and family in SOFTCAPPED:
+        with pytest.raises(ConfigError, match="soft-capping"):
+            check_backend(attn, read_attention_needs(path))
+        return
+    groups = shared_groups(0, prompt_len=(10, 40))
+    exact, _ = reference(path, groups, torch.float32)
+    bf16, _ = reference(path, groups, torch.bfloat16)
+    got, _ = packed(path, backend(attn), groups, share, compiled=False)
+    torch.testing.assert_close(got, exact, **TOL)
+    assert error(got, exact) <= 2 * error(bf16, exact) + 1e-3
 
 
 @pytest.mark.slow

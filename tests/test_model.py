@@ -9,18 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from bigrm.model import (
-    RewardModel,
-    SegmentRows,
-    block_causal_mask,
-    compile_blocks,
-    flex_block_mask,
-    load_classifier,
-    prepare_tokenizer,
-    resolve_attn,
-)
+from bigrm.attention import SegmentRows, block_causal_mask, flex_block_mask, read_attention_needs, resolve_attn
+from bigrm.model import RewardModel, compile_blocks, load_classifier, prepare_tokenizer
 from bigrm.packing import collate
 from bigrm.sequences import Group
+
+PLAIN = read_attention_needs("")  # the built-in tiny Llama: plain causal attention
 
 
 def random_groups(seed: int, vocab: int, n_groups: int = 5) -> list[Group]:
@@ -115,7 +109,7 @@ def test_block_causal_mask():
 def test_resolve_attn(monkeypatch):
     import importlib.util
 
-    import bigrm.model as model_mod
+    import bigrm.attention as attention_mod
 
     real = importlib.util.find_spec
     installed = {"flash_attn": False}
@@ -127,25 +121,25 @@ def test_resolve_attn(monkeypatch):
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))
-    assert resolve_attn("auto", cuda=False) == "sdpa"
-    assert resolve_attn("eager", cuda=False) == "eager"
-    assert resolve_attn("auto", cuda=True) == "varlen"
+    assert resolve_attn("auto", cuda=False, needs=PLAIN) == "sdpa"
+    assert resolve_attn("eager", cuda=False, needs=PLAIN) == "eager"
+    assert resolve_attn("auto", cuda=True, needs=PLAIN) == "varlen"
     for impl in ("varlen", "flash_attn", "flex"):
         with pytest.raises(ValueError, match="needs CUDA"):
-            resolve_attn(impl, cuda=False)
+            resolve_attn(impl, cuda=False, needs=PLAIN)
     with pytest.raises(ValueError, match="not installed"):
-        resolve_attn("flash_attn", cuda=True)
+        resolve_attn("flash_attn", cuda=True, needs=PLAIN)
     installed["flash_attn"] = True
-    assert resolve_attn("auto", cuda=True) == "flash_attn"
+    assert resolve_attn("auto", cuda=True, needs=PLAIN) == "flash_attn"
     installed["flash_attn"] = False
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (7, 0))  # V100: no flash kernels
-    assert resolve_attn("auto", cuda=True) == "flex"
+    assert resolve_attn("auto", cuda=True, needs=PLAIN) == "flex"
     with pytest.raises(ValueError, match="sm80"):
-        resolve_attn("varlen", cuda=True)
+        resolve_attn("varlen", cuda=True, needs=PLAIN)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (8, 0))
-    monkeypatch.setattr(model_mod, "VARLEN_PARAMS", frozenset())  # torch < 2.10
-    assert resolve_attn("auto", cuda=True) == "flex"
-    assert resolve_attn("flex", cuda=True) == "flex"
+    monkeypatch.setattr(attention_mod, "VARLEN_PARAMS", frozenset())  # torch < 2.10
+    assert resolve_attn("auto", cuda=True, needs=PLAIN) == "flex"
+    assert resolve_attn("flex", cuda=True, needs=PLAIN) == "flex"
 
 
 @pytest.mark.parametrize("share", [False, True])
@@ -289,8 +283,10 @@ def test_sdpa_takes_the_cheaper_layout():
     assert shared.buckets[0].k_index.shape == (8, 110)  # a suffix's keys: its prefix, then itself
 
 
-def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal_window: bool, scale=None, gqa=False):
-    """What a varlen kernel computes, one segment at a time: causal attention aligned bottom-right."""
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, gqa=False, left=-1, softcap=0.0):
+    """What a varlen kernel computes, one segment at a time, written out: causal attention aligned bottom-right (the
+    last query is the last key), each query seeing at most `left` keys before its own (-1: all), logits soft-capped
+    when `softcap`."""
     out = []
     for s in range(len(cu_q) - 1):
         qs, ks, vs = q[cu_q[s] : cu_q[s + 1]], k[cu_k[s] : cu_k[s + 1]], v[cu_k[s] : cu_k[s + 1]]
@@ -298,47 +294,59 @@ def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal_window: bool, sca
         if gqa:
             ks, vs = (t.repeat_interleave(qs.shape[1] // t.shape[1], dim=1) for t in (ks, vs))
         assert ks.shape[1] == qs.shape[1], "grouped-query keys reached a kernel that does not take them"
-        offset = ks.shape[0] - qs.shape[0]
-        allowed = torch.arange(ks.shape[0])[None] <= torch.arange(qs.shape[0])[:, None] + offset
-        o = torch.nn.functional.scaled_dot_product_attention(
-            qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1), attn_mask=allowed, scale=scale
-        )
-        out.append(o.transpose(0, 1))
+        own = torch.arange(qs.shape[0])[:, None] + ks.shape[0] - qs.shape[0]  # each query's own key
+        key = torch.arange(ks.shape[0])[None]
+        allowed = (key <= own) & ((key >= own - left) if left >= 0 else True)
+        logits = torch.einsum("qhd,khd->hqk", qs, ks) * (scale or qs.shape[-1] ** -0.5)
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        weights = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+        out.append(torch.einsum("hqk,khd->qhd", weights, vs))
     return torch.cat(out)
+
+
+def install_stand_in(monkeypatch, kernel: str) -> str:
+    """A CPU stand-in for a CUDA kernel, with its real signature (torch 2.11+: window_size and enable_gqa; torch
+    2.10: is_causal, no GQA, no window; flash-attn: causal, window_size, softcap); returns the attn_impl using it."""
+    import sys
+    import types
+
+    from torch.nn.attention import varlen
+
+    import bigrm.attention as attention_mod
+
+    def new_torch(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        left, right = window_size
+        assert right == 0 and left >= -1, "varlen_attn: not causal"
+        return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, enable_gqa, left)
+
+    def old_torch(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False, scale=None):
+        assert is_causal
+        return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale)
+
+    def flash(
+        q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+        softcap=0.0,
+    ):  # fmt: skip
+        assert causal and dropout_p == 0.0
+        return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, True, window_size[0], softcap)
+
+    if kernel == "flash_attn":
+        monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=flash))
+        return "flash_attn"
+    monkeypatch.setattr(varlen, "varlen_attn", new_torch if kernel == "torch-2.11" else old_torch)
+    monkeypatch.setattr(attention_mod, "VARLEN_PARAMS", attention_mod.varlen_signature())
+    return "varlen"
 
 
 @pytest.mark.parametrize("kernel", ["torch-2.11", "torch-2.10", "flash_attn"])
 @pytest.mark.parametrize("share", [False, True])
 def test_varlen_glue_equals_per_sequence_reference(llama_dir, monkeypatch, kernel, share):
-    """The CUDA kernels' inputs, checked on CPU: a stand-in kernel with each real signature (torch 2.11+: window_size
-    and enable_gqa; torch 2.10: is_causal, no GQA; flash-attn) receives boundaries, gathered shared-prefix keys
-    and grouped-query heads that give the per-sequence rewards and gradients."""
-    import sys
-    import types
-
+    """The CUDA kernels' inputs, checked on CPU with stand-in kernels: boundaries, gathered shared-prefix keys and
+    grouped-query heads give the per-sequence rewards and gradients (windows and soft-capping: test_backbones)."""
     from test_sharing import shared_groups
-    from torch.nn.attention import varlen
 
-    import bigrm.model as model_mod
-
-    def new_torch(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
-        assert window_size == (-1, 0)
-        return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, True, scale, enable_gqa)
-
-    def old_torch(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False, scale=None):
-        assert is_causal
-        return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, True, scale)
-
-    def flash(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
-        assert causal and dropout_p == 0.0
-        return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, True, softmax_scale, gqa=True)
-
-    if kernel == "flash_attn":
-        monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=flash))
-    else:
-        monkeypatch.setattr(varlen, "varlen_attn", new_torch if kernel == "torch-2.11" else old_torch)
-        monkeypatch.setattr(model_mod, "VARLEN_PARAMS", model_mod.varlen_signature())
-    attn = "flash_attn" if kernel == "flash_attn" else "varlen"
+    attn = install_stand_in(monkeypatch, kernel)
     tok = AutoTokenizer.from_pretrained(llama_dir)  # 4 query heads, 2 key/value heads
     model = RewardModel(load_classifier(str(llama_dir), torch.float32, attn, tok), attn)
     groups = shared_groups(9) if share else random_groups(9, 400)

@@ -59,7 +59,7 @@ def test_rewards_match_plain_transformers_for_every_format(tmp_path, llama_dir, 
     out = run_score(tmp_path, llama_dir, write(tmp_path / "c.jsonl", chat))
     rendered = [tok.apply_chat_template(chat[0]["prompt"] + [{"role": "assistant", "content": c}], tokenize=False)
                 for c in ("hello", "go away")]  # fmt: skip
-    expected = [value(tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]) for t in rendered]
+    expected = [value(tok(t, add_special_tokens=False)["input_ids"]) for t in rendered]  # the rendering as is
     assert out[0]["rewards"] == pytest.approx(expected, abs=1e-5)
 
 
@@ -99,7 +99,7 @@ def test_invalid_rows_stop_or_come_back_with_their_reason(tmp_path, llama_dir):
     rows = [{"prompt": "p", "ranked_outputs": ["a", "b"]}, {"prompt": "p", "ranked_outputs": ["a"]}]
     data = write(tmp_path / "bad.jsonl", rows)
     with pytest.raises(DataError, match="line 2: field 'ranked_outputs': needs at least 2"):
-        model, tok = scoring.load_model(str(llama_dir), torch.device("cpu"))
+        model, tok, _ = scoring.load_model(str(llama_dir), torch.device("cpu"))
         scoring.prepare(str(data), DataConfig(), tok)
     out = run_score(tmp_path, llama_dir, data, "--data.skip_invalid", "true")
     assert out[0]["rewards"] is not None and "error" not in out[0]
@@ -151,7 +151,37 @@ def test_scored_rows_get_the_training_regression_targets(tmp_path, llama_dir):
         {"prompt": "q", "completions": [" d", " e"], "scores": [5, 0]},
     ]
     data = write(tmp_path / "scored.jsonl", rows)
-    _, tok = scoring.load_model(str(llama_dir), torch.device("cpu"))
+    _, tok, _ = scoring.load_model(str(llama_dir), torch.device("cpu"))
     prepared = [r.example.labels.targets for r in scoring.prepare(str(data), DataConfig(), tok)]
     trained = [e.labels.targets for e in load_file(str(data), DataConfig())[0]]
     assert prepared == trained and all(t is not None for t in prepared)
+
+
+def test_score_uses_the_convention_the_model_records(tmp_path, llama_dir, plain, capsys):
+    """An export trained with `grpo` is scored at GRPO's token without flags; an explicit option wins, with a warning;
+    and the truncation count is reported as training reports it."""
+    import shutil
+
+    from bigrm.export import CONVENTION_KEY
+
+    value, tok = plain
+    model_dir = tmp_path / "grpo-model"
+    shutil.copytree(llama_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, CONVENTION_KEY: "grpo"}))
+    rows = [{"prompt": "write a positive review:", "chosen": " great superb", "rejected": " awful"}]
+    data = write(tmp_path / "r.jsonl", rows)
+    out = run_score(tmp_path, model_dir, data)
+    grpo = [
+        value(tok(rows[0]["prompt"] + rows[0][k], add_special_tokens=False)["input_ids"])
+        for k in ("chosen", "rejected")
+    ]
+    assert out[0]["rewards"] == pytest.approx(grpo, abs=1e-5)
+    assert "data.reward_convention=grpo (recorded in the model)" in capsys.readouterr().out
+
+    out = run_score(tmp_path, model_dir, data, "--data.reward_convention", "trl", "--data.max_length", "5")
+    printed = capsys.readouterr().out
+    assert "warning: scoring with data.reward_convention=trl; the model was trained with grpo" in printed
+    assert "2 sequences had their prompt cut from the left" in printed
+    seq = scored_sequence(tok, rows[0]["prompt"], rows[0]["chosen"], 5)
+    assert seq.cut > 0 and out[0]["rewards"][0] == pytest.approx(value(seq.ids), abs=1e-5)

@@ -129,8 +129,9 @@ def test_chat_prompt_uses_the_chat_template(tok):
     (group,), _ = tokenize_examples([example(prompt, "hi", "go away")], tok, 1024, "error")
     for seq, completion in zip(group.seqs, ["hi", "go away"], strict=True):
         rendered = tok.apply_chat_template(prompt + msgs("assistant", completion), tokenize=False)
-        # the template ends in "</s>\n": EOS is not last, so one is appended
-        assert seq.tolist() == ids_of(tok, rendered, special=False) + [tok.eos_token_id]
+        # the template ends in "</s>\n": the reward is read at that newline, where the rendering ends
+        assert seq.tolist() == ids_of(tok, rendered, special=False)
+        assert seq[-1] != tok.eos_token_id
 
 
 def test_chat_rendering_is_tokenised_without_adding_special_tokens_again():
@@ -142,7 +143,7 @@ def test_chat_rendering_is_tokenised_without_adding_special_tokens_again():
     assert plain.seqs[0].tolist() == ids_of(tok, "hello there hi") + [tok.eos_token_id]
     assert plain.seqs[0][0] == tok.bos_token_id
     rendered = tok.apply_chat_template(prompt + msgs("assistant", "hi"), tokenize=False)
-    assert chat.seqs[0].tolist() == ids_of(tok, rendered, special=False) + [tok.eos_token_id]
+    assert chat.seqs[0].tolist() == ids_of(tok, rendered, special=False)
     assert tok.bos_token_id not in chat.seqs[0].tolist()
 
 
@@ -167,7 +168,7 @@ def test_chat_message_list_completions(tok):
     (group,), _ = tokenize_examples([example(prompt, chosen, rejected)], tok, 1024, "error")
     assert group.seqs[1].tolist() == ids_of(
         tok, tok.apply_chat_template(prompt + rejected, tokenize=False), special=False
-    ) + [tok.eos_token_id]
+    )
 
 
 def test_chat_rows_need_a_chat_template():
@@ -322,6 +323,52 @@ def test_multi_turn_chat_completion_is_never_cut(tok):
     completion = msgs("user", "more please", "assistant", "sure")
     text, start = render(tok, prompt, completion)
     ids, n_lead, prompt_end, _ = encode(tok, text, start, chat=True)
-    n_completion = len(ids_of(tok, tok.apply_chat_template(completion, tokenize=False), special=False)) + 1
+    n_completion = len(ids_of(tok, tok.apply_chat_template(completion, tokenize=False), special=False))
     fitted = truncate(ids, n_lead, prompt_end, n_completion - 1)
     assert fitted is None  # the completion alone does not fit: it must not lose its first tokens
+
+
+# ---------------------------------------------------------------------------------------------------- conventions
+
+
+def text_and_chat(convention: str, reply: str = " hi"):
+    """The scored sequences of one text row and one chat row under `convention` (a BOS-adding tokenizer), and the
+    chat row's rendering."""
+    tok = with_bos(build_tokenizer())
+    prompt = msgs("user", "hello there")
+    rows = [example("hello there", reply, " no"), example(prompt, "hi", "no")]
+    plain, chat = tokenize_examples(rows, tok, 1024, "error", convention)[0]
+    return tok, plain, chat, tok.apply_chat_template(prompt + msgs("assistant", "hi"), tokenize=False)
+
+
+def test_grpo_convention_scores_text_as_is_and_chat_as_rendered():
+    tok, plain, chat, rendered = text_and_chat("grpo")
+    # TRL GRPO tokenises prompt + completion with add_special_tokens=False and appends nothing
+    assert plain.seqs[0].tolist() == ids_of(tok, "hello there hi", special=False)
+    assert chat.seqs[0].tolist() == ids_of(tok, rendered, special=False)
+
+
+def test_openrlhf_convention_strips_newlines_and_appends_spaced_eos():
+    tok, plain, chat, rendered = text_and_chat("openrlhf", reply=" hi\n\n")
+    # OpenRLHF's reward dataset: (prompt + reply).rstrip("\n") + " " + EOS, add_special_tokens=False
+    assert plain.seqs[0].tolist() == ids_of(tok, "hello there hi </s>", special=False)
+    assert plain.seqs[1].tolist() == ids_of(tok, "hello there no </s>", special=False)
+    assert rendered.endswith("</s>\n")  # stripped, it already ends in EOS: nothing appended
+    assert chat.seqs[0].tolist() == ids_of(tok, rendered.rstrip("\n"), special=False)
+
+
+def test_openrlhf_convention_needs_an_eos_token():
+    tok = build_tokenizer()
+    tok.eos_token = None
+    with pytest.raises(DataError, match="openrlhf needs a tokenizer with an EOS"):
+        tokenize_examples([example("q", " a", " b")], tok, 1024, "error", "openrlhf")
+
+
+@pytest.mark.parametrize("convention", ["trl", "grpo", "openrlhf"])
+def test_every_convention_keeps_the_prompt_boundary_and_cuts_prompts_only(convention):
+    tok = with_bos(build_tokenizer())
+    (full,), _ = tokenize_examples([example(LONG_PROMPT, " yes", " no")], tok, 1024, "error", convention)
+    n = len(full.seqs[0])
+    (cut,), report = tokenize_examples([example(LONG_PROMPT, " yes", " no")], tok, n - 5, "error", convention)
+    assert cut.seqs[0].tolist()[-6:] == full.seqs[0].tolist()[-6:]  # the completion's end is never cut
+    assert len(cut.seqs[0]) == n - 5 and report.prompt_tokens_cut >= 5
