@@ -130,11 +130,11 @@ def test_zero3_two_ranks_end_to_end(tmp_path, monkeypatch, capsys):
     # README's plain-transformers snippet gives the reward of the same scored sequence
     snippet = re.search(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)[1]
     namespace: dict = {}
-    exec(snippet.replace("outputs/tiny/final", str(final)), namespace)
-    text = "write a positive review of the phone:" + " great superb it was lovely and the perfect"
-    expected = rewards_with_plain_transformers(
-        final, [Group((np.array(tok(text)["input_ids"] + [tok.eos_token_id]),), "")]
-    )
+    exec(snippet.replace("outputs/run/final", str(final)), namespace)
+    from bigrm.sequences import scored_sequence
+
+    haiku = scored_sequence(tok, [{"role": "user", "content": "Write a haiku."}], "Old pond...", 1024)
+    expected = rewards_with_plain_transformers(final, [Group((np.array(haiku.ids),), "")])
     assert namespace["reward"] == pytest.approx(expected[0][0], abs=1e-6)
 
 
