@@ -4,6 +4,9 @@
 state, the model's config and tokenizer (hf/), a few held-out sequences to verify exports (verify.pt), and last of
 all `complete.json`, written by rank 0 only after every rank has finished writing. A directory without it (a
 save cut short by a crash or a kill) is never resumed from.
+
+Every checkpoint records the id of the run that wrote it: a run continues its own checkpoints (or, with `--resume`,
+another run's), never writes among those of an unrelated run, and prunes only its own.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +45,10 @@ def read_meta(path: Path) -> dict:
     return json.loads((path / COMPLETE).read_text())
 
 
-def complete_checkpoints(out_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+def complete_checkpoints(out_dir: Path, run: str | None = None) -> list[Path]:
+    """Complete checkpoints (only run `run`'s when given), oldest first."""
     found = [p for p in root(out_dir).glob("step-*") if p.is_dir() and is_complete(p)]
+    found = [p for p in found if run is None or read_meta(p).get("run") == run]
     return sorted(found, key=lambda p: read_meta(p)["step"])
 
 
@@ -60,6 +65,27 @@ def resolve_resume(resume: str, out_dir: Path) -> Path | None:
     if not is_complete(path):
         raise CheckpointError(f"train.resume: {path} has no {COMPLETE}: it was never completely written")
     return path
+
+
+def start(resume: str, out_dir: Path, overwrite: bool) -> tuple[Path | None, str]:
+    """(the checkpoint this run continues, if any; the run's id), decided before any work (rank 0: it may delete).
+
+    A run that does not continue the checkpoints found in its output_dir refuses to write among them, or, with
+    `overwrite`, deletes them first: either way no `ls checkpoints/step-* | tail -1` finds another run's model."""
+    path = resolve_resume(resume, out_dir)
+    run = (read_meta(path).get("run") if path else None) or uuid.uuid4().hex
+    others = [p for p in complete_checkpoints(out_dir) if read_meta(p).get("run") != run]
+    if others and resume != "auto":
+        if not overwrite:
+            raise CheckpointError(
+                f"{root(out_dir)} holds checkpoints of another run ({', '.join(p.name for p in others)}): continue "
+                "it with --resume auto, write to a new train.output_dir, or delete them with "
+                "--train.overwrite_output_dir true"
+            )
+        for old in others:
+            (old / COMPLETE).unlink()  # first: a kill midway through the removal must not leave it trusted
+            shutil.rmtree(old)
+    return path, run
 
 
 def _rng_state() -> dict:
@@ -80,9 +106,9 @@ def _set_rng_state(state: dict) -> None:
 def save(
     engine, out_dir: Path, meta: dict, keep: int, hf_files, verify: list[list[list[int]]], trainable_only: bool = False
 ) -> Path:
-    """Collective. `meta` must hold "step"; `hf_files(dir)` writes config and tokenizer (rank 0); `verify` holds
-    a few groups' token ids for `bigrm export` to check itself with. `trainable_only` (LoRA) leaves the frozen base
-    out: it is rebuilt from the base model directory, and a 7B base would otherwise be rewritten at every save."""
+    """Collective. `meta` must hold "step" and "run"; `hf_files(dir)` writes config and tokenizer (rank 0); `verify`
+    holds a few groups' token ids for `bigrm export` to check itself with. `trainable_only` (LoRA) leaves the frozen
+    base out: it is rebuilt from the base model directory, and a 7B base would otherwise be rewritten at every save."""
     path = root(out_dir) / tag(meta["step"])
     if dist.is_main() and (path / COMPLETE).exists():  # re-saving a step after resuming from an older one
         (path / COMPLETE).unlink()
@@ -101,7 +127,7 @@ def save(
         written = {**meta, "world": dist.world(), "zero_stage": stage, "trainable_only": trainable_only}
         tmp.write_text(json.dumps(written, indent=2))
         tmp.replace(path / COMPLETE)  # atomic: the marker exists whole or not at all
-        for old in complete_checkpoints(out_dir)[:-keep] if keep else []:
+        for old in complete_checkpoints(out_dir, meta["run"])[:-keep] if keep else []:
             (old / COMPLETE).unlink()  # first: a kill midway through the removal must not leave it trusted
             shutil.rmtree(old)
     dist.barrier()

@@ -265,6 +265,11 @@ class TrainConfig:
         "Resume from a checkpoint directory, or `auto`: the newest complete one in <output_dir>/checkpoints (a fresh "
         "start if there is none). Weights, optimizer, scheduler, RNG and data position continue exactly.",
     )
+    overwrite_output_dir: bool = opt(
+        False,
+        "Delete the complete checkpoints of another run found in <output_dir>/checkpoints before training. Without "
+        "it such a run is refused (continue it with `resume: auto`, or choose a new output_dir).",
+    )
     tensorboard: bool = opt(True, "Write TensorBoard events to <output_dir>/tensorboard.")
     export: bool = opt(True, "Write <output_dir>/final as a plain Hugging Face sequence classifier at the end.")
     peak_tflops: float = opt(

@@ -76,6 +76,24 @@ def all_sum_each(*parts: torch.Tensor) -> list[torch.Tensor]:
     return list(summed.split([len(p) for p in parts]))
 
 
+def from_main(fn, *args):
+    """Rank 0 runs fn (a decision from the filesystem that every rank must share); its result, or its error, reaches
+    every rank: the others neither repeat the work nor wait for a broadcast that a failed rank 0 never sends."""
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn(*args)
+        except Exception as err:
+            error = err
+    if torch_dist.is_initialized():
+        box = [(result, error)]
+        torch_dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise error
+    return result
+
+
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")  # gloo's words
 
 

@@ -72,6 +72,8 @@ class Trainer:
         self.dtype = precision.training(cfg.model.dtype, device.type == "cuda")
         self.stop = preemption.StopRequest(self.out, device)
         # built by setup()
+        self.resume_from: Path | None = None  # the checkpoint this run continues
+        self.run_id = ""  # recorded in every checkpoint: pruning removes only this run's
         self.tracker: Tracker | None = None  # rank 0's console lines, progress bar, log.jsonl, TensorBoard
         self.tokenizer = None
         self.data: pipeline.Dataset | None = None
@@ -94,6 +96,10 @@ class Trainer:
     def setup(self) -> None:
         from transformers import set_seed
 
+        # another run's checkpoints in output_dir, or a damaged one to resume: refused before anything is written
+        self.resume_from, self.run_id = dist.from_main(
+            checkpoint.start, self.t.resume, self.out, self.t.overwrite_output_dir
+        )
         if dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
             options.dump(self.cfg, self.out / "config.yaml")
@@ -176,8 +182,7 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from train.resume's checkpoint, if any: weights, optimizer, RNG, data position, epoch statistics."""
-        path = checkpoint.resolve_resume(self.t.resume, self.out)
-        saved = None
+        path, saved = self.resume_from, None
         if path is not None:
             saved = checkpoint.load(self.engine, path)
             check_resumable(saved["plan"], self.fingerprint, path)
@@ -264,7 +269,14 @@ class Trainer:
         """Collective: a complete checkpoint after step n."""
         step = self.steps[n - 1]
         epoch_sum = dist.all_sum(self.epoch_stats.stack()).tolist()
-        meta = {"step": n, "epoch": step.epoch, "index": step.index, "plan": self.fingerprint, "epoch_stats": epoch_sum}
+        meta = {
+            "step": n,
+            "run": self.run_id,
+            "epoch": step.epoch,
+            "index": step.index,
+            "plan": self.fingerprint,
+            "epoch_stats": epoch_sum,
+        }
 
         def hf_files(dest: Path) -> None:
             self.engine.module.classifier.config.save_pretrained(dest)
