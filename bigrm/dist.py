@@ -94,6 +94,15 @@ def from_main(fn, *args):
     return result
 
 
+def gather_objects(obj) -> list:
+    """Every rank's obj, in rank order, on every rank: a collective that every rank must reach."""
+    if not torch_dist.is_initialized():
+        return [obj]
+    out = [None] * world()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")  # gloo's words
 
 

@@ -19,7 +19,7 @@ def fake(out, step: int, complete: bool = True, run: str = "old"):
     path.mkdir(parents=True)
     (path / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"shard")
     if complete:
-        meta = {"step": step, "run": run, "world": 1, "zero_stage": 3}
+        meta = {"step": step, "run": run, "world": 1, "zero_stage": 3, "files": checkpoint.manifest(path, 0)}
         (path / checkpoint.COMPLETE).write_text(json.dumps(meta))
     return path
 
@@ -139,3 +139,46 @@ def test_a_resume_with_another_number_of_ranks_is_refused(tmp_path, monkeypatch)
     monkeypatch.setattr(dist, "world", lambda: 2)
     with pytest.raises(CheckpointError, match="written by 1 ranks; resume it with the same number \\(2 now\\)"):
         checkpoint.load(engine=None, path=path)  # refused before the engine is touched
+
+
+def test_manifest_names_each_file_by_the_rank_that_wrote_it(tmp_path):
+    for name in ("zero_pp_rank_1_mp_rank_00_model_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                 "rng-rank1.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "mp_rank_00_model_states.pt",
+                 "hf/config.json", "verify.pt", "complete.json"):  # fmt: skip
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(name)
+    assert sorted(checkpoint.manifest(tmp_path, 1)) == [
+        "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng-rank1.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"
+    ]  # fmt: skip
+    assert sorted(checkpoint.manifest(tmp_path, 0)) == [
+        "hf/config.json", "mp_rank_00_model_states.pt", "verify.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    ]  # fmt: skip
+
+
+SHARD = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+
+
+@pytest.mark.parametrize(
+    "harm",
+    [
+        ("copied", lambda f, older: f.write_bytes((older / SHARD).read_bytes()), "is not the file saved"),
+        ("missing", lambda f, older: f.unlink(), "is missing"),
+        ("truncated", lambda f, older: f.write_bytes(f.read_bytes()[:5]), "has 5 bytes, 24 when saved"),
+    ],
+    ids=lambda h: h[0],
+)
+def test_a_damaged_checkpoint_is_named_and_auto_falls_back_to_the_newest_that_verifies(tmp_path, capsys, harm):
+    """A step-2 shard copied into step-4 (same size), a missing or a truncated shard."""
+    _, damage, words = harm
+    older, newest = save(tmp_path, 2, "r"), save(tmp_path, 4, "r")
+    assert checkpoint.resolve_resume("auto", tmp_path) == newest
+    damage(newest / SHARD, older)
+    assert checkpoint.resolve_resume("auto", tmp_path) == older
+    assert f"warning: not resuming from {newest}: {newest / SHARD} {words}" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match=f"train.resume: {newest / SHARD} {words}"):
+        checkpoint.resolve_resume(str(newest), tmp_path)  # an explicit path: no fallback
+    with pytest.raises(CheckpointError, match=f"{newest / SHARD} {words}"):
+        checkpoint.consolidated_state_dict(newest)  # bigrm export and scoring a checkpoint verify it too
+    (older / SHARD).unlink()
+    with pytest.raises(CheckpointError, match="no complete checkpoint .* verifies"):
+        checkpoint.resolve_resume("auto", tmp_path)

@@ -58,7 +58,7 @@ def test_bad_resume_checkpoint_stops_every_rank_once(tmp_path):
     """A checkpoint written by another number of ranks: refused after the engine exists, one line, exit 2."""
     ckpt = tmp_path / "old" / "step-00000001"
     ckpt.mkdir(parents=True)
-    (ckpt / "complete.json").write_text(json.dumps({"step": 1, "world": 1, "zero_stage": 3}))
+    (ckpt / "complete.json").write_text(json.dumps({"step": 1, "world": 1, "zero_stage": 3, "files": {}}))
     proc, _ = fail(tmp_path, "none", "--resume", str(ckpt))
     assert errors(proc) == [f"error: {ckpt} was written by 1 ranks; resume it with the same number (2 now)"]
     assert "Traceback" not in proc.stderr and "exits with return code = 2" in proc.stdout
