@@ -11,10 +11,11 @@ from pathlib import Path
 from bigrm import config, dist, options, precision
 from bigrm.checkpoint import CheckpointError
 from bigrm.data import DataError
+from bigrm.divergence import Diverged
 from bigrm.export import ExportError
 from bigrm.preemption import EXIT_CODE, Preempted
 
-USER_ERRORS = (config.ConfigError, DataError, CheckpointError, ExportError)
+USER_ERRORS = (config.ConfigError, DataError, CheckpointError, ExportError, Diverged)
 
 
 def _run(fn, *args) -> int:

@@ -247,7 +247,7 @@ def parse_row(row: Any, fmt: str, cfg: DataConfig, where: str) -> Example | RowE
     if margin is None:
         margin = 0.0
     elif not _finite_number(margin):
-        return RowError(where, cfg.margin_column, f"must be a number, got {margin!r}")
+        return RowError(where, cfg.margin_column, f"must be a number within float32's range, got {margin!r}")
 
     if fmt == "implicit":
         for col in (cfg.chosen_column, cfg.rejected_column):
@@ -314,7 +314,7 @@ def parse_row(row: Any, fmt: str, cfg: DataConfig, where: str) -> Example | RowE
     weight = row.get(cfg.weight_column)
     weight = 1.0 if weight is None else weight
     if not _finite_number(weight) or weight <= 0:
-        return RowError(where, cfg.weight_column, f"must be a positive number, got {weight!r}")
+        return RowError(where, cfg.weight_column, f"must be a positive number within float32's range, got {weight!r}")
     labels = Labels(tuple(range(len(completions))), margin=float(margin), weight=float(weight))
     if fmt == "ranked":
         labels = replace(labels, ranks=tuple(ranks))
@@ -325,14 +325,20 @@ def parse_row(row: Any, fmt: str, cfg: DataConfig, where: str) -> Example | RowE
         return RowError(where, cfg.scores_column, f"needs one number per completion ({len(completions)})")
     bad = next((i for i, v in enumerate(scores) if not _finite_number(v)), None)
     if bad is not None:
-        return RowError(where, f"{cfg.scores_column}[{bad}]", f"must be a finite number, got {scores[bad]!r}")
+        return RowError(
+            where, f"{cfg.scores_column}[{bad}]", f"must be a finite number within float32's range, got {scores[bad]!r}"
+        )
     distinct = sorted(set(scores), reverse=True)  # equal scores share a rank: ties
     labels = replace(labels, ranks=tuple(distinct.index(v) for v in scores), scores=tuple(map(float, scores)))
     return Example(prompt, tuple(completions), where, labels)
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # labels are float32 tensors (packing.SegmentLabels): larger becomes inf
+
+
 def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A JSON number (not a numeric string: "1.5" is rejected, not converted) that float32 holds as a finite value."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= FLOAT32_MAX
 
 
 def standardise_scores(examples: list[Example]) -> list[Example]:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from bigrm import adapters, checkpoint, dist, ds_config, export, flops, options, pipeline, precision, preemption, tiny
 from bigrm.attention import read_attention_needs, resolve_attn
 from bigrm.config import Config
+from bigrm.divergence import Watch
 from bigrm.evaluate import evaluate
 from bigrm.loss import Stats, denominators, metrics, ranking_loss
 from bigrm.meter import Meter
@@ -71,6 +73,9 @@ class Trainer:
         self.cfg, self.t, self.device, self.out = cfg, t, device, Path(t.output_dir)
         self.dtype = precision.training(cfg.model.dtype, device.type == "cuda")
         self.stop = preemption.StopRequest(self.out, device)
+        self.watch = Watch(t.max_nonfinite_steps)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # this rank's step had a non-finite loss
+        self.skipped = 0  # DeepSpeed's skipped optimizer steps so far (overflow)
         # built by setup()
         self.resume_from: Path | None = None  # the checkpoint this run continues
         self.run_id = ""  # recorded in every checkpoint: pruning removes only this run's
@@ -221,6 +226,7 @@ class Trainer:
             batch = packed.to(self.device)
             rewards = self.engine(batch)
             loss, stats = ranking_loss(rewards, batch.labels, self.cfg.loss, *sums)
+            self.nonfinite |= ~torch.isfinite(loss.detach())  # stays on the device: no sync per micro-batch
             # DeepSpeed averages over ranks and micro-batches: undo that, the step normalises itself
             self.engine.backward(loss * dist.world() * t.micro_batches_per_step)
             self.engine.step()
@@ -234,17 +240,33 @@ class Trainer:
         # collective, every step; a stop still logs this step's window (the resumed run starts a new one) and saves
         stopping = self.stop.requested()
         if n % t.log_every == 0 or last or stopping:
-            self.tracker.log("train", self.meter.read(self.cfg.loss, self.engine.get_lr()[0]), n)
+            logged = self.meter.read(self.cfg.loss, self.engine.get_lr()[0])
+            self.tracker.log("train", {**logged, "skipped_steps": self.engine.skipped_steps}, n)
+        unhealthy = self._diverging(n, last)
         with self.meter.paused():  # evaluation and saving are not training throughput
             if self.data.eval and t.eval_every and n % t.eval_every == 0 and not last:
                 self.evaluate(n)
-            if stopping or (t.save_every and n % t.save_every == 0) or last:
+            if not unhealthy and (stopping or (t.save_every and n % t.save_every == 0) or last):
                 self.save(n)
         if stopping:
             self.stop.consume()
             done = "with a complete checkpoint: continue with --resume auto"
             self.tracker.print(f"stopped at step {n} on request {done}")
             raise preemption.Preempted(f"stopped at step {n}")
+
+    def _diverging(self, n: int, last: bool) -> bool:
+        """Collective: whether step n was not finite on any rank (then it is not saved); raises Diverged (divergence)
+        when that has lasted train.max_nonfinite_steps steps. DeepSpeed's overflow skips are reported as they occur."""
+        skipped, self.skipped = self.engine.skipped_steps - self.skipped, self.engine.skipped_steps
+        norm = self.engine.get_global_grad_norm()
+        # under fp16 a skip lowers the loss scale; otherwise the gradients were not finite
+        bad_grads = (skipped and not self.engine.fp16_enabled()) or (norm is not None and not math.isfinite(norm))
+        nonfinite = dist.all_sum(self.nonfinite.double().reshape(1)).item() > 0 or bad_grads
+        self.nonfinite.zero_()
+        if skipped:
+            self.tracker.print(f"step {n}: DeepSpeed skipped the optimizer step (overflow; {self.skipped} so far)")
+        good = checkpoint.complete_checkpoints(self.out, self.run_id) if nonfinite else []  # saved while healthy
+        return self.watch.observe(n, nonfinite, last, str(good[-1]) if good else "none (no checkpoint was saved)")
 
     # evaluate, save, finish -------------------------------------------------------------------------------------
 

@@ -347,12 +347,12 @@ GOOD_CHAT_MSGS = {"prompt": msgs("user", "q"), "chosen": msgs("assistant", "a"),
         (
             {"prompt": "p", "chosen": "yes", "rejected": "no", "margin": "big"},
             GOOD,
-            "field 'margin': must be a number, got 'big'",
+            "field 'margin': must be a number within float32's range, got 'big'",
         ),
         (
             {"prompt": "p", "chosen": "yes", "rejected": "no", "margin": True},
             GOOD,
-            "field 'margin': must be a number, got True",
+            "field 'margin': must be a number within float32's range, got True",
         ),
         (
             {"prompt": msgs("user", "hi", "assistant", "  "), "chosen": "a", "rejected": "b"},
@@ -403,7 +403,7 @@ def test_non_string_completions_and_prompts(tmp_path, rows, expected):
 def test_nan_margin_is_rejected(tmp_path):
     # JSON has no NaN; Parquet does
     path = _write_parquet(tmp_path / "nan.parquet", [dict(GOOD, margin=1.0), dict(GOOD, margin=math.nan)])
-    assert f"{path}:row 1: field 'margin': must be a number, got nan" in load_error(path)
+    assert f"{path}:row 1: field 'margin': must be a number within float32's range, got nan" in load_error(path)
 
 
 @pytest.mark.parametrize(
@@ -510,7 +510,7 @@ def _many_bad_rows(tmp_path) -> tuple[str, list[str]]:
         f"{path}:line 2: field 'chosen': empty completion",
         f"{path}:line 4: field 'rejected': duplicate of chosen under the same prompt",
         f"{path}:line 6: field 'rejected': missing",
-        f"{path}:line 7: field 'margin': must be a number, got 'm'",
+        f"{path}:line 7: field 'margin': must be a number within float32's range, got 'm'",
         f"{path}:line 8: field 'chosen': empty completion",
     ]
     return path, expected
@@ -555,7 +555,7 @@ def test_skip_invalid_skips_and_counts_by_reason(tmp_path):
             "chosen: empty completion": 2,
             "rejected: duplicate of chosen under the same prompt": 1,
             "rejected: missing": 1,
-            "margin: must be a number, got 'm'": 1,
+            "margin: must be a number within float32's range, got 'm'": 1,
             "ranked_outputs: needs at least 2 completions, got 1": 1,
         }
     )
@@ -789,6 +789,25 @@ def test_scored_rows_rank_by_score_and_standardise_per_file(tmp_path):
         ),
         (
             {"prompt": "p", "completions": ["a", "b"], "scores": [1, 2], "weight": "x"},
+            "field 'weight': must be a positive",
+        ),
+        # finite in JSON but inf in the float32 labels: the loss would be non-finite from the first step
+        (
+            {"prompt": "p", "completions": ["a", "b"], "scores": [1, 2], "weight": 1e39},
+            "field 'weight': must be a positive number within float32's range, got 1e+39",
+        ),
+        (
+            {"prompt": "p", "completions": ["a", "b"], "scores": [1, -1e39]},
+            "field 'scores[1]': must be a finite number within float32's range",
+        ),
+        (
+            {"prompt": "p", "completions": ["a", "b"], "scores": [1, 2], "margin": 1e39},
+            "field 'margin': must be a number within float32's range",
+        ),
+        # numeric strings are rejected, never converted
+        ({"prompt": "p", "completions": ["a", "b"], "scores": [1, "2"]}, "field 'scores[1]': must be a finite number"),
+        (
+            {"prompt": "p", "completions": ["a", "b"], "scores": [1, 2], "weight": "2"},
             "field 'weight': must be a positive",
         ),
     ],
