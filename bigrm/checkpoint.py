@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import xxhash
 
 from bigrm import dist
+from bigrm.hashing import file_hash
 
 COMPLETE = "complete.json"
 
@@ -66,19 +66,11 @@ def _owner(name: str) -> int:
     return int(found[1]) if found else 0
 
 
-def _hash(path: Path) -> str:
-    h = xxhash.xxh3_64()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def manifest(path: Path, rank: int) -> dict[str, dict]:
     """{relative path: {size, xxh3_64}} of the checkpoint's files that `rank` wrote."""
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(COMPLETE))
     mine = [p for p in files if _owner(p.name) == rank]
-    return {str(p.relative_to(path)): {"size": p.stat().st_size, "xxh3_64": _hash(p)} for p in mine}
+    return {str(p.relative_to(path)): {"size": p.stat().st_size, "xxh3_64": file_hash(p)} for p in mine}
 
 
 def damage(path: Path) -> str | None:
@@ -92,7 +84,7 @@ def damage(path: Path) -> str | None:
             return f"{f} is missing"
         if f.stat().st_size != saved["size"]:
             return f"{f} has {f.stat().st_size} bytes, {saved['size']} when saved (truncated or replaced)"
-        if _hash(f) != saved["xxh3_64"]:
+        if file_hash(f) != saved["xxh3_64"]:
             return f"{f} is not the file saved (its content hash differs)"
     return None
 

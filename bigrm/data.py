@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bigrm.config import DataConfig
+from bigrm.hashing import file_hash
 
 Text = str | list[dict]  # plain text, or chat messages [{"role", "content"}, ...]
 
@@ -92,8 +93,11 @@ def read_rows(path: str) -> list[Any]:
     kind = "parquet" if name.endswith(".parquet") else "json" if name.endswith((".json", ".jsonl")) else None
     if kind is None:
         raise DataError(f"{path}: unknown file type (expected .json, .jsonl, .parquet, optionally .gz, or a dir)")
+    # datasets keys its cache by path and modification time: a file replaced with the same mtime (cp -p, rsync,
+    # an archive) would be read as its old rows. Naming the config by the content keys the cache by the bytes.
+    name = f"bigrm-{file_hash(p)}"
     try:
-        return datasets.load_dataset(kind, data_files=str(p), split="train").to_list()
+        return datasets.load_dataset(kind, name=name, data_files=str(p), split="train").to_list()
     except Exception as err:
         if kind == "json":
             raise DataError(_pinpoint_json(p) or f"{path}: cannot be read as JSON: {err}") from err

@@ -823,3 +823,22 @@ def test_row_weights_and_mixed_label_kinds(tmp_path):
     per_file, _ = load_examples([pairs, scored, ranked], DataConfig())
     assert [e.labels.weight for e in per_file[0]] == [2.5, 1.0]
     assert per_file[1][0].labels.scores == (0.0, 1.0) and per_file[2][0].labels.ranks == (0, 0, 1)
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.parquet"])
+def test_a_file_replaced_with_the_same_mtime_is_read_anew(tmp_path, name):
+    """cp -p, rsync and archives keep the modification time: the rows must still be the new file's."""
+    import os
+    import shutil
+
+    write = _write_parquet if name.endswith(".parquet") else write_lines
+    path, new = Path(tmp_path / name), tmp_path / "new" / name
+    new.parent.mkdir()
+    write(path, [{"prompt": "old", "chosen": "a", "rejected": "b"}])
+    write(new, [{"prompt": "new", "chosen": "a", "rejected": "b"}])
+    assert read_rows(str(path))[0]["prompt"] == "old"
+    stat = path.stat()
+    os.utime(new, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    shutil.copy2(new, path)  # cp -p: same size, same mtime, other bytes
+    assert path.stat().st_mtime_ns == stat.st_mtime_ns and path.stat().st_size == stat.st_size
+    assert read_rows(str(path))[0]["prompt"] == "new"
