@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from bigrm.checkpoint import CheckpointError
 from bigrm.data import DataError
 from bigrm.divergence import Diverged
 from bigrm.export import ExportError
-from bigrm.preemption import EXIT_CODE, Preempted
+from bigrm.preemption import EXIT_CODE, Preempted, Terminated
 
 USER_ERRORS = (config.ConfigError, DataError, CheckpointError, ExportError, Diverged)
 
@@ -43,6 +44,12 @@ def train_main(argv: list[str] | None = None) -> int:
         return _run(train)
     except Preempted:  # the trainer has said where it stopped; launchers and slurm/train.sbatch act on the code
         return EXIT_CODE
+    except Terminated as err:
+        signum = err.args[0]
+        if dist.launched_rank() == 0:
+            name = signal.Signals(signum).name
+            print(f"stopped by {name}: continue from the last complete checkpoint with --resume auto", file=sys.stderr)
+        return 128 + signum  # the shell's code for a process ended by that signal
     except Exception as err:
         gone = dist.peer_gone(err)
         if not gone:

@@ -36,6 +36,7 @@ from bigrm.tracking import Tracker
 def run(cfg: Config) -> dict:
     """Train, evaluate and export; returns the final eval metrics. Whatever happens, the tracker is closed and the
     process group left (with a barrier only when every rank got to the end together)."""
+    preemption.terminate_on_signals()
     trainer = Trainer(cfg, dist.init())
     together = False  # every rank reached the same end: leaving may synchronise
     try:
