@@ -14,6 +14,7 @@ import gzip
 import json
 import math
 import random
+import zlib
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -104,8 +105,20 @@ def read_rows(path: str) -> list[Any]:
         raise DataError(f"{path}: cannot be read as Parquet: {err}") from err
 
 
-def _open_text(p: Path):
-    return gzip.open(p, "rt", encoding="utf-8") if p.name.endswith(".gz") else open(p, encoding="utf-8")
+def _read_text(p: Path) -> str:
+    """The whole file as text; a corrupt .gz or bytes that are not UTF-8 are a DataError naming the file."""
+    try:
+        if p.name.endswith(".gz"):
+            with gzip.open(p, "rt", encoding="utf-8") as fh:
+                return fh.read()
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{p}: not UTF-8 text (byte {err.start} of the {'decompressed ' * p.name.endswith('.gz')}"
+            f"file: {err.reason})"
+        ) from err
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"{p}: not a readable gzip file ({err})") from err
 
 
 def _kind(value: Any) -> str:
@@ -114,8 +127,7 @@ def _kind(value: Any) -> str:
 
 def _json_rows(p: Path):
     """(location, parsed row or a parse-error message) for a JSON array file or a JSON Lines file."""
-    with _open_text(p) as fh:
-        text = fh.read()
+    text = _read_text(p)
     try:
         whole = json.loads(text)
     except json.JSONDecodeError:
@@ -157,8 +169,7 @@ def _pinpoint_json(p: Path) -> str | None:
 
 def _line_numbers(p: Path) -> list[int]:
     """Row index → physical line of a JSON Lines file (blank lines are not rows)."""
-    with _open_text(p) as fh:
-        return [n for n, line in enumerate(fh, 1) if line.strip()]
+    return [n for n, line in enumerate(_read_text(p).splitlines(), 1) if line.strip()]
 
 
 class Locator:
@@ -181,10 +192,15 @@ def _is_messages(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) for m in value) and len(value) > 0
 
 
+ROLES = ("system", "user", "assistant", "tool")  # what chat templates render; anything else is a typo or a dialect
+
+
 def _check_messages(value: list, field: str) -> str | None:
     for i, m in enumerate(value):
         if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             return f"message {i} needs string 'role' and 'content'"
+        if m["role"] not in ROLES:
+            return f"message {i} has role {m['role']!r}, not one of {', '.join(ROLES)}"
         if not m["content"].strip():
             return f"message {i} has empty content"
     return None

@@ -22,6 +22,7 @@ from bigrm.loss import Stats, denominators, metrics, ranking_loss
 from bigrm.meter import Meter
 from bigrm.model import (
     RewardModel,
+    check_model_path,
     compile_blocks,
     load_classifier,
     parameter_counts,
@@ -112,6 +113,8 @@ class Trainer:
         dist.barrier()
         set_seed(self.t.seed)
         # an impossible choice, or a model bigrm cannot run, stops the run before any work
+        check_model_path(self.cfg.model.path, self.cfg.data.max_length)
+        ds_config.read(self.cfg, cpu=self.device.type != "cuda")
         attn = resolve_attn(
             self.cfg.model.attn_impl, self.device.type == "cuda", read_attention_needs(self.cfg.model.path)
         )

@@ -842,3 +842,24 @@ def test_a_file_replaced_with_the_same_mtime_is_read_anew(tmp_path, name):
     shutil.copy2(new, path)  # cp -p: same size, same mtime, other bytes
     assert path.stat().st_mtime_ns == stat.st_mtime_ns and path.stat().st_size == stat.st_size
     assert read_rows(str(path))[0]["prompt"] == "new"
+
+
+def test_corrupt_gzip_and_invalid_utf8_name_the_file(tmp_path):
+    """Both used to be tracebacks (exit 1) without the file's name."""
+    gz = tmp_path / "rows.jsonl.gz"
+    gz.write_bytes(b"not gzip at all")
+    assert load_error(str(gz)).startswith(f"{gz}: not a readable gzip file")
+    bad = tmp_path / "rows.jsonl"
+    bad.write_bytes(b'{"prompt": "p\xff", "chosen": "a", "rejected": "b"}\n')
+    assert load_error(str(bad)).startswith(f"{bad}: not UTF-8 text (byte 13 of the file")
+    zipped = tmp_path / "latin.jsonl.gz"
+    zipped.write_bytes(gzip.compress(b'{"prompt": "p\xff", "chosen": "a", "rejected": "b"}\n'))
+    assert load_error(str(zipped)).startswith(f"{zipped}: not UTF-8 text (byte 13 of the decompressed file")
+
+
+def test_unknown_chat_roles_are_rejected(tmp_path):
+    row = {"prompt": [{"role": "human", "content": "hi"}], "chosen": "a", "rejected": "b"}
+    path = write_lines(tmp_path / "roles.jsonl", [row])
+    assert "line 1: field 'prompt': message 0 has role 'human', not one of system, user, assistant, tool" in load_error(
+        path
+    )
