@@ -74,6 +74,17 @@ def _sections(extra: list[str], allowed: tuple[str, ...], convention: str | None
     return options.build(values)
 
 
+def writable(path: str, flag: str) -> None:
+    """An output file, checked before any scoring: its directory is created, and it must not be a directory."""
+    p = Path(path)
+    if p.is_dir():
+        raise config.ConfigError(f"{flag} {path}: is a directory; give a file name")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise config.ConfigError(f"{flag} {path}: cannot create its directory ({err.strerror})") from err
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="exported directory or a bigrm checkpoint (checkpoints/step-*)")
     p.add_argument("--data", required=True, help="rows in any training format (.jsonl, .json, .parquet, a dir)")
@@ -113,6 +124,7 @@ def score_main(argv: list[str]) -> int:
 
         from bigrm import scoring
 
+        writable(args.out, "--out")
         device = torch.device(args.device)
         model, tokenizer, convention = scoring.load_model(args.model, device, args.dtype, args.attn_impl)
         segments = args.segments or args.separator is not None
@@ -122,7 +134,6 @@ def score_main(argv: list[str]) -> int:
         every = segments or args.per_token
         scoring.score(model, results, args.max_tokens_per_batch, device, every, args.share_prompt)
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("w") as fh:
             for r in results:
                 fh.write(json.dumps(scoring.output_row(r, segments, args.per_token), ensure_ascii=False) + "\n")
@@ -143,6 +154,8 @@ def eval_main(argv: list[str]) -> int:
 
         from bigrm import scoring
 
+        if args.out:
+            writable(args.out, "--out")
         device = torch.device(args.device)
         model, tokenizer, convention = scoring.load_model(args.model, device, args.dtype, args.attn_impl)
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries the metrics JSON alone

@@ -196,6 +196,7 @@ class Trainer:
             saved = checkpoint.load(self.engine, path)
             check_resumable(saved["plan"], self.fingerprint, path)
             self.start = saved["step"]
+            self.tracker.drop_after(self.start)
             self.tracker.print(
                 f"resumed from {path} at step {self.start} (epoch {saved['epoch']}, step {saved['index']})"
             )
