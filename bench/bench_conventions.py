@@ -60,6 +60,7 @@ def main() -> None:
             out = work / f"trained-{trained}"
             run(
                 [str(bin_dir / "deepspeed"), "--num_gpus", "2", "launch/train.py", "--output_dir", str(out),
+                 "--overwrite_output_dir", "true",
                  "--data.train_files", f"[{train}]", "--data.eval_files", f"[{held}]",
                  "--data.reward_convention", trained, "--tensorboard", "false"],
                 work / f"train-{trained}.log",

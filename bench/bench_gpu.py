@@ -98,6 +98,7 @@ def checkpointing(setup: str, args) -> bool:
 def command(setup: str, model_dir: Path, data: Path, out: Path, attn: str, args) -> list[str]:
     cmd = [
         sys.executable, str(REPO / "launch" / "train.py"), "--config", str(RECIPE), "--output_dir", str(out),
+        "--train.overwrite_output_dir", "true",
         "--model.path", str(model_dir), "--model.random_init", "true", "--model.attn_impl", attn,
         "--model.compile", str(args.compile).lower(),
         "--model.gradient_checkpointing", str(checkpointing(setup, args)).lower(),

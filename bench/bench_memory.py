@@ -59,7 +59,8 @@ def child(setup: str, model: str, out: str) -> None:
 
     torch.set_num_threads(2)
     before = status_kib("VmRSS")
-    args = ["--model.path", model, "--output_dir", out, "--max_steps", "4", "--max_tokens_per_batch", "1024",
+    args = ["--model.path", model, "--output_dir", out, "--overwrite_output_dir", "true",
+            "--max_steps", "4", "--max_tokens_per_batch", "1024",
             "--data.synthetic.num_train", "200", "--data.synthetic.num_eval", "0", "--export", "false",
             "--tensorboard", "false", "--log_every", "1", "--dtype", "fp32", "--gradient_checkpointing", "true",
             *SETUPS[setup]]  # fmt: skip

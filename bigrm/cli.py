@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import sys
 from pathlib import Path
 
 from bigrm import config, dist, options, precision
 from bigrm.checkpoint import CheckpointError
 from bigrm.data import DataError
+from bigrm.divergence import Diverged
 from bigrm.export import ExportError
-from bigrm.preemption import EXIT_CODE, Preempted
+from bigrm.preemption import EXIT_CODE, Preempted, Terminated
 
-USER_ERRORS = (config.ConfigError, DataError, CheckpointError, ExportError)
+USER_ERRORS = (config.ConfigError, DataError, CheckpointError, ExportError, Diverged)
 
 
 def _run(fn, *args) -> int:
@@ -42,6 +44,12 @@ def train_main(argv: list[str] | None = None) -> int:
         return _run(train)
     except Preempted:  # the trainer has said where it stopped; launchers and slurm/train.sbatch act on the code
         return EXIT_CODE
+    except Terminated as err:
+        signum = err.args[0]
+        if dist.launched_rank() == 0:
+            name = signal.Signals(signum).name
+            print(f"stopped by {name}: continue from the last complete checkpoint with --resume auto", file=sys.stderr)
+        return 128 + signum  # the shell's code for a process ended by that signal
     except Exception as err:
         gone = dist.peer_gone(err)
         if not gone:
@@ -64,6 +72,17 @@ def _sections(extra: list[str], allowed: tuple[str, ...], convention: str | None
     recorded = " (recorded in the model)" if given == convention else ""
     print(f"rewards read as data.reward_convention={given}{recorded}")
     return options.build(values)
+
+
+def writable(path: str, flag: str) -> None:
+    """An output file, checked before any scoring: its directory is created, and it must not be a directory."""
+    p = Path(path)
+    if p.is_dir():
+        raise config.ConfigError(f"{flag} {path}: is a directory; give a file name")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise config.ConfigError(f"{flag} {path}: cannot create its directory ({err.strerror})") from err
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -105,6 +124,7 @@ def score_main(argv: list[str]) -> int:
 
         from bigrm import scoring
 
+        writable(args.out, "--out")
         device = torch.device(args.device)
         model, tokenizer, convention = scoring.load_model(args.model, device, args.dtype, args.attn_impl)
         segments = args.segments or args.separator is not None
@@ -114,7 +134,6 @@ def score_main(argv: list[str]) -> int:
         every = segments or args.per_token
         scoring.score(model, results, args.max_tokens_per_batch, device, every, args.share_prompt)
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("w") as fh:
             for r in results:
                 fh.write(json.dumps(scoring.output_row(r, segments, args.per_token), ensure_ascii=False) + "\n")
@@ -135,6 +154,8 @@ def eval_main(argv: list[str]) -> int:
 
         from bigrm import scoring
 
+        if args.out:
+            writable(args.out, "--out")
         device = torch.device(args.device)
         model, tokenizer, convention = scoring.load_model(args.model, device, args.dtype, args.attn_impl)
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries the metrics JSON alone

@@ -265,6 +265,16 @@ class TrainConfig:
         "Resume from a checkpoint directory, or `auto`: the newest complete one in <output_dir>/checkpoints (a fresh "
         "start if there is none). Weights, optimizer, scheduler, RNG and data position continue exactly.",
     )
+    max_nonfinite_steps: int = opt(
+        3,
+        "Stop the run (exit code 2, no export) after this many consecutive optimizer steps whose loss or gradient "
+        "norm is not finite; such steps are never saved. fp16 loss-scale skips with a finite loss do not count.",
+    )
+    overwrite_output_dir: bool = opt(
+        False,
+        "Delete the complete checkpoints of another run found in <output_dir>/checkpoints before training. Without "
+        "it such a run is refused (continue it with `resume: auto`, or choose a new output_dir).",
+    )
     tensorboard: bool = opt(True, "Write TensorBoard events to <output_dir>/tensorboard.")
     export: bool = opt(True, "Write <output_dir>/final as a plain Hugging Face sequence classifier at the end.")
     peak_tflops: float = opt(
@@ -274,7 +284,15 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        for key in ("epochs", "max_tokens_per_batch", "micro_batches_per_step", "packing_window", "lr", "log_every"):
+        for key in (
+            "epochs",
+            "max_tokens_per_batch",
+            "micro_batches_per_step",
+            "packing_window",
+            "lr",
+            "log_every",
+            "max_nonfinite_steps",
+        ):
             _positive(getattr(self, key), f"train.{key}")
         for key in (
             "max_steps",

@@ -14,12 +14,14 @@ import gzip
 import json
 import math
 import random
+import zlib
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from bigrm.config import DataConfig
+from bigrm.hashing import file_hash
 
 Text = str | list[dict]  # plain text, or chat messages [{"role", "content"}, ...]
 
@@ -92,16 +94,31 @@ def read_rows(path: str) -> list[Any]:
     kind = "parquet" if name.endswith(".parquet") else "json" if name.endswith((".json", ".jsonl")) else None
     if kind is None:
         raise DataError(f"{path}: unknown file type (expected .json, .jsonl, .parquet, optionally .gz, or a dir)")
+    # datasets keys its cache by path and modification time: a file replaced with the same mtime (cp -p, rsync,
+    # an archive) would be read as its old rows. Naming the config by the content keys the cache by the bytes.
+    name = f"bigrm-{file_hash(p)}"
     try:
-        return datasets.load_dataset(kind, data_files=str(p), split="train").to_list()
+        return datasets.load_dataset(kind, name=name, data_files=str(p), split="train").to_list()
     except Exception as err:
         if kind == "json":
             raise DataError(_pinpoint_json(p) or f"{path}: cannot be read as JSON: {err}") from err
         raise DataError(f"{path}: cannot be read as Parquet: {err}") from err
 
 
-def _open_text(p: Path):
-    return gzip.open(p, "rt", encoding="utf-8") if p.name.endswith(".gz") else open(p, encoding="utf-8")
+def _read_text(p: Path) -> str:
+    """The whole file as text; a corrupt .gz or bytes that are not UTF-8 are a DataError naming the file."""
+    try:
+        if p.name.endswith(".gz"):
+            with gzip.open(p, "rt", encoding="utf-8") as fh:
+                return fh.read()
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{p}: not UTF-8 text (byte {err.start} of the {'decompressed ' * p.name.endswith('.gz')}"
+            f"file: {err.reason})"
+        ) from err
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"{p}: not a readable gzip file ({err})") from err
 
 
 def _kind(value: Any) -> str:
@@ -110,8 +127,7 @@ def _kind(value: Any) -> str:
 
 def _json_rows(p: Path):
     """(location, parsed row or a parse-error message) for a JSON array file or a JSON Lines file."""
-    with _open_text(p) as fh:
-        text = fh.read()
+    text = _read_text(p)
     try:
         whole = json.loads(text)
     except json.JSONDecodeError:
@@ -153,8 +169,7 @@ def _pinpoint_json(p: Path) -> str | None:
 
 def _line_numbers(p: Path) -> list[int]:
     """Row index → physical line of a JSON Lines file (blank lines are not rows)."""
-    with _open_text(p) as fh:
-        return [n for n, line in enumerate(fh, 1) if line.strip()]
+    return [n for n, line in enumerate(_read_text(p).splitlines(), 1) if line.strip()]
 
 
 class Locator:
@@ -177,10 +192,15 @@ def _is_messages(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) for m in value) and len(value) > 0
 
 
+ROLES = ("system", "user", "assistant", "tool")  # what chat templates render; anything else is a typo or a dialect
+
+
 def _check_messages(value: list, field: str) -> str | None:
     for i, m in enumerate(value):
         if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             return f"message {i} needs string 'role' and 'content'"
+        if m["role"] not in ROLES:
+            return f"message {i} has role {m['role']!r}, not one of {', '.join(ROLES)}"
         if not m["content"].strip():
             return f"message {i} has empty content"
     return None
@@ -247,7 +267,7 @@ def parse_row(row: Any, fmt: str, cfg: DataConfig, where: str) -> Example | RowE
     if margin is None:
         margin = 0.0
     elif not _finite_number(margin):
-        return RowError(where, cfg.margin_column, f"must be a number, got {margin!r}")
+        return RowError(where, cfg.margin_column, f"must be a number within float32's range, got {margin!r}")
 
     if fmt == "implicit":
         for col in (cfg.chosen_column, cfg.rejected_column):
@@ -314,7 +334,7 @@ def parse_row(row: Any, fmt: str, cfg: DataConfig, where: str) -> Example | RowE
     weight = row.get(cfg.weight_column)
     weight = 1.0 if weight is None else weight
     if not _finite_number(weight) or weight <= 0:
-        return RowError(where, cfg.weight_column, f"must be a positive number, got {weight!r}")
+        return RowError(where, cfg.weight_column, f"must be a positive number within float32's range, got {weight!r}")
     labels = Labels(tuple(range(len(completions))), margin=float(margin), weight=float(weight))
     if fmt == "ranked":
         labels = replace(labels, ranks=tuple(ranks))
@@ -325,14 +345,20 @@ def parse_row(row: Any, fmt: str, cfg: DataConfig, where: str) -> Example | RowE
         return RowError(where, cfg.scores_column, f"needs one number per completion ({len(completions)})")
     bad = next((i for i, v in enumerate(scores) if not _finite_number(v)), None)
     if bad is not None:
-        return RowError(where, f"{cfg.scores_column}[{bad}]", f"must be a finite number, got {scores[bad]!r}")
+        return RowError(
+            where, f"{cfg.scores_column}[{bad}]", f"must be a finite number within float32's range, got {scores[bad]!r}"
+        )
     distinct = sorted(set(scores), reverse=True)  # equal scores share a rank: ties
     labels = replace(labels, ranks=tuple(distinct.index(v) for v in scores), scores=tuple(map(float, scores)))
     return Example(prompt, tuple(completions), where, labels)
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # labels are float32 tensors (packing.SegmentLabels): larger becomes inf
+
+
 def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A JSON number (not a numeric string: "1.5" is rejected, not converted) that float32 holds as a finite value."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= FLOAT32_MAX
 
 
 def standardise_scores(examples: list[Example]) -> list[Example]:

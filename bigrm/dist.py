@@ -26,6 +26,11 @@ def init() -> torch.device:
         os.environ["MASTER_PORT"] = str(_free_port())
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    if not cuda and world() > 1:
+        # DeepSpeed's CPU allreduce maps every rank's shared-memory buffer while it initialises; once every rank is
+        # past that, the names can go: the memory lives while mapped and is freed whenever a rank ends, even killed
+        barrier()
+        _remove_cpu_allreduce_buffers(str(rank()))
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -76,6 +81,33 @@ def all_sum_each(*parts: torch.Tensor) -> list[torch.Tensor]:
     return list(summed.split([len(p) for p in parts]))
 
 
+def from_main(fn, *args):
+    """Rank 0 runs fn (a decision from the filesystem that every rank must share); its result, or its error, reaches
+    every rank: the others neither repeat the work nor wait for a broadcast that a failed rank 0 never sends."""
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn(*args)
+        except Exception as err:
+            error = err
+    if torch_dist.is_initialized():
+        box = [(result, error)]
+        torch_dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise error
+    return result
+
+
+def gather_objects(obj) -> list:
+    """Every rank's obj, in rank order, on every rank: a collective that every rank must reach."""
+    if not torch_dist.is_initialized():
+        return [obj]
+    out = [None] * world()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")  # gloo's words
 
 
@@ -89,20 +121,18 @@ def shutdown(failed: bool = False) -> None:
     """Leave the process group explicitly: left to interpreter exit, DeepSpeed's communication threads can be
     destroyed while still joinable, which aborts the process after the run has finished.
 
-    After a failure the other ranks may be anywhere (inside a collective, or gone), so there is no barrier, and this
-    rank removes every local rank's shared-memory buffer: the launcher kills the others without letting them clean up.
+    After a failure the other ranks may be anywhere (inside a collective, or gone), so there is no barrier.
     """
     if torch_dist.is_initialized():
-        rank = torch_dist.get_rank()
         if not failed:
             torch_dist.barrier()
         torch_dist.destroy_process_group()
-        _remove_cpu_allreduce_buffers("*" if failed else str(rank))
 
 
 def _remove_cpu_allreduce_buffers(ranks: str) -> None:
     """DeepSpeed's CPU shared-memory allreduce leaves each rank's buffer (tens of MB) in /dev/shm, named by the
-    rendezvous address and port: every CPU run would otherwise leak one per rank until /dev/shm fills RAM."""
+    rendezvous address and port: every CPU run would otherwise leak one per rank (more when a launcher kills the
+    ranks, as deepspeed's does with SIGKILL on SIGTERM or a failed rank) until /dev/shm fills RAM."""
     if torch.cuda.is_available():
         return
     name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{ranks}"

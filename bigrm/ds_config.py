@@ -29,12 +29,30 @@ def _set(tree: dict, dotted: str, value: Any, source: Path) -> None:
         raise ConfigError(f'{source}: {dotted} is {current!r} but the run config implies {value!r}; set it to "auto"')
 
 
-def build(cfg: Config, total_steps: int, bf16: bool, cpu: bool, hidden_size: int) -> dict:
+def read(cfg: Config, cpu: bool) -> tuple[dict, Path]:
+    """The DeepSpeed JSON, checked for what bigrm cannot honour (called before any data or model work)."""
     source = resolve_path(cfg.train.deepspeed_config)
     try:
         ds = json.loads(source.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"cannot read DeepSpeed config {source}: {err}") from err
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{source}: a DeepSpeed config is a JSON object")
+    if ds.get("train_batch_size", "auto") != "auto":
+        raise ConfigError(
+            f"{source}: train_batch_size: bigrm derives it (ranks × train.micro_batches_per_step packed micro-batches "
+            'of train.max_tokens_per_batch tokens); remove it or set it to "auto"'
+        )
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{source}: zero_optimization.stage: {stage!r} is not one of 0, 1, 2, 3")
+    if cpu and ds.get("fp16", {}).get("enabled") is True:
+        raise ConfigError(f"{source}: fp16.enabled: fp16 training needs a GPU; on CPU remove the fp16 section")
+    return ds, source
+
+
+def build(cfg: Config, total_steps: int, bf16: bool, cpu: bool, hidden_size: int) -> dict:
+    ds, source = read(cfg, cpu)
     t = cfg.train
     warmup = max(1, round(t.warmup_ratio * total_steps))
     filled = {
@@ -67,5 +85,5 @@ def build(cfg: Config, total_steps: int, bf16: bool, cpu: bool, hidden_size: int
         params["torch_adam"] = True
     if params["torch_adam"] and params.get("fused", "auto") == "auto":
         params["fused"] = not cpu
-    ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
+    ds.pop("train_batch_size", None)  # "auto": derived by DeepSpeed from the two above and the world size
     return ds

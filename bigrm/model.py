@@ -8,7 +8,9 @@ asks of each layer (sliding windows, soft-capping), is bigrm.attention's.
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -154,3 +156,24 @@ def write_random_init(src: str, dest: str, seed: int, dtype: torch.dtype = torch
     model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
     model.save_pretrained(dest, safe_serialization=True)
     AutoTokenizer.from_pretrained(src).save_pretrained(dest)
+
+
+def check_model_path(path: str, max_length: int) -> None:
+    """Before any work: model.path ("" is the built-in tiny model) is a local model directory whose positions cover
+    data.max_length (beyond them a model with absolute positions crashes, one with rotary ones trains on garbage)."""
+    if not path:
+        return
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError(
+            f"model.path: {path} is not a directory: bigrm trains from a local model directory (fetch a hub "
+            "model first, e.g. `hf download NAME --local-dir DIR`)"
+        )
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"model.path: {path} has no config.json: not a Hugging Face model directory")
+    positions = json.loads((p / "config.json").read_text()).get("max_position_embeddings")
+    if positions and max_length > positions:
+        raise ConfigError(
+            f"data.max_length: {max_length} is more than the {positions} positions of {p / 'config.json'} "
+            "(max_position_embeddings): lower data.max_length"
+        )

@@ -29,6 +29,19 @@ class Preempted(Exception):
     """Raised once the checkpoint is complete and the process group is left."""
 
 
+class Terminated(Exception):
+    """SIGTERM or SIGINT (args[0] is the signal's number): the run stops where it is, through train.run's `finally`
+    (log closed, process group left), without saving; `--resume auto` continues from the last complete checkpoint."""
+
+
+def terminate_on_signals() -> None:
+    def stop(signum, frame) -> None:
+        raise Terminated(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
 def request_file(output_dir: str | Path) -> Path:
     return Path(output_dir) / "PREEMPT"
 

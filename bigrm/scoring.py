@@ -47,6 +47,9 @@ def load_model(path: str, device: torch.device, dtype: str = "auto", attn: str =
     return RewardModel(classifier.to(device).eval(), attn), tokenizer, convention
 
 
+SKIPPED_LISTED = 100  # rows skipped (data.skip_invalid, overlong: skip) listed with their reason in bigrm eval
+
+
 @dataclass
 class RowResult:
     row: dict
@@ -230,4 +233,8 @@ def report(results: list[RowResult], cfg: LossConfig) -> dict:
         subsets=[str(s) for s in subsets] if any(s is not None for s in subsets) else None,
     )
     out["num_rows_skipped"] = len(results) - len(done)
+    reasons = [r.error for r in results if r.rewards is None and r.error]
+    out["skipped"] = reasons[:SKIPPED_LISTED] + (
+        [f"... and {len(reasons) - SKIPPED_LISTED} more"] if len(reasons) > SKIPPED_LISTED else []
+    )
     return out

@@ -52,6 +52,17 @@ class Tracker:
             self.jsonl.write(json.dumps({"split": kind, **values}) + "\n")
             self.jsonl.flush()
 
+    def drop_after(self, step: int) -> None:
+        """A resumed run retakes the steps after its checkpoint: the rows an interrupted run logged for them go, so
+        log.jsonl holds each step once."""
+        if not self.main:
+            return
+        path = Path(self.jsonl.name)
+        self.jsonl.close()
+        rows = path.read_text().splitlines()
+        path.write_text("".join(r + "\n" for r in rows if json.loads(r).get("step", 0) <= step))
+        self.jsonl = open(path, "a")  # closed in close()
+
     def close(self) -> None:
         self.bar.close()
         if self.jsonl is not None:

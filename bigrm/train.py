@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -15,11 +16,13 @@ import torch
 from bigrm import adapters, checkpoint, dist, ds_config, export, flops, options, pipeline, precision, preemption, tiny
 from bigrm.attention import read_attention_needs, resolve_attn
 from bigrm.config import Config
+from bigrm.divergence import Watch
 from bigrm.evaluate import evaluate
 from bigrm.loss import Stats, denominators, metrics, ranking_loss
 from bigrm.meter import Meter
 from bigrm.model import (
     RewardModel,
+    check_model_path,
     compile_blocks,
     load_classifier,
     parameter_counts,
@@ -34,6 +37,7 @@ from bigrm.tracking import Tracker
 def run(cfg: Config) -> dict:
     """Train, evaluate and export; returns the final eval metrics. Whatever happens, the tracker is closed and the
     process group left (with a barrier only when every rank got to the end together)."""
+    preemption.terminate_on_signals()
     trainer = Trainer(cfg, dist.init())
     together = False  # every rank reached the same end: leaving may synchronise
     try:
@@ -71,7 +75,12 @@ class Trainer:
         self.cfg, self.t, self.device, self.out = cfg, t, device, Path(t.output_dir)
         self.dtype = precision.training(cfg.model.dtype, device.type == "cuda")
         self.stop = preemption.StopRequest(self.out, device)
+        self.watch = Watch(t.max_nonfinite_steps)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # this rank's step had a non-finite loss
+        self.skipped = 0  # DeepSpeed's skipped optimizer steps so far (overflow)
         # built by setup()
+        self.resume_from: Path | None = None  # the checkpoint this run continues
+        self.run_id = ""  # recorded in every checkpoint: pruning removes only this run's
         self.tracker: Tracker | None = None  # rank 0's console lines, progress bar, log.jsonl, TensorBoard
         self.tokenizer = None
         self.data: pipeline.Dataset | None = None
@@ -94,12 +103,18 @@ class Trainer:
     def setup(self) -> None:
         from transformers import set_seed
 
+        # another run's checkpoints in output_dir, or a damaged one to resume: refused before anything is written
+        self.resume_from, self.run_id = dist.from_main(
+            checkpoint.start, self.t.resume, self.out, self.t.overwrite_output_dir
+        )
         if dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
             options.dump(self.cfg, self.out / "config.yaml")
         dist.barrier()
         set_seed(self.t.seed)
         # an impossible choice, or a model bigrm cannot run, stops the run before any work
+        check_model_path(self.cfg.model.path, self.cfg.data.max_length)
+        ds_config.read(self.cfg, cpu=self.device.type != "cuda")
         attn = resolve_attn(
             self.cfg.model.attn_impl, self.device.type == "cuda", read_attention_needs(self.cfg.model.path)
         )
@@ -176,12 +191,12 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from train.resume's checkpoint, if any: weights, optimizer, RNG, data position, epoch statistics."""
-        path = checkpoint.resolve_resume(self.t.resume, self.out)
-        saved = None
+        path, saved = self.resume_from, None
         if path is not None:
             saved = checkpoint.load(self.engine, path)
             check_resumable(saved["plan"], self.fingerprint, path)
             self.start = saved["step"]
+            self.tracker.drop_after(self.start)
             self.tracker.print(
                 f"resumed from {path} at step {self.start} (epoch {saved['epoch']}, step {saved['index']})"
             )
@@ -216,6 +231,7 @@ class Trainer:
             batch = packed.to(self.device)
             rewards = self.engine(batch)
             loss, stats = ranking_loss(rewards, batch.labels, self.cfg.loss, *sums)
+            self.nonfinite |= ~torch.isfinite(loss.detach())  # stays on the device: no sync per micro-batch
             # DeepSpeed averages over ranks and micro-batches: undo that, the step normalises itself
             self.engine.backward(loss * dist.world() * t.micro_batches_per_step)
             self.engine.step()
@@ -229,17 +245,33 @@ class Trainer:
         # collective, every step; a stop still logs this step's window (the resumed run starts a new one) and saves
         stopping = self.stop.requested()
         if n % t.log_every == 0 or last or stopping:
-            self.tracker.log("train", self.meter.read(self.cfg.loss, self.engine.get_lr()[0]), n)
+            logged = self.meter.read(self.cfg.loss, self.engine.get_lr()[0])
+            self.tracker.log("train", {**logged, "skipped_steps": self.engine.skipped_steps}, n)
+        unhealthy = self._diverging(n, last)
         with self.meter.paused():  # evaluation and saving are not training throughput
             if self.data.eval and t.eval_every and n % t.eval_every == 0 and not last:
                 self.evaluate(n)
-            if stopping or (t.save_every and n % t.save_every == 0) or last:
+            if not unhealthy and (stopping or (t.save_every and n % t.save_every == 0) or last):
                 self.save(n)
         if stopping:
             self.stop.consume()
             done = "with a complete checkpoint: continue with --resume auto"
             self.tracker.print(f"stopped at step {n} on request {done}")
             raise preemption.Preempted(f"stopped at step {n}")
+
+    def _diverging(self, n: int, last: bool) -> bool:
+        """Collective: whether step n was not finite on any rank (then it is not saved); raises Diverged (divergence)
+        when that has lasted train.max_nonfinite_steps steps. DeepSpeed's overflow skips are reported as they occur."""
+        skipped, self.skipped = self.engine.skipped_steps - self.skipped, self.engine.skipped_steps
+        norm = self.engine.get_global_grad_norm()
+        # under fp16 a skip lowers the loss scale; otherwise the gradients were not finite
+        bad_grads = (skipped and not self.engine.fp16_enabled()) or (norm is not None and not math.isfinite(norm))
+        nonfinite = dist.all_sum(self.nonfinite.double().reshape(1)).item() > 0 or bad_grads
+        self.nonfinite.zero_()
+        if skipped:
+            self.tracker.print(f"step {n}: DeepSpeed skipped the optimizer step (overflow; {self.skipped} so far)")
+        good = checkpoint.complete_checkpoints(self.out, self.run_id) if nonfinite else []  # saved while healthy
+        return self.watch.observe(n, nonfinite, last, str(good[-1]) if good else "none (no checkpoint was saved)")
 
     # evaluate, save, finish -------------------------------------------------------------------------------------
 
@@ -264,7 +296,14 @@ class Trainer:
         """Collective: a complete checkpoint after step n."""
         step = self.steps[n - 1]
         epoch_sum = dist.all_sum(self.epoch_stats.stack()).tolist()
-        meta = {"step": n, "epoch": step.epoch, "index": step.index, "plan": self.fingerprint, "epoch_stats": epoch_sum}
+        meta = {
+            "step": n,
+            "run": self.run_id,
+            "epoch": step.epoch,
+            "index": step.index,
+            "plan": self.fingerprint,
+            "epoch_stats": epoch_sum,
+        }
 
         def hf_files(dest: Path) -> None:
             self.engine.module.classifier.config.save_pretrained(dest)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -134,3 +135,33 @@ def test_console_script_dispatches_to_train(monkeypatch, capsys):
     assert cli.main() == 2
     assert cli.train_main(["--lr", "nope"]) == 2
     assert "--train.lr: expected float" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("ds", "cpu", "message"),
+    [
+        ({"train_batch_size": 64}, False, "train_batch_size: bigrm derives it"),  # was silently dropped
+        ({"zero_optimization": {"stage": 7}}, False, "zero_optimization.stage: 7 is not one of 0, 1, 2, 3"),
+        ({"fp16": {"enabled": True}}, True, "fp16.enabled: fp16 training needs a GPU"),
+    ],
+)
+def test_deepspeed_json_that_bigrm_cannot_honour_is_a_config_error(tmp_path, ds, cpu, message):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    with pytest.raises(ConfigError, match=f"{path}: {re.escape(message)}"):
+        ds_config.read(options.from_argv(["--deepspeed_config", str(path)]), cpu=cpu)
+    path.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": 2}}))
+    assert ds_config.read(options.from_argv(["--deepspeed_config", str(path)]), cpu=cpu)[0]["zero_optimization"]
+
+
+def test_model_path_must_be_a_local_model_directory_covering_max_length(tmp_path):
+    from bigrm.model import check_model_path
+
+    with pytest.raises(ConfigError, match="model.path: org/missing-7b is not a directory: .*hf download"):
+        check_model_path("org/missing-7b", 512)  # a hub name used to wait for the network, then fail obscurely
+    with pytest.raises(ConfigError, match="has no config.json"):
+        check_model_path(str(tmp_path), 512)
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 256}))
+    check_model_path(str(tmp_path), 256)
+    with pytest.raises(ConfigError, match="data.max_length: 257 is more than the 256 positions of .*config.json"):
+        check_model_path(str(tmp_path), 257)

@@ -347,12 +347,12 @@ GOOD_CHAT_MSGS = {"prompt": msgs("user", "q"), "chosen": msgs("assistant", "a"),
         (
             {"prompt": "p", "chosen": "yes", "rejected": "no", "margin": "big"},
             GOOD,
-            "field 'margin': must be a number, got 'big'",
+            "field 'margin': must be a number within float32's range, got 'big'",
         ),
         (
             {"prompt": "p", "chosen": "yes", "rejected": "no", "margin": True},
             GOOD,
-            "field 'margin': must be a number, got True",
+            "field 'margin': must be a number within float32's range, got True",
         ),
         (
             {"prompt": msgs("user", "hi", "assistant", "  "), "chosen": "a", "rejected": "b"},
@@ -403,7 +403,7 @@ def test_non_string_completions_and_prompts(tmp_path, rows, expected):
 def test_nan_margin_is_rejected(tmp_path):
     # JSON has no NaN; Parquet does
     path = _write_parquet(tmp_path / "nan.parquet", [dict(GOOD, margin=1.0), dict(GOOD, margin=math.nan)])
-    assert f"{path}:row 1: field 'margin': must be a number, got nan" in load_error(path)
+    assert f"{path}:row 1: field 'margin': must be a number within float32's range, got nan" in load_error(path)
 
 
 @pytest.mark.parametrize(
@@ -510,7 +510,7 @@ def _many_bad_rows(tmp_path) -> tuple[str, list[str]]:
         f"{path}:line 2: field 'chosen': empty completion",
         f"{path}:line 4: field 'rejected': duplicate of chosen under the same prompt",
         f"{path}:line 6: field 'rejected': missing",
-        f"{path}:line 7: field 'margin': must be a number, got 'm'",
+        f"{path}:line 7: field 'margin': must be a number within float32's range, got 'm'",
         f"{path}:line 8: field 'chosen': empty completion",
     ]
     return path, expected
@@ -555,7 +555,7 @@ def test_skip_invalid_skips_and_counts_by_reason(tmp_path):
             "chosen: empty completion": 2,
             "rejected: duplicate of chosen under the same prompt": 1,
             "rejected: missing": 1,
-            "margin: must be a number, got 'm'": 1,
+            "margin: must be a number within float32's range, got 'm'": 1,
             "ranked_outputs: needs at least 2 completions, got 1": 1,
         }
     )
@@ -791,6 +791,25 @@ def test_scored_rows_rank_by_score_and_standardise_per_file(tmp_path):
             {"prompt": "p", "completions": ["a", "b"], "scores": [1, 2], "weight": "x"},
             "field 'weight': must be a positive",
         ),
+        # finite in JSON but inf in the float32 labels: the loss would be non-finite from the first step
+        (
+            {"prompt": "p", "completions": ["a", "b"], "scores": [1, 2], "weight": 1e39},
+            "field 'weight': must be a positive number within float32's range, got 1e+39",
+        ),
+        (
+            {"prompt": "p", "completions": ["a", "b"], "scores": [1, -1e39]},
+            "field 'scores[1]': must be a finite number within float32's range",
+        ),
+        (
+            {"prompt": "p", "completions": ["a", "b"], "scores": [1, 2], "margin": 1e39},
+            "field 'margin': must be a number within float32's range",
+        ),
+        # numeric strings are rejected, never converted
+        ({"prompt": "p", "completions": ["a", "b"], "scores": [1, "2"]}, "field 'scores[1]': must be a finite number"),
+        (
+            {"prompt": "p", "completions": ["a", "b"], "scores": [1, 2], "weight": "2"},
+            "field 'weight': must be a positive",
+        ),
     ],
 )
 def test_scored_row_errors_name_the_field(row, message):
@@ -804,3 +823,43 @@ def test_row_weights_and_mixed_label_kinds(tmp_path):
     per_file, _ = load_examples([pairs, scored, ranked], DataConfig())
     assert [e.labels.weight for e in per_file[0]] == [2.5, 1.0]
     assert per_file[1][0].labels.scores == (0.0, 1.0) and per_file[2][0].labels.ranks == (0, 0, 1)
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.parquet"])
+def test_a_file_replaced_with_the_same_mtime_is_read_anew(tmp_path, name):
+    """cp -p, rsync and archives keep the modification time: the rows must still be the new file's."""
+    import os
+    import shutil
+
+    write = _write_parquet if name.endswith(".parquet") else write_lines
+    path, new = Path(tmp_path / name), tmp_path / "new" / name
+    new.parent.mkdir()
+    write(path, [{"prompt": "old", "chosen": "a", "rejected": "b"}])
+    write(new, [{"prompt": "new", "chosen": "a", "rejected": "b"}])
+    assert read_rows(str(path))[0]["prompt"] == "old"
+    stat = path.stat()
+    os.utime(new, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    shutil.copy2(new, path)  # cp -p: same size, same mtime, other bytes
+    assert path.stat().st_mtime_ns == stat.st_mtime_ns and path.stat().st_size == stat.st_size
+    assert read_rows(str(path))[0]["prompt"] == "new"
+
+
+def test_corrupt_gzip_and_invalid_utf8_name_the_file(tmp_path):
+    """Both used to be tracebacks (exit 1) without the file's name."""
+    gz = tmp_path / "rows.jsonl.gz"
+    gz.write_bytes(b"not gzip at all")
+    assert load_error(str(gz)).startswith(f"{gz}: not a readable gzip file")
+    bad = tmp_path / "rows.jsonl"
+    bad.write_bytes(b'{"prompt": "p\xff", "chosen": "a", "rejected": "b"}\n')
+    assert load_error(str(bad)).startswith(f"{bad}: not UTF-8 text (byte 13 of the file")
+    zipped = tmp_path / "latin.jsonl.gz"
+    zipped.write_bytes(gzip.compress(b'{"prompt": "p\xff", "chosen": "a", "rejected": "b"}\n'))
+    assert load_error(str(zipped)).startswith(f"{zipped}: not UTF-8 text (byte 13 of the decompressed file")
+
+
+def test_unknown_chat_roles_are_rejected(tmp_path):
+    row = {"prompt": [{"role": "human", "content": "hi"}], "chosen": "a", "rejected": "b"}
+    path = write_lines(tmp_path / "roles.jsonl", [row])
+    assert "line 1: field 'prompt': message 0 has role 'human', not one of system, user, assistant, tool" in load_error(
+        path
+    )

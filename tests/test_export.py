@@ -50,7 +50,8 @@ def fake_checkpoint(tmp_path, model_dir, verify) -> Path:
     classifier.config.save_pretrained(path / "hf")
     tok.save_pretrained(path / "hf")
     torch.save(verify, path / "verify.pt")
-    (path / checkpoint.COMPLETE).write_text(json.dumps({"step": 1, "world": 1, "zero_stage": 0}))
+    meta = {"step": 1, "world": 1, "zero_stage": 0, "files": checkpoint.manifest(path, 0)}
+    (path / checkpoint.COMPLETE).write_text(json.dumps(meta))
     return path
 
 

@@ -58,7 +58,7 @@ def test_bad_resume_checkpoint_stops_every_rank_once(tmp_path):
     """A checkpoint written by another number of ranks: refused after the engine exists, one line, exit 2."""
     ckpt = tmp_path / "old" / "step-00000001"
     ckpt.mkdir(parents=True)
-    (ckpt / "complete.json").write_text(json.dumps({"step": 1, "world": 1, "zero_stage": 3}))
+    (ckpt / "complete.json").write_text(json.dumps({"step": 1, "world": 1, "zero_stage": 3, "files": {}}))
     proc, _ = fail(tmp_path, "none", "--resume", str(ckpt))
     assert errors(proc) == [f"error: {ckpt} was written by 1 ranks; resume it with the same number (2 now)"]
     assert "Traceback" not in proc.stderr and "exits with return code = 2" in proc.stdout
@@ -75,3 +75,30 @@ def test_failure_inside_a_step_on_one_rank_ends_the_others_quietly(tmp_path):
     proc, _ = fail(tmp_path, "step")
     assert proc.stderr.count("Traceback") == 1 and "RuntimeError: injected failure on rank 1" in proc.stderr
     assert "[rank0]" not in proc.stderr  # rank 0 only says that another rank failed, if it gets to say anything
+
+
+def test_sigterm_to_a_two_rank_run_leaves_no_shared_memory(tmp_path):
+    """SIGTERM to the whole job (what Slurm and Ctrl-C do): the deepspeed launcher answers it by SIGKILLing the
+    ranks, which used to leave their /dev/shm buffers behind."""
+    import os
+    import signal
+    import time
+
+    port, out = free_port(), tmp_path / "run"
+    runner = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(runner), "--num_gpus", "2", "--master_port", str(port), str(REPO / "launch" / "train.py"),
+           "--output_dir", str(out), *ARGS, "--max_steps", "40", "--save_every", "1000"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline and '"split": "train"' not in _read(out / "log.jsonl"):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be signalled"
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    time.sleep(1)  # the ranks themselves may outlive the launcher for a moment
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")), "shared memory left behind"
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""

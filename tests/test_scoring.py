@@ -133,6 +133,8 @@ def test_eval_on_real_hh_pairs_equals_plain_transformers(tmp_path, llama_dir, pl
     scored = [r for r in results if r.error is None]
     rewards = [[value(s.ids) for s in r.scored] for r in scored]
     assert got["num_prompts"] == len(scored) and got["num_rows_skipped"] == len(rows) - len(scored) > 0
+    assert got["skipped"] == [r.error for r in results if r.error]  # each with its file:line and reason
+    assert all(reason.startswith(f"{data}:line ") for reason in got["skipped"])
     assert got["pairwise_accuracy"] == sum(c > r for c, r in rewards) / len(rewards)
     flat = torch.tensor([x for r in rewards for x in r], dtype=torch.float64)
     assert got["reward_mean"] == pytest.approx(flat.mean().item(), abs=1e-4)
@@ -185,3 +187,12 @@ def test_score_uses_the_convention_the_model_records(tmp_path, llama_dir, plain,
     assert "2 sequences had their prompt cut from the left" in printed
     seq = scored_sequence(tok, rows[0]["prompt"], rows[0]["chosen"], 5)
     assert seq.cut > 0 and out[0]["rewards"][0] == pytest.approx(value(seq.ids), abs=1e-5)
+
+
+def test_output_paths_are_checked_before_any_scoring(tmp_path):
+    """`score --out <dir>` used to fail after all the scoring; the model is not even loaded now."""
+    for main in (cli.score_main, cli.eval_main):
+        argv = ["--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no-data"), "--out", str(tmp_path)]
+        assert main(argv) == 2
+    cli.writable(str(tmp_path / "new" / "dir" / "metrics.json"), "--out")  # eval --out into a missing directory
+    assert (tmp_path / "new" / "dir").is_dir()

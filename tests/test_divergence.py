@@ -1,0 +1,44 @@
+"""When a run counts as diverged (bigrm.divergence), and a real diverging run: it stops, exports nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from bigrm.divergence import Diverged, Watch
+
+
+def test_only_consecutive_nonfinite_steps_stop_the_run():
+    watch = Watch(3)
+    seen = [False, True, True, False, True, True]
+    assert [watch.observe(n, bad, False, "ckpt") for n, bad in enumerate(seen, 1)] == seen
+    with pytest.raises(Diverged, match="not finite at every step from 5 to 7; the last good checkpoint is ckpt-4"):
+        watch.observe(7, True, False, "ckpt-4")
+
+
+def test_a_nonfinite_last_step_stops_the_run_before_its_export():
+    with pytest.raises(Diverged, match="from 9 to 9"):
+        Watch(3).observe(9, True, True, "ckpt")
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_with_the_last_good_checkpoint_and_no_export(tmp_path):
+    """lr 1e30: the loss turns NaN after a few steps; the run used to log "OVERFLOW! Skipping step" at every step,
+    exit 0 and export an untrained final/."""
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "train.py"), "--output_dir", str(out), "--max_steps", "10",
+         "--data.synthetic.num_train", "120", "--data.synthetic.num_eval", "16", "--max_tokens_per_batch", "400",
+         "--tensorboard", "false", "--save_every", "1", "--lr", "1e30", "--warmup_ratio", "0", "--grad_clip", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    error = next(line for line in proc.stderr.splitlines() if line.startswith("error: training diverged"))
+    saved = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert f"the last good checkpoint is {out / 'checkpoints' / saved[-1]}." in error
+    first_bad = int(error.split("at every step from ")[1].split()[0])
+    assert int(saved[-1].removeprefix("step-")) == first_bad - 1  # no step of the diverged stretch was saved
+    assert not (out / "final").exists() and not (out / "metrics.json").exists()
