@@ -124,8 +124,7 @@ def encode_batch(
         if not todo:
             continue
         add_special = convention == "trl" and not chat
-        enc = tokenizer([texts[i] for i in todo], add_special_tokens=add_special, return_offsets_mapping=True)
-        for i, ids, offsets in zip(todo, enc["input_ids"], enc["offset_mapping"], strict=True):
+        for i, (ids, offsets) in zip(todo, _tokenize(tokenizer, [texts[i] for i in todo], add_special), strict=True):
             n_lead = 0
             while n_lead < len(ids) and ids[n_lead] in special:
                 n_lead += 1
@@ -137,6 +136,21 @@ def encode_batch(
                 ids, ends = ids + [eos], ends + [len(texts[i])]
             out[i] = Encoded(ids, n_lead, max(prompt_end, n_lead), ends)
     return out
+
+
+def _tokenize(tokenizer, texts: list[str], add_special: bool) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(ids, character offsets) of each text: straight from a fast tokenizer's backend when it would neither
+    truncate nor pad (what `tokenizer(...)` then does too, without building a dict per text), else through it."""
+    if (
+        tokenizer.is_fast
+        and tokenizer.backend_tokenizer.truncation is None
+        and tokenizer.backend_tokenizer.padding is None
+    ):
+        return [
+            (e.ids, e.offsets) for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=add_special)
+        ]
+    enc = tokenizer(texts, add_special_tokens=add_special, return_offsets_mapping=True)
+    return list(zip(enc["input_ids"], enc["offset_mapping"], strict=True))
 
 
 def truncate(ids: list[int], n_lead: int, prompt_end: int, max_length: int) -> tuple[list[int], int] | None:
