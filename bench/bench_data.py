@@ -12,7 +12,7 @@ size it prints, side by side:
   rank RSS       peak resident memory of each rank in that run, less a run of the same code on 50 prompts: what the
                  data adds (the mapped token pages count, though every rank shares them)
 
-    python bench/bench_data.py --sizes 10000 50000 200000 --baseline issue15
+    python bench/bench_data.py --sizes 10000 50000 200000 --today-max 50000 --baseline issue15
 """
 
 from __future__ import annotations
@@ -35,14 +35,26 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from conftest import HH_DATA  # noqa: E402
+
 from bigrm import options, pipeline  # noqa: E402
 from bigrm.data import load_examples  # noqa: E402
 from bigrm.model import prepare_tokenizer  # noqa: E402
 from bigrm.sequences import Group, scored_sequence  # noqa: E402
-from conftest import HH_DATA  # noqa: E402
 
 K = 7
-TRAIN = ["--max_length", "512", "--overlong", "skip", "--max_tokens_per_batch", "4096", "--max_steps", "1", "--save_every", "0"]
+TRAIN = [
+    "--max_length",
+    "512",
+    "--overlong",
+    "skip",
+    "--max_tokens_per_batch",
+    "4096",
+    "--max_steps",
+    "1",
+    "--save_every",
+    "0",
+]
 TRAIN += ["--export", "false", "--eval_every", "0", "--tensorboard", "false", "--log_every", "1"]
 
 
@@ -124,8 +136,9 @@ def two_ranks(code: Path, model: Path, data: Path, out: Path, cache: Path) -> tu
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[10000, 50000, 200000], help="prompts per dataset")
-    p.add_argument("--baseline", default="issue15", help="git ref of today's code for the 2-rank runs; '' skips them")
-    p.add_argument("--today-build-max", type=int, default=10**9, help="skip today's in-process build above this size")
+    p.add_argument("--baseline", default="issue15", help="git ref of today's code for its 2-rank runs")
+    p.add_argument("--today-max", type=int, default=10**9, help="measure today's path only up to this many prompts")
+    p.add_argument("--no-runs", action="store_true", help="skip the 2-rank runs (build and warm start only)")
     p.add_argument("--out", default=None, help="working directory (default: a temporary one)")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
@@ -139,31 +152,32 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model)
     prepare_tokenizer(tokenizer)
     baseline = None
-    if args.baseline:
+    if not args.no_runs and min(args.sizes) <= args.today_max:
         baseline = work / "baseline"
         baseline.mkdir(exist_ok=True)
         archive = subprocess.run(["git", "-C", str(REPO), "archive", args.baseline], capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive.stdout, check=True)
     small = write_rows(work / "rows-50.jsonl", 50)
-    ref = {}
-    if baseline:
-        for name, code in (("today", baseline), ("new", REPO)):
-            ref[name] = two_ranks(code, model, small, work / f"ref-{name}", work / f"cache-ref-{name}")[1]
+    codes = {} if args.no_runs else {"new": REPO, **({"today": baseline} if baseline else {})}
+    ref = {
+        name: two_ranks(code, model, small, work / f"ref-{name}", work / f"cache-ref-{name}")[1]
+        for name, code in codes.items()
+    }
     figures = []
     for n in args.sizes:
         path = write_rows(work / f"rows-{n}.jsonl", n)
         row = {"prompts": n, "sequences": n * K}
         cfg = options.from_argv(["--train_files", f"[{path}]", *TRAIN[:6], "--output_dir", str(work)])
         cfg.data.cache_dir = str(work / f"cache-{n}")
-        if n <= args.today_build_max:
+        if n <= args.today_max:
             row["today_cold_s"], groups = timed(today_build, cfg, tokenizer, path)
             row["tokens"] = sum(g.num_tokens for g in groups)
             del groups
         row["new_cold_s"], data = timed(pipeline.build, cfg, tokenizer, work)
         row["tokens_new"] = data.train.num_tokens
         row["new_warm_s"], _ = timed(pipeline.build, cfg, tokenizer, work)
-        if baseline:
-            for name, code in (("today", baseline), ("new", REPO)):
+        for name, code in codes.items():
+            if name == "new" or n <= args.today_max:
                 first, rss = two_ranks(code, model, path, work / f"run-{name}-{n}", work / f"cache-run-{name}-{n}")
                 row[f"{name}_first_step_s"] = first
                 row[f"{name}_rank_rss_gb"] = rss
@@ -182,7 +196,9 @@ def table(figures: list[dict]) -> str:
             return "-"
         return "/".join(f"{x:.2f}" for x in v) if isinstance(v, list) else f"{v:.1f}"
 
-    lines = ["prompts  cold today  cold new  speed-up  warm new  1st step today  1st step new  RSS+ today (GB)  RSS+ new"]
+    lines = [
+        "prompts  cold today  cold new  speed-up  warm new  1st step today  1st step new  RSS+ today (GB)  RSS+ new"
+    ]
     for r in figures:
         speed = r["today_cold_s"] / r["new_cold_s"] if "today_cold_s" in r else None
         lines.append(
