@@ -120,7 +120,7 @@ def two_ranks(code: Path, model: Path, data: Path, out: Path, cache: Path) -> tu
         for child in psutil.Process(proc.pid).children(recursive=True):
             try:
                 line = child.cmdline()
-                if any(a.startswith("--local_rank") for a in line):
+                if any(a.startswith("--local_rank") for a in line) and not any("launcher" in a for a in line):
                     peak[child.pid] = max(peak.get(child.pid, 0), child.memory_info().rss)
             except psutil.Error:
                 pass
