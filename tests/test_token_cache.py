@@ -115,7 +115,8 @@ def test_the_cache_is_reused_until_an_input_that_decides_the_tokens_changes(tmp_
     first = pipeline.build(config(path), tok, tmp_path)
     assert how(first) == "built" and first.log[:-1] == fresh.log
     assert same(first.train, [(g.source, [s.tolist() for s in g.seqs], g.labels) for g in fresh.train])
-    assert isinstance(first.train.a["tokens"], np.memmap) and first.train.a["tokens"].dtype == np.int32
+    tokens = first.train.a["tokens"]
+    assert isinstance(tokens.base, np.memmap) and not tokens.flags.writeable and tokens.dtype == np.int32
     # what only says how to build, or how to train, reuses it
     assert how(pipeline.build(config(path, num_proc=1), tok, tmp_path)) == "reused"
     assert how(pipeline.build(replace(config(path), train=replace(Config().train, lr=1.0)), tok, tmp_path)) == "reused"
