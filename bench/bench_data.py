@@ -104,8 +104,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_ranks(code: Path, model: Path, data: Path, out: Path, cache: Path) -> tuple[float, list[float]]:
-    """(seconds from launch to the first logged optimizer step, peak RSS of each rank in GB) of a 2-rank run."""
+def two_ranks(code: Path, model: Path, data: Path, out: Path, cache: Path) -> tuple[float, list[float], float]:
+    """(seconds from launch to the first logged optimizer step, peak RSS of each rank, peak RSS of any process a rank
+    forked (the new path's builder and workers), both in GB) of a 2-rank run."""
     import psutil
 
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "BIGRM_CACHE_DIR": str(cache)}
@@ -114,14 +115,18 @@ def two_ranks(code: Path, model: Path, data: Path, out: Path, cache: Path) -> tu
     cmd = [str(runner), "--num_gpus", "2", "--master_port", str(free_port()), str(code / "launch/train.py"), *args]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    first, peak = None, {}
+    first, peak, builder = None, {}, 0
     log = out / "log.jsonl"
     while proc.poll() is None:
         for child in psutil.Process(proc.pid).children(recursive=True):
             try:
-                line = child.cmdline()
-                if any(a.startswith("--local_rank") for a in line) and not any("launcher" in a for a in line):
-                    peak[child.pid] = max(peak.get(child.pid, 0), child.memory_info().rss)
+                if not any(a.startswith("--local_rank") for a in child.cmdline()):
+                    continue
+                rss = child.memory_info().rss
+                if any(a.startswith("--local_rank") for a in child.parent().cmdline()):
+                    builder = max(builder, rss)  # a rank's forked token-cache builder or tokenising worker
+                else:
+                    peak[child.pid] = max(peak.get(child.pid, 0), rss)
             except psutil.Error:
                 pass
         if first is None and log.exists() and '"split": "train"' in log.read_text():
@@ -130,7 +135,7 @@ def two_ranks(code: Path, model: Path, data: Path, out: Path, cache: Path) -> tu
     output = proc.stdout.read()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{output[-3000:]}")
-    return first or time.perf_counter() - start, sorted(v / 1e9 for v in peak.values())
+    return first or time.perf_counter() - start, sorted(v / 1e9 for v in peak.values()), builder / 1e9
 
 
 def main() -> None:
@@ -178,9 +183,11 @@ def main() -> None:
         row["new_warm_s"], _ = timed(pipeline.build, cfg, tokenizer, work)
         for name, code in codes.items():
             if name == "new" or n <= args.today_max:
-                first, rss = two_ranks(code, model, path, work / f"run-{name}-{n}", work / f"cache-run-{name}-{n}")
+                run, cache = work / f"run-{name}-{n}", work / f"cache-run-{name}-{n}"
+                first, rss, builder = two_ranks(code, model, path, run, cache)
                 row[f"{name}_first_step_s"] = first
                 row[f"{name}_rank_rss_gb"] = rss
+                row[f"{name}_builder_rss_gb"] = builder
                 row[f"{name}_rank_rss_added_gb"] = [a - b for a, b in zip(rss, ref[name], strict=True)]
         figures.append(row)
         print(json.dumps(row), flush=True)
