@@ -192,3 +192,20 @@ def test_a_waiting_process_holds_no_collective_and_proceeds_when_the_lock_frees(
     holder.close()
     waiter.join(30)
     assert how(result["data"]) == "built"
+
+
+@pytest.mark.skipif(not HH_DATA.exists(), reason="needs the HH data in ../shared/data")
+@pytest.mark.parametrize("family", ["qwen2", "llama2", "llama3"])
+def test_the_backend_call_equals_the_tokenizer_call(family):
+    """encode_batch reads ids and offsets from the fast backend: the same as `tokenizer(text, ...)` gives."""
+    import real_tokenizers
+
+    from bigrm.sequences import _tokenize
+
+    tokenizer = getattr(real_tokenizers, f"{family}_tokenizer")()
+    (examples,), _ = load_examples([str(HH_DATA)], DataConfig(skip_invalid=True))
+    texts = [e.prompt + c for e in examples[:100] for c in e.completions]
+    for add_special in (True, False):
+        expected = [tokenizer(t, add_special_tokens=add_special, return_offsets_mapping=True) for t in texts]
+        got = _tokenize(tokenizer, texts, add_special)
+        assert got == [(e["input_ids"], [tuple(o) for o in e["offset_mapping"]]) for e in expected]
