@@ -141,7 +141,7 @@ def two_ranks(code: Path, model: Path, data: Path, out: Path, cache: Path) -> tu
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[10000, 50000, 200000], help="prompts per dataset")
-    p.add_argument("--baseline", default="issue15", help="git ref of today's code for its 2-rank runs")
+    p.add_argument("--baseline", default="issue15", help="git ref of today's code for its 2-rank runs ('': none)")
     p.add_argument("--today-max", type=int, default=10**9, help="measure today's path only up to this many prompts")
     p.add_argument("--no-runs", action="store_true", help="skip the 2-rank runs (build and warm start only)")
     p.add_argument("--out", default=None, help="working directory (default: a temporary one)")
@@ -157,7 +157,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model)
     prepare_tokenizer(tokenizer)
     baseline = None
-    if not args.no_runs and min(args.sizes) <= args.today_max:
+    if args.baseline and not args.no_runs and min(args.sizes) <= args.today_max:
         baseline = work / "baseline"
         baseline.mkdir(exist_ok=True)
         archive = subprocess.run(["git", "-C", str(REPO), "archive", args.baseline], capture_output=True, check=True)

@@ -162,14 +162,12 @@ def test_trl_trains_like_bigrm(tmp_path):
     assert aligned.bf16 and aligned.gradient_checkpointing
 
 
-@pytest.mark.slow  # five 2-rank runs of a tiny Qwen-tokenizer model: about a minute and a half on 2 cores
+@pytest.mark.slow  # two 2-rank runs of a tiny Qwen-tokenizer model (today's code from git: not here)
 def test_bench_data_compares_todays_data_phase_with_the_cached_one(tmp_path):
-    stdout, figures = bench(
-        "bench_data.py", tmp_path, "--sizes", "60", "--today-max", "60", "--baseline", "HEAD", "--out", str(tmp_path)
-    )
+    stdout, figures = bench("bench_data.py", tmp_path, "--sizes", "60", "--baseline", "", "--out", str(tmp_path))
     (row,) = figures
     assert row["prompts"] == 60 and row["sequences"] == 420 and row["tokens"] == row["tokens_new"] > 0
-    for key in ("today_cold_s", "new_cold_s", "new_warm_s", "today_first_step_s", "new_first_step_s"):
+    for key in ("today_cold_s", "new_cold_s", "new_warm_s", "new_first_step_s"):
         assert positive(row[key]), key
-    assert len(row["today_rank_rss_gb"]) == len(row["new_rank_rss_gb"]) == 2  # the two ranks, not the launcher
+    assert len(row["new_rank_rss_gb"]) == 2 and "today_first_step_s" not in row  # the two ranks, not the launcher
     assert stdout.splitlines()[-2].startswith("prompts  cold today")
