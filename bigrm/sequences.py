@@ -193,7 +193,7 @@ def scored_sequence(
 class Tokenized:
     """Examples' scored sequences laid flat: what a token store is built from."""
 
-    tokens: np.ndarray  # (T,) int64, every kept sequence end to end
+    tokens: np.ndarray  # (T,) uint32, every kept sequence end to end
     lengths: np.ndarray  # (S,) int64, tokens of each kept sequence
     kept: np.ndarray  # (G,) int64, index among the inputs of each kept example, whose K sequences are consecutive
     report: EncodeReport
@@ -236,7 +236,7 @@ def tokenize_chunk(examples: list[Example], tokenizer, max_length: int, conventi
             lengths.append(len(seq))
             tokens.extend(seq)
     return Tokenized(
-        np.asarray(tokens, dtype=np.int64),
+        np.asarray(tokens, dtype=np.uint32),  # token ids are below 2**32: half the bytes workers send back
         np.asarray(lengths, dtype=np.int64),
         np.asarray(kept, dtype=np.int64),
         report,
@@ -245,18 +245,17 @@ def tokenize_chunk(examples: list[Example], tokenizer, max_length: int, conventi
 
 
 CHUNK = 256  # examples per batched tokenizer call (and per task of the worker processes)
-_worker_tokenizer = None  # the tokenizer a forked worker inherited
+_forked: tuple = ()  # (examples, tokenizer, max_length, convention): what forked workers inherit, never pickled
 
 
-def _init_worker(tokenizer) -> None:
-    global _worker_tokenizer
+def _init_worker() -> None:
     # the workers are the parallelism: a tokenizer's own thread pool in each would only oversubscribe the cores
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_tokenizer = tokenizer
 
 
-def _tokenize_in_worker(args: tuple[list[Example], int, str]) -> Tokenized:
-    return tokenize_chunk(*args[:1], _worker_tokenizer, *args[1:])
+def _tokenize_in_worker(lo: int) -> Tokenized:
+    examples, tokenizer, max_length, convention = _forked
+    return tokenize_chunk(examples[lo : lo + CHUNK], tokenizer, max_length, convention)
 
 
 def default_workers() -> int:
@@ -276,11 +275,15 @@ def encode_examples(
     tokenizer); the same sequences, counts and errors whatever `num_proc`."""
     if tokenizer.eos_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise DataError("the tokenizer's pad token equals its EOS token; bigrm.model.prepare_tokenizer fixes that")
+    global _forked
     chunks = [examples[lo : lo + CHUNK] for lo in range(0, len(examples), CHUNK)]
     if num_proc > 1 and len(chunks) > 1:
-        context = multiprocessing.get_context("fork")
-        with context.Pool(min(num_proc, len(chunks)), _init_worker, (tokenizer,)) as pool:
-            parts = pool.map(_tokenize_in_worker, [(c, max_length, convention) for c in chunks])
+        _forked = (examples, tokenizer, max_length, convention)
+        try:
+            with multiprocessing.get_context("fork").Pool(min(num_proc, len(chunks)), _init_worker) as pool:
+                parts = pool.map(_tokenize_in_worker, range(0, len(examples), CHUNK), chunksize=1)
+        finally:
+            _forked = ()
     else:
         parts = [tokenize_chunk(c, tokenizer, max_length, convention) for c in chunks]
     report, errors, offset = EncodeReport(), [], 0
@@ -298,7 +301,7 @@ def encode_examples(
             f"data.max_length):{listed([f'{e}, {reason}' for e in errors], max_errors)}"
         )
     lengths = np.concatenate([p.lengths for p in parts]) if parts else np.zeros(0, dtype=np.int64)
-    tokens = np.concatenate([p.tokens for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+    tokens = np.concatenate([p.tokens for p in parts]) if parts else np.zeros(0, dtype=np.uint32)
     report.groups = sum(len(p.kept) for p in parts)
     report.sequences = len(lengths)
     report.tokens = len(tokens)
@@ -315,15 +318,14 @@ def tokenize_examples(
     max_errors: int = DataConfig.max_errors,
     num_proc: int = 1,
 ) -> tuple[list[Group], EncodeReport]:
-    """encode_examples as Groups, whose sequences are views of its flat token array."""
+    """encode_examples as Groups, whose int64 sequences are views of one flat array."""
     done = encode_examples(examples, tokenizer, max_length, overlong, convention, max_errors, num_proc)
     bounds = np.concatenate([[0], np.cumsum(done.lengths)])
+    tokens = done.tokens.astype(np.int64)
     groups, s = [], 0
     for i in done.kept:
         ex = examples[i]
         k = len(ex.completions)
-        groups.append(
-            Group(tuple(done.tokens[bounds[j] : bounds[j + 1]] for j in range(s, s + k)), ex.source, ex.labels)
-        )
+        groups.append(Group(tuple(tokens[bounds[j] : bounds[j + 1]] for j in range(s, s + k)), ex.source, ex.labels))
         s += k
     return groups, done.report
