@@ -1,4 +1,4 @@
-"""Command-line entry points: `bigrm train | export | score | eval` (`launch/train.py` is `bigrm train`)."""
+"""Command-line entry points: `bigrm train | prepare | export | score | eval` (`launch/train.py` is `bigrm train`)."""
 
 from __future__ import annotations
 
@@ -190,7 +190,27 @@ def export_main(argv: list[str]) -> int:
     return _run(do_export)
 
 
-COMMANDS = {"train": train_main, "export": export_main, "score": score_main, "eval": eval_main}
+def prepare_main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(
+            "usage: bigrm prepare [--config FILE.yaml] [--section.key VALUE ...]\n"
+            "Validate and tokenise the data of a training run into the token cache (data.cache_dir) ahead of time, "
+            "with every core (data.num_proc), and print the report training prints. A training run with the same "
+            "data options, tokenizer and files memory-maps it instead of tokenising. Takes the training options:\n"
+            + options.help_text()
+        )
+        return 0
+
+    def prepare() -> None:
+        from bigrm.prepare import prepare
+
+        for line in prepare(options.from_argv(argv)).log:
+            print(line)
+
+    return _run(prepare)
+
+
+COMMANDS = {"train": train_main, "prepare": prepare_main, "export": export_main, "score": score_main, "eval": eval_main}
 
 
 def main() -> int:

@@ -93,6 +93,18 @@ class DataConfig:
     )
     skip_invalid: bool = opt(False, "Skip invalid rows (counted and reported by reason) instead of stopping.")
     max_errors: int = opt(20, "Most row errors listed when stopping on invalid data.")
+    cache: bool = opt(
+        True,
+        "Keep the tokenised data in cache_dir, keyed by the files' contents, the tokenizer and every data option: a "
+        "later run, every rank and a resumed job memory-map it instead of tokenising again (one process per "
+        "machine builds it while the others wait, outside any collective). `bigrm prepare` builds it ahead of time.",
+    )
+    cache_dir: str = opt(
+        "",
+        "Where the token cache lives (one directory per key; delete them to reclaim space). Empty: $BIGRM_CACHE_DIR, "
+        "else ~/.cache/bigrm/tokens. On a filesystem shared by the nodes, the first to get there builds for all.",
+    )
+    num_proc: int = opt(0, "Processes that validate and tokenise the rows. 0: every core this process may use.")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig, metadata={"help": "Built-in task."})
 
     def __post_init__(self) -> None:
@@ -102,6 +114,7 @@ class DataConfig:
         _choice(self.reward_convention, "data.reward_convention", REWARD_CONVENTIONS)
         _positive(self.max_length, "data.max_length")
         _positive(self.max_errors, "data.max_errors")
+        _positive(self.num_proc, "data.num_proc", allow_zero=True)
 
 
 ATTN_IMPLS = ("auto", "sdpa", "eager", "varlen", "flash_attn", "flex")

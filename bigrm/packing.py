@@ -213,7 +213,7 @@ def collate(groups: list[Group], pad_id: int, pad_to_multiple: int = 1, share_pr
     scored = np.array([flag for *_, flag in segs], dtype=bool)
     k_per_group = [len(g.seqs) for g in groups]
     batch = PackedBatch(
-        input_ids=torch.from_numpy(np.concatenate([t for t, *_ in segs]))[None],
+        input_ids=torch.from_numpy(np.concatenate([t for t, *_ in segs]).astype(np.int64, copy=False))[None],
         position_ids=torch.from_numpy(positions)[None],
         cu_seqlens=torch.from_numpy(cu).to(torch.int32),
         seg_parent=torch.from_numpy(parents),

@@ -6,23 +6,29 @@ Runs entirely before the model is built, so bad data fails before any compute is
 from __future__ import annotations
 
 import json
+import os
 import random
-from dataclasses import dataclass, field
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bigrm import synthetic
+import numpy as np
+
+from bigrm import synthetic, token_cache
 from bigrm.config import Config
 from bigrm.data import DataError, file_specs, load_examples
 from bigrm.packing import check_budget
-from bigrm.sequences import Group, tokenize_examples
+from bigrm.sequences import Group, default_workers, encode_examples
+from bigrm.token_store import TokenStore, concat
 
 
 @dataclass
 class Dataset:
-    train: list[Group]
+    train: Sequence[Group]  # a TokenStore (memory-mapped when cached) or any list of groups
     train_files: list[list[int]]  # group indices of each training file, for per-epoch mixing
     weights: list[float]
-    eval: list[Group]
+    eval: Sequence[Group]
     log: list[str] = field(default_factory=list)
 
 
@@ -39,17 +45,21 @@ def write_synthetic(cfg: Config, out_dir: Path) -> None:
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def build(cfg: Config, tokenizer, synthetic_dir: Path) -> Dataset:
-    """Reads data.train_files / eval_files, or the synthetic files that write_synthetic put in synthetic_dir."""
+def sources(cfg: Config, synthetic_dir: Path) -> tuple[list[tuple[str, float]], list[str]]:
+    """(training files with their weights, eval files): data.train_files / eval_files, or the synthetic files that
+    write_synthetic put in synthetic_dir."""
     d = cfg.data
     if d.train_files:
-        specs = file_specs(d.train_files)
-        eval_paths = [str(p) for p in d.eval_files]
-    else:
-        train_path, eval_path = synthetic_paths(synthetic_dir, cfg)
-        specs, eval_paths = [(str(train_path), 1.0)], [str(eval_path)] if eval_path else []
+        return file_specs(d.train_files), [str(p) for p in d.eval_files]
+    train_path, eval_path = synthetic_paths(synthetic_dir, cfg)
+    return [(str(train_path), 1.0)], [str(eval_path)] if eval_path else []
+
+
+def tokenise(cfg: Config, tokenizer, paths: list[str], eval_paths: list[str]) -> tuple[TokenStore, TokenStore, dict]:
+    """Validation, hold-out and tokenisation: (train, eval, {"train_file_groups": groups per file, "log": report})."""
+    d = cfg.data
     log = []
-    per_file, report = load_examples([p for p, _ in specs], d)
+    per_file, report = load_examples(paths, d)
     log.append(f"train data: {report.summary()}")
     if eval_paths:
         eval_files, eval_report = load_examples(eval_paths, d)
@@ -70,21 +80,80 @@ def build(cfg: Config, tokenizer, synthetic_dir: Path) -> Dataset:
         eval_examples = []
         log.append("eval data: none (set data.eval_files or data.eval_fraction)")
 
-    train, train_files = [], []
-    for examples in per_file:
-        groups, enc = tokenize_examples(
-            examples, tokenizer, d.max_length, d.overlong, d.reward_convention, d.max_errors
+    workers = d.num_proc or default_workers()
+
+    def encoded(examples: list) -> tuple[TokenStore, str]:
+        done = encode_examples(
+            examples, tokenizer, d.max_length, d.overlong, d.reward_convention, d.max_errors, workers
         )
-        train_files.append(list(range(len(train), len(train) + len(groups))))
-        train += groups
-        log.append(f"train tokens: {enc.summary()}")
-    if not train:
+        return TokenStore.of(done, examples), done.report.summary()
+
+    train = []
+    for examples in per_file:
+        store, summary = encoded(examples)
+        train.append(store)
+        log.append(f"train tokens: {summary}")
+    if not sum(len(s) for s in train):
         raise DataError("no training prompts left after validation")
-    evals, enc = tokenize_examples(
-        eval_examples, tokenizer, d.max_length, d.overlong, d.reward_convention, d.max_errors
-    )
+    evals, summary = encoded(eval_examples)
     if eval_examples:
-        log.append(f"eval tokens: {enc.summary()}")
+        log.append(f"eval tokens: {summary}")
+    return concat(train), evals, {"train_file_groups": [len(s) for s in train], "log": log}
+
+
+def cache_key(cfg: Config, tokenizer, paths: list[str], eval_paths: list[str]) -> str:
+    """Everything that decides the tokens: the files' contents and names (sources name them), the tokenizer, every
+    data option (those that only say how to build are left out) and the hold-out's seed when there is one."""
+    d = cfg.data
+    options = {k: v for k, v in asdict(d).items() if k not in ("cache", "cache_dir", "num_proc")}
+    for path in [*paths, *eval_paths]:
+        if not Path(path).exists():
+            raise DataError(f"{path}: no such file or directory")
+    return token_cache.key_of(
+        {
+            "format": CACHE_FORMAT,
+            "train": [(p, token_cache.digest_file(Path(p))) for p in paths],
+            "eval": [(p, token_cache.digest_file(Path(p))) for p in eval_paths],
+            "data": options,
+            "hold_out_seed": cfg.train.seed if d.eval_fraction > 0 and not eval_paths else None,
+            "tokenizer": token_cache.digest_tokenizer(tokenizer),
+        }
+    )
+
+
+CACHE_ENV = "BIGRM_CACHE_DIR"
+CACHE_FORMAT = 1  # raised whenever what a cache holds, or how it is tokenised, changes
+
+
+def cache_root(cfg: Config) -> Path:
+    return Path(os.path.expanduser(cfg.data.cache_dir or os.environ.get(CACHE_ENV, "~/.cache/bigrm/tokens")))
+
+
+def build(cfg: Config, tokenizer, synthetic_dir: Path) -> Dataset:
+    """The tokenised dataset: from the token cache (built by whichever process gets there first, see token_cache),
+    or, with data.cache off, tokenised here."""
+    specs, eval_paths = sources(cfg, synthetic_dir)
+    paths = [p for p, _ in specs]
+    if cfg.data.cache:
+        started = time.perf_counter()
+        key = cache_key(cfg, tokenizer, paths, eval_paths)
+
+        def write(tmp: Path) -> dict:
+            train, evals, meta = tokenise(cfg, tokenizer, paths, eval_paths)
+            train.save(tmp / "train")
+            evals.save(tmp / "eval")
+            return meta
+
+        directory, built = token_cache.get_or_build(cache_root(cfg), key, write)
+        meta = token_cache.read_complete(directory)["meta"]
+        train, evals = TokenStore.load(directory / "train"), TokenStore.load(directory / "eval")
+        how = "built" if built else "reused"
+        log = [*meta["log"], f"token cache: {directory} ({how} in {time.perf_counter() - started:.1f} s)"]
+    else:
+        train, evals, meta = tokenise(cfg, tokenizer, paths, eval_paths)
+        log = meta["log"]
+    bounds = np.cumsum([0, *meta["train_file_groups"]]).tolist()
+    train_files = [list(range(lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
     for name, groups in (("train", train), ("eval", evals)):
         check_budget(groups, cfg.train.max_tokens_per_batch, cfg.train.share_prompt, f"{name} ", "train.")
     return Dataset(train, train_files, [w for _, w in specs], evals, log)

@@ -19,6 +19,8 @@ sequence fits max_length; a completion that alone does not fit is an error or a 
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -33,7 +35,7 @@ from bigrm.data import DataError, Example, Labels, Text, listed
 class Group:
     """One prompt's K scored sequences, in its example's completion order, with its labels."""
 
-    seqs: tuple[np.ndarray, ...]  # K int64 arrays of token ids
+    seqs: tuple[np.ndarray, ...]  # K arrays of token ids (int64, or views of a token_store.TokenStore's int32)
     source: str
     labels: Labels = Labels()
 
@@ -61,24 +63,33 @@ class EncodeReport:
         return text
 
 
-def render(tokenizer, prompt: Text, completion: Text) -> tuple[str, int]:
-    """(full text, character offset where the completion starts)."""
+def render(tokenizer, prompt: Text, completion: Text, heads: tuple[str, ...] | None = None) -> tuple[str, int]:
+    """(full text, character offset where the completion starts); `heads` is prompt_heads(tokenizer, prompt) when
+    the caller renders several completions of one chat prompt."""
     if isinstance(prompt, str):
         return prompt + completion, len(prompt)
-    if tokenizer.chat_template is None:
-        raise DataError("chat-message rows need a tokenizer with a chat template")
     reply = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
+    heads = heads or prompt_heads(tokenizer, prompt)
     full = tokenizer.apply_chat_template(prompt + reply, tokenize=False)
     # The prompt part is the prompt's own rendering, with the assistant header when the reply starts with one;
     # if the template renders the prompt differently inside the whole conversation, only the shared text counts.
-    for generation_prompt in (True, False):
-        head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=generation_prompt)
+    for head in heads:
         if full.startswith(head):
             return full, len(head)
     n = 0
     while n < min(len(full), len(head)) and full[n] == head[n]:
         n += 1
     return full, n
+
+
+def prompt_heads(tokenizer, prompt: list[dict]) -> tuple[str, str]:
+    """A chat prompt's own renderings: with the generation prompt (assistant header), then without."""
+    if tokenizer.chat_template is None:
+        raise DataError("chat-message rows need a tokenizer with a chat template")
+    return tuple(
+        tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=generation_prompt)
+        for generation_prompt in (True, False)
+    )
 
 
 class Encoded(NamedTuple):
@@ -92,26 +103,54 @@ def encode(tokenizer, text: str, start: int, chat: bool, convention: str = DataC
     """One rendered text (completion starting at character `start`) as the scored token sequence of `convention`.
 
     Chat renderings already hold the template's special tokens, so they are never added again."""
-    add_special = convention == "trl" and not chat
+    return encode_batch(tokenizer, [text], [start], [chat], convention)[0]
+
+
+def encode_batch(
+    tokenizer, texts: list[str], starts: list[int], chats: list[bool], convention: str = DataConfig.reward_convention
+) -> list[Encoded]:
+    """`encode` of many texts, with one fast-tokenizer call per kind of text (chat renderings, plain text)."""
     if convention == "openrlhf":
-        if tokenizer.eos_token is None:
+        eos_text = tokenizer.eos_token
+        if eos_text is None:
             raise DataError("data.reward_convention=openrlhf needs a tokenizer with an EOS token")
-        text = text.rstrip("\n")
-        if not text.endswith(tokenizer.eos_token):
-            text += " " + tokenizer.eos_token
-    enc = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        texts = [t.rstrip("\n") for t in texts]
+        texts = [t if t.endswith(eos_text) else t + " " + eos_text for t in texts]
     special = set(tokenizer.all_special_ids)
-    n_lead = 0
-    while n_lead < len(ids) and ids[n_lead] in special:
-        n_lead += 1
-    # Prompt tokens end before the completion starts; a token straddling the boundary belongs to the completion.
-    prompt_end = sum(1 for s, e in offsets if e <= start)
-    ends = [e for _, e in offsets]
     eos = tokenizer.eos_token_id
-    if add_special and eos is not None and (not ids or ids[-1] != eos):
-        ids, ends = ids + [eos], ends + [len(text)]
-    return Encoded(ids, n_lead, max(prompt_end, n_lead), ends)
+    out: list[Encoded | None] = [None] * len(texts)
+    for chat in (False, True):
+        todo = [i for i, c in enumerate(chats) if c == chat]
+        if not todo:
+            continue
+        add_special = convention == "trl" and not chat
+        for i, (ids, offsets) in zip(todo, _tokenize(tokenizer, [texts[i] for i in todo], add_special), strict=True):
+            n_lead = 0
+            while n_lead < len(ids) and ids[n_lead] in special:
+                n_lead += 1
+            ends = [e for _, e in offsets]
+            # Prompt tokens end before the completion starts; a token straddling the boundary belongs to the
+            # completion.
+            prompt_end = sum(1 for e in ends if e <= starts[i])
+            if add_special and eos is not None and (not ids or ids[-1] != eos):
+                ids, ends = ids + [eos], ends + [len(texts[i])]
+            out[i] = Encoded(ids, n_lead, max(prompt_end, n_lead), ends)
+    return out
+
+
+def _tokenize(tokenizer, texts: list[str], add_special: bool) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(ids, character offsets) of each text: straight from a fast tokenizer's backend when it would neither
+    truncate nor pad (what `tokenizer(...)` then does too, without building a dict per text), else through it."""
+    if (
+        tokenizer.is_fast
+        and tokenizer.backend_tokenizer.truncation is None
+        and tokenizer.backend_tokenizer.padding is None
+    ):
+        return [
+            (e.ids, e.offsets) for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=add_special)
+        ]
+    enc = tokenizer(texts, add_special_tokens=add_special, return_offsets_mapping=True)
+    return list(zip(enc["input_ids"], enc["offset_mapping"], strict=True))
 
 
 def truncate(ids: list[int], n_lead: int, prompt_end: int, max_length: int) -> tuple[list[int], int] | None:
@@ -150,6 +189,126 @@ def scored_sequence(
     return Scored(ids, enc.prompt_end - cut, cut, ends, text, start)
 
 
+@dataclass
+class Tokenized:
+    """Examples' scored sequences laid flat: what a token store is built from."""
+
+    tokens: np.ndarray  # (T,) uint32, every kept sequence end to end
+    lengths: np.ndarray  # (S,) int64, tokens of each kept sequence
+    kept: np.ndarray  # (G,) int64, index among the inputs of each kept example, whose K sequences are consecutive
+    report: EncodeReport
+    overlong: list[str]  # "source: completion k: n tokens" of each example with a completion that cannot fit
+
+
+def tokenize_chunk(examples: list[Example], tokenizer, max_length: int, convention: str) -> Tokenized:
+    """Render every completion, tokenise them in one batch, then cut prompts to max_length."""
+    texts, starts, chats = [], [], []
+    for ex in examples:
+        chat = isinstance(ex.prompt, list)
+        heads = prompt_heads(tokenizer, ex.prompt) if chat else None
+        for completion in ex.completions:
+            text, start = render(tokenizer, ex.prompt, completion, heads)
+            texts.append(text)
+            starts.append(start)
+            chats.append(chat)
+    encoded = iter(encode_batch(tokenizer, texts, starts, chats, convention))
+    report, tokens, lengths, kept, overlong = EncodeReport(), [], [], [], []
+    reason = f"completion alone longer than data.max_length={max_length}"
+    for i, ex in enumerate(examples):
+        seqs, cut, cut_tokens, bad = [], 0, 0, None
+        for k in range(len(ex.completions)):
+            enc = next(encoded)
+            fitted = truncate(enc.ids, enc.n_lead, enc.prompt_end, max_length)
+            if fitted is None:
+                bad = bad or (k, len(enc.ids) - enc.prompt_end + enc.n_lead)
+                continue
+            seqs.append(fitted[0])
+            cut += fitted[1] > 0
+            cut_tokens += fitted[1]
+        if bad is not None:
+            overlong.append(f"{ex.source}: completion {bad[0]}: {bad[1]} tokens")
+            report.skipped[reason] += 1
+            continue
+        report.prompts_cut += cut
+        report.prompt_tokens_cut += cut_tokens
+        kept.append(i)
+        for seq in seqs:
+            lengths.append(len(seq))
+            tokens.extend(seq)
+    return Tokenized(
+        np.asarray(tokens, dtype=np.uint32),  # token ids are below 2**32: half the bytes workers send back
+        np.asarray(lengths, dtype=np.int64),
+        np.asarray(kept, dtype=np.int64),
+        report,
+        overlong,
+    )
+
+
+CHUNK = 256  # examples per batched tokenizer call (and per task of the worker processes)
+_forked: tuple = ()  # (examples, tokenizer, max_length, convention): what forked workers inherit, never pickled
+
+
+def _init_worker() -> None:
+    # the workers are the parallelism: a tokenizer's own thread pool in each would only oversubscribe the cores
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def _tokenize_in_worker(lo: int) -> Tokenized:
+    examples, tokenizer, max_length, convention = _forked
+    return tokenize_chunk(examples[lo : lo + CHUNK], tokenizer, max_length, convention)
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def encode_examples(
+    examples: list[Example],
+    tokenizer,
+    max_length: int,
+    overlong: str,
+    convention: str = DataConfig.reward_convention,
+    max_errors: int = DataConfig.max_errors,
+    num_proc: int = 1,
+) -> Tokenized:
+    """Every example's scored sequences, tokenised in batches by `num_proc` processes (forked: they inherit the
+    tokenizer); the same sequences, counts and errors whatever `num_proc`."""
+    if tokenizer.eos_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise DataError("the tokenizer's pad token equals its EOS token; bigrm.model.prepare_tokenizer fixes that")
+    global _forked
+    chunks = [examples[lo : lo + CHUNK] for lo in range(0, len(examples), CHUNK)]
+    if num_proc > 1 and len(chunks) > 1:
+        _forked = (examples, tokenizer, max_length, convention)
+        try:
+            with multiprocessing.get_context("fork").Pool(min(num_proc, len(chunks)), _init_worker) as pool:
+                parts = pool.map(_tokenize_in_worker, range(0, len(examples), CHUNK), chunksize=1)
+        finally:
+            _forked = ()
+    else:
+        parts = [tokenize_chunk(c, tokenizer, max_length, convention) for c in chunks]
+    report, errors, offset = EncodeReport(), [], 0
+    for part, chunk in zip(parts, chunks, strict=True):
+        report.prompts_cut += part.report.prompts_cut
+        report.prompt_tokens_cut += part.report.prompt_tokens_cut
+        report.skipped.update(part.report.skipped)
+        errors += part.overlong
+        part.kept += offset
+        offset += len(chunk)
+    if errors and overlong == "error":
+        reason = f"completion alone longer than data.max_length={max_length}"
+        raise DataError(
+            f"{len(errors)} row(s) have a completion that cannot fit (set data.overlong: skip to drop them, or raise "
+            f"data.max_length):{listed([f'{e}, {reason}' for e in errors], max_errors)}"
+        )
+    lengths = np.concatenate([p.lengths for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+    tokens = np.concatenate([p.tokens for p in parts]) if parts else np.zeros(0, dtype=np.uint32)
+    report.groups = sum(len(p.kept) for p in parts)
+    report.sequences = len(lengths)
+    report.tokens = len(tokens)
+    kept = np.concatenate([p.kept for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+    return Tokenized(tokens, lengths, kept, report, errors)
+
+
 def tokenize_examples(
     examples: list[Example],
     tokenizer,
@@ -157,35 +316,16 @@ def tokenize_examples(
     overlong: str,
     convention: str = DataConfig.reward_convention,
     max_errors: int = DataConfig.max_errors,
+    num_proc: int = 1,
 ) -> tuple[list[Group], EncodeReport]:
-    if tokenizer.eos_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise DataError("the tokenizer's pad token equals its EOS token; bigrm.model.prepare_tokenizer fixes that")
-    report, groups, errors = EncodeReport(), [], []
-    for ex in examples:
-        seqs, cut, cut_tokens, bad = [], 0, 0, None
-        for k, completion in enumerate(ex.completions):
-            scored = scored_sequence(tokenizer, ex.prompt, completion, max_length, convention)
-            if isinstance(scored, int):
-                bad = bad or (k, scored)
-                continue
-            seqs.append(np.asarray(scored.ids, dtype=np.int64))
-            cut += scored.cut > 0
-            cut_tokens += scored.cut
-        if bad is not None:
-            reason = f"completion alone longer than data.max_length={max_length}"
-            if overlong == "error":
-                errors.append(f"{ex.source}: completion {bad[0]}: {bad[1]} tokens, {reason}")
-            report.skipped[reason] += 1
-            continue
-        report.prompts_cut += cut
-        report.prompt_tokens_cut += cut_tokens
-        groups.append(Group(tuple(seqs), ex.source, ex.labels))
-    if errors:
-        raise DataError(
-            f"{len(errors)} row(s) have a completion that cannot fit (set data.overlong: skip to drop them, or raise "
-            f"data.max_length):{listed(errors, max_errors)}"
-        )
-    report.groups = len(groups)
-    report.sequences = sum(len(g.seqs) for g in groups)
-    report.tokens = sum(g.num_tokens for g in groups)
-    return groups, report
+    """encode_examples as Groups, whose int64 sequences are views of one flat array."""
+    done = encode_examples(examples, tokenizer, max_length, overlong, convention, max_errors, num_proc)
+    bounds = np.concatenate([[0], np.cumsum(done.lengths)])
+    tokens = done.tokens.astype(np.int64)
+    groups, s = [], 0
+    for i in done.kept:
+        ex = examples[i]
+        k = len(ex.completions)
+        groups.append(Group(tuple(tokens[bounds[j] : bounds[j + 1]] for j in range(s, s + k)), ex.source, ex.labels))
+        s += k
+    return groups, done.report

@@ -26,11 +26,11 @@ from bigrm.model import (
     compile_blocks,
     load_classifier,
     parameter_counts,
-    prepare_tokenizer,
     write_random_init,
 )
 from bigrm.packing import Step, collate
 from bigrm.plan import check_resumable, plan, plan_fingerprint
+from bigrm.prepare import load_tokenizer
 from bigrm.tracking import Tracker
 
 
@@ -119,18 +119,16 @@ class Trainer:
             self.cfg.model.attn_impl, self.device.type == "cuda", read_attention_needs(self.cfg.model.path)
         )
         path = model_dir(self.cfg, self.out, self.dtype)
-        self._load_data(path)
+        self._load_data()
         self._build_engine(path, attn)
 
-    def _load_data(self, path: str) -> None:
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        prepare_tokenizer(self.tokenizer)
-        with dist.main_first():  # rank 0 writes the synthetic files and fills the datasets cache first
+    def _load_data(self) -> None:
+        with dist.main_first():  # rank 0 writes the synthetic task's files before anyone reads them
             if dist.is_main() and not self.cfg.data.train_files:
                 pipeline.write_synthetic(self.cfg, self.out)
-            self.data = pipeline.build(self.cfg, self.tokenizer, self.out)
+        self.tokenizer = load_tokenizer(self.cfg, self.out)
+        # one process per machine tokenises into the token cache while the others poll its lock: no collective waits
+        self.data = pipeline.build(self.cfg, self.tokenizer, self.out)
         self.steps = plan(self.cfg, self.data)
         self.tracker = Tracker(self.out, len(self.steps), self.t.tensorboard)
         for line in self.data.log:

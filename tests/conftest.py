@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 HH_DATA = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def token_cache_dir(tmp_path_factory) -> Path:
+    """Every run's token cache (data.cache) in this session's temporary directory, subprocesses included."""
+    path = tmp_path_factory.mktemp("token-cache")
+    os.environ["BIGRM_CACHE_DIR"] = str(path)
+    return path
 
 
 def make_model_dir(root: Path, arch: str, seed: int = 0) -> Path:

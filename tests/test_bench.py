@@ -160,3 +160,14 @@ def test_trl_trains_like_bigrm(tmp_path):
     assert not default.bf16 and not default.gradient_checkpointing
     aligned = bench_speed.trl_config(str(tmp_path), 1, speed_settings(dtype="bf16", gradient_checkpointing=True))
     assert aligned.bf16 and aligned.gradient_checkpointing
+
+
+@pytest.mark.slow  # two 2-rank runs of a tiny Qwen-tokenizer model (today's code from git: not here)
+def test_bench_data_compares_todays_data_phase_with_the_cached_one(tmp_path):
+    stdout, figures = bench("bench_data.py", tmp_path, "--sizes", "60", "--baseline", "", "--out", str(tmp_path))
+    (row,) = figures
+    assert row["prompts"] == 60 and row["sequences"] == 420 and row["tokens"] == row["tokens_new"] > 0
+    for key in ("today_cold_s", "new_cold_s", "new_warm_s", "new_first_step_s"):
+        assert positive(row[key]), key
+    assert len(row["new_rank_rss_gb"]) == 2 and "today_first_step_s" not in row  # the two ranks, not the launcher
+    assert stdout.splitlines()[-2].startswith("prompts  cold today")

@@ -43,6 +43,7 @@ def test_yaml_file_and_nested_sections(tmp_path):
         ("train:\n  lr: -1\n", "train.lr: must be > 0"),
         ("model:\n  attn_impl: magic\n", "model.attn_impl"),
         ("data:\n  overlong: cut\n", "data.overlong"),
+        ("data:\n  num_proc: -1\n", "data.num_proc: must be >= 0"),
         ("- a\n", "must be a mapping"),
     ],
 )

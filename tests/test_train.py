@@ -275,3 +275,23 @@ def test_impossible_attention_stops_before_any_work(tmp_path):
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 2 and "error: model.attn_impl=flex needs CUDA" in proc.stderr
     assert not (out / "random-init").exists() and not (out / "synthetic-train.jsonl").exists()
+
+
+def test_cached_data_trains_as_freshly_tokenised_data(tmp_path):
+    """Two ranks start on an empty token cache: one builds it while the other polls, both memory-map it, and the
+    steps equal a run that tokenises in memory (data.cache false). `bigrm prepare` fills the cache a run reuses."""
+    cache = tmp_path / "cache"
+    args = [*SMALL, "--max_steps", "4", "--export", "false", "--data.cache_dir", str(cache)]
+    built = launch(2, tmp_path / "cached", *args)
+    assert "(built in" in built.stdout and len(list(cache.glob("*/complete.json"))) == 1
+    launch(2, tmp_path / "fresh", *args, "--data.cache", "false")
+    assert train_losses(tmp_path / "cached") == pytest.approx(train_losses(tmp_path / "fresh"), abs=1e-6)
+    assert len(train_losses(tmp_path / "fresh")) == 4
+
+    from bigrm import cli
+
+    out = tmp_path / "prepared"
+    assert cli.prepare_main(["--output_dir", str(out), *args]) == 0
+    reused = launch(2, out, *args)
+    assert "(reused in" in reused.stdout and len(list(cache.glob("*/complete.json"))) == 2
+    assert train_losses(out) == pytest.approx(train_losses(tmp_path / "fresh"), abs=1e-6)

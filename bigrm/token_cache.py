@@ -1,0 +1,124 @@
+"""A directory of token stores found by a key of everything that decides the tokens, built by one process.
+
+`get_or_build(root, key, build)` returns `root/key`, a complete directory: it either exists (a later run, another
+rank, a resumed job) or this process builds it. Builders are serialised by an exclusive lock on `root/key.lock` (an
+OS file lock, released if its holder dies): the others poll for it, outside any collective, so however long a build
+takes no process-group timeout can fire. A build writes into a temporary directory that is renamed into place when
+complete, and `complete.json` (written last) records every file's size: a directory that does not match it is torn
+(a copy cut short, a disk that filled) and is rebuilt.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import xxhash
+
+MARK = "complete.json"
+POLL_S = 0.5
+
+
+def digest_file(path: Path) -> str:
+    """The content hash of a file, or of a directory's files (names and contents)."""
+    h = xxhash.xxh3_128()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path)).encode() + b"\0" if path.is_dir() else b"")
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def digest_tokenizer(tokenizer) -> str:
+    """The hash of the files `save_pretrained` writes: vocabulary, merges, special tokens, chat template."""
+    h = xxhash.xxh3_128()
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        for f in sorted(Path(tmp).iterdir()):
+            content = f.read_bytes()
+            if f.name == "tokenizer_config.json":  # where it was loaded from is not what it does
+                config = json.loads(content)
+                config.pop("name_or_path", None)
+                content = json.dumps(config, sort_keys=True).encode()
+            h.update(f.name.encode() + b"\0" + content)
+    return h.hexdigest()
+
+
+def key_of(parts: dict) -> str:
+    return xxhash.xxh3_128(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_complete(directory: Path) -> dict | None:
+    """The directory's completion record, or None when it is absent, unreadable or its files disagree with it."""
+    try:
+        record = json.loads((directory / MARK).read_text())
+        sizes = record["sizes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    for name, size in sizes.items():
+        f = directory / name
+        if not f.is_file() or f.stat().st_size != size:
+            return None
+    return record
+
+
+def get_or_build(root: Path, key: str, build: Callable[[Path], dict]) -> tuple[Path, bool]:
+    """(root/key, whether this call built it). `build(tmp)` writes the files into tmp and returns the metadata to
+    record; it runs in a forked child process, so the rows and the builder's memory never stay in the caller's."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / key
+    while True:
+        if read_complete(final) is not None:
+            return final, False
+        with open(root / f"{key}.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # another process builds it: wait for it without holding any collective
+                time.sleep(POLL_S)
+                continue
+            if read_complete(final) is not None:
+                return final, False
+            # under the lock: anything left is a dead builder's partial work or a torn copy
+            for stale in [final, *root.glob(f".{key}.tmp-*")]:
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = root / f".{key}.tmp-{os.getpid()}"
+            tmp.mkdir()
+            meta = _in_child(build, tmp)
+            sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in tmp.rglob("*") if f.is_file()}
+            (tmp / MARK).write_text(json.dumps({"sizes": sizes, "meta": meta}))
+            os.replace(tmp, final)
+            return final, True
+
+
+def _in_child(fn: Callable[[Path], dict], arg: Path) -> dict:
+    """fn(arg) in a forked process: its result, or the exception it raised, raised here."""
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+
+    def target() -> None:
+        try:
+            send.send((True, fn(arg)))
+        except BaseException as err:  # noqa: BLE001 - handed to the parent, which raises it
+            send.send((False, err))
+
+    child = context.Process(target=target)
+    child.start()
+    send.close()
+    try:
+        ok, value = receive.recv()
+    except EOFError:
+        child.join()
+        raise RuntimeError(f"the token cache builder died (exit code {child.exitcode})") from None
+    child.join()
+    if not ok:
+        raise value
+    return value
