@@ -34,9 +34,10 @@ def load_model(path: str, device: torch.device, dtype: str = "auto", attn: str =
     torch_dtype = precision.saved(dtype)
     p = Path(path)
     # a backend the model needs and the device lacks, or a model bigrm cannot run: refused before loading weights
-    config_dir = p / "hf" if checkpoint.is_complete(p) else p
+    from_checkpoint = checkpoint.is_complete(p)
+    config_dir = p / "hf" if from_checkpoint else p
     attn = resolve_attn(attn, device.type == "cuda", read_attention_needs(str(config_dir)))
-    if checkpoint.is_complete(p):
+    if from_checkpoint:
         classifier, tokenizer, convention = export.classifier_from_checkpoint(p, torch_dtype)
         classifier.config._attn_implementation = hf_attn_implementation(attn)
     else:
