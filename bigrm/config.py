@@ -39,12 +39,19 @@ class SyntheticConfig:
     num_eval: int = opt(400, "Prompts in the built-in synthetic eval set.")
     min_k: int = opt(2, "Fewest completions per synthetic prompt.")
     max_k: int = opt(6, "Most completions per synthetic prompt.")
+    task: str = opt(
+        "ranked",
+        "`ranked`: K reviews ranked by sentiment (bigrm.synthetic.make_rows). `steps`: stepwise rows for a process "
+        "reward model, min_k..max_k solutions per prompt, each step correct until the first step with a word of the "
+        "unwanted sentiment (bigrm.synthetic.make_step_rows).",
+    )
 
     def __post_init__(self) -> None:
         _positive(self.num_train, "data.synthetic.num_train")
         _positive(self.num_eval, "data.synthetic.num_eval", allow_zero=True)
         if not 2 <= self.min_k <= self.max_k:
             raise ConfigError(f"data.synthetic: need 2 <= min_k <= max_k, got {self.min_k}, {self.max_k}")
+        _choice(self.task, "data.synthetic.task", ("ranked", "steps"))
 
 
 REWARD_CONVENTIONS = ("trl", "grpo", "openrlhf")  # described in bigrm.sequences
@@ -69,6 +76,21 @@ class DataConfig:
     )
     completions_column: str = opt("completions", "Scored rows: the column of K >= 2 completions (any order).")
     scores_column: str = opt("scores", "Scored rows: one number per completion, higher is better (see loss.scores).")
+    labels_column: str = opt(
+        "labels",
+        "Stepwise rows (TRL's stepwise supervision: `completions` is one solution's list of steps): one label per "
+        "step, a boolean or a probability in [0, 1] that the step is correct (kept as a float: soft labels).",
+    )
+    step_separator: str = opt(
+        "\n",
+        "Stepwise rows: appended to every step, so the solution is step1 + sep + step2 + sep + ...; the value head "
+        "is trained and read at each step's last token, the separator (as TRL's PRMTrainer). Exports record it.",
+    )
+    step_group_size: int = opt(
+        8,
+        "Stepwise rows with the same prompt (several solutions) form groups of up to this many solutions, in file "
+        "order: train.share_prompt encodes the prompt once per group. They are never ranked against each other.",
+    )
     weight_column: str = opt("weight", "Optional positive number per row scaling that prompt's share of the loss.")
     assistant_marker: str = opt(
         "\n\nAssistant:",
@@ -114,6 +136,7 @@ class DataConfig:
         _choice(self.reward_convention, "data.reward_convention", REWARD_CONVENTIONS)
         _positive(self.max_length, "data.max_length")
         _positive(self.max_errors, "data.max_errors")
+        _positive(self.step_group_size, "data.step_group_size")
         _positive(self.num_proc, "data.num_proc", allow_zero=True)
 
 
@@ -226,12 +249,28 @@ class LossConfig:
         "exactly TRL's term), keeping rewards centred on zero.",
     )
     l2_rewards_coef: float = opt(0.0, "Adds coef * mean over the prompt's completions of r^2.")
+    step_coef: float = opt(
+        1.0,
+        "Stepwise rows (process reward models): the loss is ranking loss + step_coef * step loss, where the step loss "
+        "is the binary cross-entropy of σ(value at each step's end) against the step's label (soft labels exact), "
+        "weighted by its row's weight and averaged over the optimizer step's steps (see bigrm.step_loss).",
+    )
+    train_on_last_step_only: bool = opt(
+        False, "Stepwise rows: train on each solution's last step only (TRL's option); eval still reads every step."
+    )
 
     def __post_init__(self) -> None:
         _choice(self.objective, "loss.objective", ("pairwise", "listmle"))
         _choice(self.pair_weighting, "loss.pair_weighting", ("per_prompt", "per_pair"))
         _choice(self.scores, "loss.scores", ("rank", "regress", "both"))
-        for key in ("score_margin_scale", "regress_weight", "tie_coef", "center_rewards_coef", "l2_rewards_coef"):
+        for key in (
+            "score_margin_scale",
+            "regress_weight",
+            "tie_coef",
+            "center_rewards_coef",
+            "l2_rewards_coef",
+            "step_coef",
+        ):
             _positive(getattr(self, key), f"loss.{key}", allow_zero=True)
         _positive(self.tie_threshold, "loss.tie_threshold")
 

@@ -1,4 +1,4 @@
-"""Ranking metrics of a reward model over held-out groups, sharded over ranks."""
+"""Ranking (and, for stepwise prompts, step) metrics of a reward model over held-out groups, sharded over ranks."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import torch
 
 from bigrm import dist
 from bigrm.config import LossConfig
-from bigrm.loss import Stats, metrics, ranking_loss
+from bigrm.loss import Stats, metrics, total_loss
 from bigrm.packing import PackedBatch, collate, layout_tokens, pack_bins
 from bigrm.sequences import Group
+from bigrm.step_loss import step_report
 
 
 def shard(
@@ -35,10 +36,26 @@ def evaluate(
     cfg: LossConfig,
     share_prompt: bool = False,
 ) -> dict[str, float]:
-    total = Stats.zeros(device)
+    total, steps = Stats.zeros(device), []
     for mb in shard(groups, budget, window, dist.world(), dist.rank(), share_prompt):
         batch = collate([groups[i] for i in mb], pad_id, share_prompt=share_prompt).to(device)
-        rewards = model(batch)
-        _, stats = ranking_loss(rewards, batch.labels, cfg)
+        values = model(batch)
+        _, stats = total_loss(values, batch.labels, cfg)
         total += stats
-    return metrics(Stats.unstack(dist.all_sum(total.stack()).cpu()), cfg)
+        lab = batch.labels
+        if lab.num_steps:
+            steps.append((values[len(lab.seg_group) :].cpu(), lab.step_label.cpu(), lab.step_seg.cpu()))
+    out = metrics(Stats.unstack(dist.all_sum(total.stack()).cpu()), cfg)
+    every = [s for part in dist.gather_objects(steps) for s in part]  # AUROC and first errors need every step
+    if every:
+        offsets = [0]  # solutions numbered across micro-batches
+        for _, _, seg in every:
+            offsets.append(offsets[-1] + int(seg.max()) + 1)
+        out.update(
+            step_report(
+                torch.cat([v for v, _, _ in every]),
+                torch.cat([y for _, y, _ in every]),
+                torch.cat([seg + o for (_, _, seg), o in zip(every, offsets, strict=False)]),
+            )
+        )
+    return out

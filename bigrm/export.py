@@ -3,10 +3,18 @@
 Every export verifies itself: a few held-out scored sequences are rewarded by the training-time model (the packed
 forward) and by the written directory re-loaded with plain transformers, one sequence at a time; a difference
 beyond tolerance raises ExportError.
+
+A model trained on stepwise rows (a process reward model: its config records SEPARATOR_KEY) is exported as the
+2-label token classifier that PRM users load, `AutoModelForTokenClassification` / `pipeline("token-classification")`
+as TRL documents for its PRMTrainer models: its head's rows are (0, w) and biases (0, b), so the logits at a token
+are (0, v) and softmax(...)[1] = σ(v), the probability that the step ending there is correct (label 1 = correct,
+as TRL's labels), while v = logits[1] - logits[0] is the value bigrm trained, at step ends and at the final token.
+Its self-check also compares the values at the verification sequences' step ends.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -23,6 +31,8 @@ from bigrm.sequences import Group
 PREFIX = "classifier."
 # config.json key of the reward convention (bigrm.sequences) the model was trained with: scoring reads it back
 CONVENTION_KEY = "bigrm_reward_convention"
+# config.json key of data.step_separator, set when the model was trained on stepwise rows: the export is a PRM
+SEPARATOR_KEY = "bigrm_step_separator"
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
 
@@ -49,18 +59,89 @@ def save_classifier(
         classifier.config.mean, classifier.config.std = reward_stats["reward_mean"], reward_stats["reward_std"]
     if convention:
         setattr(classifier.config, CONVENTION_KEY, convention)
+    if getattr(classifier.config, SEPARATOR_KEY, None) is not None:
+        classifier, state = token_classifier(classifier.config, state)
     classifier.save_pretrained(dest, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(dest)
 
 
-def plain_rewards(dest: Path, seqs: list[list[int]], device: torch.device) -> torch.Tensor:
-    """(S,) rewards from the exported directory, each sequence forwarded alone as any transformers user would."""
-    from transformers import AutoModelForSequenceClassification
+def _token_head(model: nn.Module) -> str:
+    """The name of a token classifier's output Linear (`score` for most decoders, `classifier` for some)."""
+    names = [n for n, m in model.named_children() if isinstance(m, nn.Linear)]
+    if len(names) != 1:
+        raise ExportError(f"{type(model).__name__}: expected one output Linear beside the backbone, found {names}")
+    return names[0]
 
-    model = AutoModelForSequenceClassification.from_pretrained(dest).to(device).eval()
+
+def token_classifier(config, state: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """(2-label *ForTokenClassification, its state) whose logits are (0, v) where the 1-label classifier's are v."""
+    from transformers import AutoModelForTokenClassification
+
+    config = copy.deepcopy(config)
+    config.num_labels = 2
+    config.id2label, config.label2id = {0: "LABEL_0", 1: "LABEL_1"}, {"LABEL_0": 0, "LABEL_1": 1}
+    config.architectures = None
+    model = AutoModelForTokenClassification.from_config(config)
+    model.config.architectures = [type(model).__name__]
+    head = _token_head(model)
+    w = state["score.weight"]  # (1, H)
+    bias = state.get("score.bias", torch.zeros(1, dtype=w.dtype))
+    out = {k: v for k, v in state.items() if not k.startswith("score.")}
+    out[f"{head}.weight"] = torch.cat([torch.zeros_like(w), w])
+    if getattr(model, head).bias is not None:
+        out[f"{head}.bias"] = torch.cat([torch.zeros_like(bias), bias])
+    elif bias.abs().max() > 0:
+        raise ExportError(f"{type(model).__name__} has no head bias to carry the value head's bias")
+    return model, out
+
+
+def value_classifier(path: str, dtype, attn: str) -> nn.Module:
+    """A token-classifier export loaded back as the 1-label classifier bigrm trains and scores with (v = logit 1 -
+    logit 0 at every token)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    tokens = AutoModelForTokenClassification.from_pretrained(path, dtype=dtype)
+    head = getattr(tokens, _token_head(tokens))
+    config = AutoConfig.from_pretrained(path, num_labels=1)
+    config.architectures = None
+    config._attn_implementation = hf_attn_implementation(attn)
+    model = AutoModelForSequenceClassification.from_config(config, dtype=tokens.dtype)
+    state = {k: v for k, v in tokens.state_dict().items() if k.startswith(tokens.base_model_prefix + ".")}
+    state["score.weight"] = (head.weight[1] - head.weight[0])[None]
+    if model.score.bias is not None:
+        b = head.bias if head.bias is not None else torch.zeros(2, dtype=tokens.dtype)
+        state["score.bias"] = (b[1] - b[0])[None]
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def is_token_export(path: Path) -> bool:
+    import json
+
+    config = path / "config.json"
+    return config.is_file() and SEPARATOR_KEY in json.loads(config.read_text())
+
+
+def plain_rewards(dest: Path, seqs: list[list[int]], device: torch.device, steps: list | None = None) -> torch.Tensor:
+    """(S,) rewards from the exported directory, each sequence forwarded alone as any transformers user would; for a
+    token-classifier export (S + P,): the value logits[1] - logits[0] at each final token, then at each step end
+    (`steps`: per sequence its step-end indices)."""
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    if not is_token_export(dest):
+        model = AutoModelForSequenceClassification.from_pretrained(dest).to(device).eval()
+        with torch.no_grad():
+            out = [model(input_ids=torch.tensor([s], device=device)).logits[0, 0].float() for s in seqs]
+        return torch.stack(out).cpu() if out else torch.zeros(0)
+    model = AutoModelForTokenClassification.from_pretrained(dest).to(device).eval()
+    last, at_steps = [], []
     with torch.no_grad():
-        out = [model(input_ids=torch.tensor([s], device=device)).logits[0, 0].float() for s in seqs]
-    return torch.stack(out).cpu() if out else torch.zeros(0)
+        for s, ends in zip(seqs, steps or [[]] * len(seqs), strict=True):
+            logits = model(input_ids=torch.tensor([s], device=device)).logits[0].float()  # (T, 2)
+            v = (logits[:, 1] - logits[:, 0]).cpu()
+            last.append(v[-1])
+            at_steps.append(v[list(ends)])
+    return torch.cat([torch.stack(last), *at_steps]) if last else torch.zeros(0)
 
 
 def tolerance(dtype: torch.dtype, quant_bits: int = 0) -> float:
@@ -109,7 +190,9 @@ def verification_groups(held_out: list[Group], window: int | None, n: int = 4) -
 
 
 def _verify_batch(groups: list[Group], pad_id: int, device: torch.device):
-    return collate(groups, pad_id).to(device), [s.tolist() for g in groups for s in g.seqs]
+    """(packed batch, per sequence its token ids, per sequence its step ends)."""
+    steps = [e.tolist() for g in groups for e in (g.steps or [[]] * len(g.seqs))]
+    return collate(groups, pad_id).to(device), [s.tolist() for g in groups for s in g.seqs], steps
 
 
 def export_engine(
@@ -126,7 +209,7 @@ def export_engine(
     (LoRA merged into the base), verify, agree on the verdict."""
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    batch, seqs = _verify_batch(verify, tokenizer.pad_token_id, device)
+    batch, seqs, steps = _verify_batch(verify, tokenizer.pad_token_id, device)
     engine.eval()
     with torch.no_grad():
         expected = engine(batch).float().cpu()  # collective under ZeRO-3: every rank runs it
@@ -148,7 +231,7 @@ def export_engine(
         convention = getattr(engine.module.classifier.config, CONVENTION_KEY, None)
         save_classifier(classifier, state, tokenizer, dest, reward_stats, convention)
         quant_bits = settings.quantization.bits if lora else 0
-        problem = check(expected, plain_rewards(dest, seqs, device), tolerance(dtype, quant_bits), dest)
+        problem = check(expected, plain_rewards(dest, seqs, device, steps), tolerance(dtype, quant_bits), dest)
     failed = dist.all_sum(torch.tensor([float(problem is not None)], device=device)).item()
     if failed:
         raise ExportError(problem or "export verification failed on rank 0")
@@ -197,7 +280,7 @@ def export_checkpoint(path: Path, dest: Path, dtype: torch.dtype | None = None) 
     tokenizer = saved.tokenizer
     ids = torch.load(path / "verify.pt", weights_only=False)  # per group, K lists of token ids
     verify = [Group(tuple(np.asarray(s, dtype=np.int64) for s in seqs), "verify") for seqs in ids]
-    batch, seqs = _verify_batch(verify, tokenizer.pad_token_id, torch.device("cpu"))
+    batch, seqs, _ = _verify_batch(verify, tokenizer.pad_token_id, torch.device("cpu"))
     trained = saved.classifier()
     attn = resolve_attn("auto", cuda=False, needs=attention_needs(trained.config))  # eager for soft-capped models
     trained.config._attn_implementation = hf_attn_implementation(attn)

@@ -30,6 +30,7 @@ class Dataset:
     weights: list[float]
     eval: Sequence[Group]
     log: list[str] = field(default_factory=list)
+    stepwise: bool = False  # some training prompts are stepwise (a process reward model)
 
 
 def synthetic_paths(out_dir: Path, cfg: Config) -> tuple[Path, Path | None]:
@@ -41,7 +42,8 @@ def write_synthetic(cfg: Config, out_dir: Path) -> None:
     s = cfg.data.synthetic
     for path, n, seed in zip(synthetic_paths(out_dir, cfg), (s.num_train, s.num_eval), (0, 1), strict=True):
         if path is not None:
-            rows = synthetic.make_rows(n, s.min_k, s.max_k, cfg.train.seed + seed)
+            make = synthetic.make_step_rows if s.task == "steps" else synthetic.make_rows
+            rows = make(n, s.min_k, s.max_k, cfg.train.seed + seed)
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -122,7 +124,7 @@ def cache_key(cfg: Config, tokenizer, paths: list[str], eval_paths: list[str]) -
 
 
 CACHE_ENV = "BIGRM_CACHE_DIR"
-CACHE_FORMAT = 1  # raised whenever what a cache holds, or how it is tokenised, changes
+CACHE_FORMAT = 2  # raised whenever what a cache holds, or how it is tokenised, changes
 
 
 def cache_root(cfg: Config) -> Path:
@@ -156,4 +158,5 @@ def build(cfg: Config, tokenizer, synthetic_dir: Path) -> Dataset:
     train_files = [list(range(lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
     for name, groups in (("train", train), ("eval", evals)):
         check_budget(groups, cfg.train.max_tokens_per_batch, cfg.train.share_prompt, f"{name} ", "train.")
-    return Dataset(train, train_files, [w for _, w in specs], evals, log)
+    stepwise = bool(train.a["has_steps"].any())
+    return Dataset(train, train_files, [w for _, w in specs], evals, log, stepwise)

@@ -43,7 +43,10 @@ def load_model(path: str, device: torch.device, dtype: str = "auto", attn: str =
     else:
         tokenizer = AutoTokenizer.from_pretrained(p)
         prepare_tokenizer(tokenizer)
-        classifier = load_classifier(str(p), torch_dtype or "auto", attn, tokenizer)
+        if export.is_token_export(p):  # a process reward model's token classifier
+            classifier = export.value_classifier(str(p), torch_dtype or "auto", attn)
+        else:
+            classifier = load_classifier(str(p), torch_dtype or "auto", attn, tokenizer)
         convention = getattr(classifier.config, export.CONVENTION_KEY, None)
     return RewardModel(classifier.to(device).eval(), attn), tokenizer, convention
 

@@ -19,6 +19,7 @@ sequence fits max_length; a completion that alone does not fit is an error or a 
 
 from __future__ import annotations
 
+import bisect
 import multiprocessing
 import os
 from collections import Counter
@@ -38,6 +39,7 @@ class Group:
     seqs: tuple[np.ndarray, ...]  # K arrays of token ids (int64, or views of a token_store.TokenStore's int32)
     source: str
     labels: Labels = Labels()
+    steps: tuple[np.ndarray, ...] | None = None  # stepwise: per sequence, the index of each step's last token
 
     @property
     def num_tokens(self) -> int:
@@ -189,6 +191,28 @@ def scored_sequence(
     return Scored(ids, enc.prompt_end - cut, cut, ends, text, start)
 
 
+def step_positions(
+    enc: Encoded, text: str, start: int, completion: str, step_ends: tuple[int, ...], cut: int, convention: str
+) -> np.ndarray | str:
+    """Where each step of a stepwise completion ends in its scored sequence (after `cut` prompt tokens were cut):
+    the token whose text ends exactly at the step's end (its separator's last token), or why there is none."""
+    if convention == "openrlhf":
+        return "stepwise rows need data.reward_convention trl or grpo (openrlhf strips the final separator)"
+    base = text.find(completion, start)  # chat templates render the completion somewhere after the prompt
+    if base < 0:
+        return "the chat template changes the completion's text, so its steps cannot be found in the rendering"
+    out = []
+    for k, end in enumerate(step_ends):
+        i = bisect.bisect_left(enc.ends, base + end)  # the first token ending there: an appended EOS ends there too
+        if i < enc.prompt_end or i == len(enc.ends) or enc.ends[i] != base + end or (out and i <= out[-1]):
+            return (
+                f"step {k} does not end at a token boundary (the tokenizer merges data.step_separator with the "
+                "text around it); choose a separator it keeps apart"
+            )
+        out.append(i)
+    return np.asarray(out, dtype=np.int64) - cut
+
+
 @dataclass
 class Tokenized:
     """Examples' scored sequences laid flat: what a token store is built from."""
@@ -198,6 +222,10 @@ class Tokenized:
     kept: np.ndarray  # (G,) int64, index among the inputs of each kept example, whose K sequences are consecutive
     report: EncodeReport
     overlong: list[str]  # "source: completion k: n tokens" of each example with a completion that cannot fit
+    # stepwise: per kept sequence its number of steps (0 for others), and every step's end token index, end to end
+    step_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    step_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    step_errors: list[str] = field(default_factory=list)  # "source: completion k: reason"
 
 
 def tokenize_chunk(examples: list[Example], tokenizer, max_length: int, convention: str) -> Tokenized:
@@ -213,15 +241,25 @@ def tokenize_chunk(examples: list[Example], tokenizer, max_length: int, conventi
             chats.append(chat)
     encoded = iter(encode_batch(tokenizer, texts, starts, chats, convention))
     report, tokens, lengths, kept, overlong = EncodeReport(), [], [], [], []
+    step_counts, step_index, step_errors, at = [], [], [], 0
     reason = f"completion alone longer than data.max_length={max_length}"
     for i, ex in enumerate(examples):
-        seqs, cut, cut_tokens, bad = [], 0, 0, None
+        seqs, cut, cut_tokens, bad, steps = [], 0, 0, None, []
         for k in range(len(ex.completions)):
             enc = next(encoded)
+            at += 1
             fitted = truncate(enc.ids, enc.n_lead, enc.prompt_end, max_length)
             if fitted is None:
                 bad = bad or (k, len(enc.ids) - enc.prompt_end + enc.n_lead)
                 continue
+            if ex.step_ends is not None:
+                where = step_positions(
+                    enc, texts[at - 1], starts[at - 1], ex.completions[k], ex.step_ends[k], fitted[1], convention
+                )
+                if isinstance(where, str):
+                    step_errors.append(f"{ex.source}: completion {k}: {where}")
+                    where = np.zeros(0, dtype=np.int64)
+                steps.append(where)
             seqs.append(fitted[0])
             cut += fitted[1] > 0
             cut_tokens += fitted[1]
@@ -235,12 +273,17 @@ def tokenize_chunk(examples: list[Example], tokenizer, max_length: int, conventi
         for seq in seqs:
             lengths.append(len(seq))
             tokens.extend(seq)
+        step_counts += [len(s) for s in steps] if steps else [0] * len(seqs)
+        step_index += steps
     return Tokenized(
         np.asarray(tokens, dtype=np.uint32),  # token ids are below 2**32: half the bytes workers send back
         np.asarray(lengths, dtype=np.int64),
         np.asarray(kept, dtype=np.int64),
         report,
         overlong,
+        np.asarray(step_counts, dtype=np.int64),
+        np.concatenate(step_index) if step_index else np.zeros(0, dtype=np.int64),
+        step_errors,
     )
 
 
@@ -300,13 +343,20 @@ def encode_examples(
             f"{len(errors)} row(s) have a completion that cannot fit (set data.overlong: skip to drop them, or raise "
             f"data.max_length):{listed([f'{e}, {reason}' for e in errors], max_errors)}"
         )
+    step_errors = [e for p in parts for e in p.step_errors]
+    if step_errors:
+        raise DataError(
+            f"{len(step_errors)} stepwise completion(s) cannot be trained:{listed(step_errors, max_errors)}"
+        )
     lengths = np.concatenate([p.lengths for p in parts]) if parts else np.zeros(0, dtype=np.int64)
     tokens = np.concatenate([p.tokens for p in parts]) if parts else np.zeros(0, dtype=np.uint32)
     report.groups = sum(len(p.kept) for p in parts)
     report.sequences = len(lengths)
     report.tokens = len(tokens)
     kept = np.concatenate([p.kept for p in parts]) if parts else np.zeros(0, dtype=np.int64)
-    return Tokenized(tokens, lengths, kept, report, errors)
+    step_counts = np.concatenate([np.zeros(0, dtype=np.int64)] + [p.step_counts for p in parts])
+    step_index = np.concatenate([np.zeros(0, dtype=np.int64)] + [p.step_index for p in parts])
+    return Tokenized(tokens, lengths, kept, report, errors, step_counts, step_index)
 
 
 def tokenize_examples(
@@ -321,11 +371,16 @@ def tokenize_examples(
     """encode_examples as Groups, whose int64 sequences are views of one flat array."""
     done = encode_examples(examples, tokenizer, max_length, overlong, convention, max_errors, num_proc)
     bounds = np.concatenate([[0], np.cumsum(done.lengths)])
+    step_bounds = np.concatenate([[0], np.cumsum(done.step_counts)])
     tokens = done.tokens.astype(np.int64)
     groups, s = [], 0
     for i in done.kept:
         ex = examples[i]
         k = len(ex.completions)
-        groups.append(Group(tuple(tokens[bounds[j] : bounds[j + 1]] for j in range(s, s + k)), ex.source, ex.labels))
+        steps = None
+        if ex.step_ends is not None:
+            steps = tuple(done.step_index[step_bounds[j] : step_bounds[j + 1]] for j in range(s, s + k))
+        seqs = tuple(tokens[bounds[j] : bounds[j + 1]] for j in range(s, s + k))
+        groups.append(Group(seqs, ex.source, ex.labels, steps))
         s += k
     return groups, done.report

@@ -18,7 +18,7 @@ from bigrm.attention import read_attention_needs, resolve_attn
 from bigrm.config import Config
 from bigrm.divergence import Watch
 from bigrm.evaluate import evaluate
-from bigrm.loss import Stats, denominators, metrics, ranking_loss
+from bigrm.loss import Stats, denominators, metrics, total_loss
 from bigrm.meter import Meter
 from bigrm.model import (
     RewardModel,
@@ -90,7 +90,9 @@ class Trainer:
         self.hf_ds_config = None  # ZeRO-3: kept alive for the whole run (transformers holds it by weak reference)
         self.lora: adapters.Settings | None = None  # what a LoRA export rebuilds its base from
         self.verify: list = []  # held-out groups every checkpoint and export checks itself on
-        self.group_sums: list[tuple[float, float]] = []  # per training prompt: its share of the step's denominators
+        self.group_sums: list[
+            tuple[float, float, float]
+        ] = []  # per training prompt: its share of the step's denominators
         self.model_flops = None  # (real tokens, causal pairs) → model FLOPs of one forward + backward
         self.meter: Meter | None = None  # the current log window
         # progress, moved by resume() and every step
@@ -151,6 +153,8 @@ class Trainer:
         )
         # checkpoints and exports carry the convention, so scoring reads the token the head was trained at
         setattr(classifier.config, export.CONVENTION_KEY, cfg.data.reward_convention)
+        if self.data.stepwise:  # a process reward model: exported as a token classifier (bigrm.export)
+            setattr(classifier.config, export.SEPARATOR_KEY, cfg.data.step_separator)
         if cfg.lora.r:
             adapters.add_lora(classifier, cfg.lora)
             base = str(Path(path).resolve()) if Path(path).is_dir() else path
@@ -222,13 +226,13 @@ class Trainer:
             self.epoch, self.epoch_stats = step.epoch, Stats.zeros(self.device)
         # the loss is normalised over the whole step's prompts, whatever rank or micro-batch holds them
         members = [i for rank in step.micro_batches for mb in rank for i in mb]
-        sums = (sum(self.group_sums[i][0] for i in members), sum(self.group_sums[i][1] for i in members))
+        sums = [sum(self.group_sums[i][j] for i in members) for j in range(3)]
         for mb in step.micro_batches[dist.rank()]:
             packed = collate([data.train[i] for i in mb], self.tokenizer.pad_token_id, share_prompt=t.share_prompt)
             pairs = flops.causal_pairs(packed.cu_seqlens, packed.seg_parent)  # on the CPU copy: no device sync
             batch = packed.to(self.device)
-            rewards = self.engine(batch)
-            loss, stats = ranking_loss(rewards, batch.labels, self.cfg.loss, *sums)
+            values = self.engine(batch)  # (N + P,) rewards, then values at step ends
+            loss, stats = total_loss(values, batch.labels, self.cfg.loss, *sums)
             self.nonfinite |= ~torch.isfinite(loss.detach())  # stays on the device: no sync per micro-batch
             # DeepSpeed averages over ranks and micro-batches: undo that, the step normalises itself
             self.engine.backward(loss * dist.world() * t.micro_batches_per_step)
