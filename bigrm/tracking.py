@@ -38,7 +38,8 @@ class Tracker:
             return
         self.bar.write(f"[{prefix} step {step}] " + " ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
         if prefix == "train":
-            self.bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['pairwise_accuracy']:.3f}")
+            acc = values.get("pairwise_accuracy", values.get("step_accuracy", 0.0))  # stepwise-only runs: step accuracy
+            self.bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{acc:.3f}")
         self.jsonl.write(json.dumps({"split": prefix, "step": step, **values}) + "\n")
         self.jsonl.flush()
         if self.writer is not None:

@@ -327,7 +327,7 @@ class Trainer:
             (out / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
         if self.t.export:
             running = metrics(Stats.unstack(dist.all_sum(self.epoch_stats.stack()).cpu()), self.cfg.loss)
-            stats = {"reward_mean": running["reward_mean"], "reward_std": running["reward_std"]}
+            stats = {k: running[k] for k in ("reward_mean", "reward_std") if k in running}  # none: stepwise only
             export.export_engine(
                 self.engine, self.tokenizer, out / "final", self.verify, self.device, self.dtype, self.lora, stats
             )
