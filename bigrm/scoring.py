@@ -6,6 +6,8 @@ budget and forwarded without padding. Parts of a completion can be scored too:
              is rewarded at the end of every piece: the value at the last token that ends at or before the piece's
              end (the final piece's value is the completion's reward, read at the scored sequence's last token);
   per token  the value head's output at every completion token (with what the reward convention appends).
+Stepwise rows (a process reward model's data) get `step_rewards`: per completion, σ(value) at each step's end, the
+probability that the step is correct (what the export's token classifier gives as LABEL_1's score there).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from bigrm.config import DataConfig, LossConfig
 from bigrm.data import DataError, Example, RowError, listed, parse_row, read_file, standardise_scores
 from bigrm.model import RewardModel, load_classifier, prepare_tokenizer
 from bigrm.packing import SegmentLabels, check_budget, collate, layout_tokens, pack_bins
-from bigrm.sequences import EncodeReport, Group, Scored, scored_sequence
+from bigrm.sequences import EncodeReport, Group, Scored, scored_sequence, step_positions
 
 
 def load_model(path: str, device: torch.device, dtype: str = "auto", attn: str = "auto"):
@@ -63,6 +65,8 @@ class RowResult:
     error: str | None = None
     rewards: list[float] | None = None
     token_values: list[np.ndarray] | None = None  # per completion, the value at every token of its sequence
+    steps: list[np.ndarray] | None = None  # stepwise rows: per completion, its step ends' token indices
+    step_values: list[list[float]] | None = None  # stepwise rows: per completion, the value at each step end
 
 
 def _pieces(value, name: str) -> tuple[str, list[int]] | str:
@@ -133,8 +137,24 @@ def prepare(path: str, cfg: DataConfig, tokenizer, segments: bool = False, separ
                 result.error = f"{parsed.source}: completion {k}: {scored} tokens, longer than max_length"
                 break
             result.scored.append(scored)
+            if parsed.step_ends is not None:
+                where = step_positions(
+                    scored.ends,
+                    scored.completion_start,
+                    scored.text,
+                    scored.char_start,
+                    completion,
+                    parsed.step_ends[k],
+                    0,
+                    cfg.reward_convention,
+                )
+                if isinstance(where, str):  # unusable steps: an invalid row, whatever data.overlong says
+                    result.error = f"{parsed.source}: completion {k}: {where}"
+                    errors.append(result.error)
+                    break
+                result.steps = [*(result.steps or []), where]
         if result.error:
-            if cfg.overlong == "error":
+            if cfg.overlong == "error" and result.error not in errors:
                 errors.append(result.error)
             continue
         result.example = parsed
@@ -169,23 +189,35 @@ def score(
     """Fill `rewards` (and `token_values`) of every scorable row, packed under a token budget."""
     share_prompt = share_prompt and not every_token  # per-token values need every sequence laid out whole
     todo = [r for r in results if r.example is not None]
-    groups = [Group(tuple(np.asarray(s.ids, dtype=np.int64) for s in r.scored), r.example.source) for r in todo]
+    groups = [
+        Group(
+            tuple(np.asarray(s.ids, dtype=np.int64) for s in r.scored),
+            r.example.source,
+            steps=tuple(r.steps) if r.steps is not None else None,
+        )
+        for r in todo
+    ]
     check_budget(groups, budget, share_prompt)
     sizes = [layout_tokens(g, share_prompt) for g in groups]
     for mb in pack_bins(list(range(len(groups))), sizes, budget, window=max(len(groups), 1)):
         batch = collate([groups[i] for i in mb], pad_id=0, share_prompt=share_prompt).to(device)
         if every_token:
             values = model(batch, every_token=True).cpu()  # (T,)
-            rewards = values[batch.last_index.cpu()]
+            rewards = values[batch.read_index.cpu()]
             cu = batch.cu_seqlens.cpu().tolist()
             segs = [values[cu[j] : cu[j + 1]].numpy() for j in range(len(cu) - 1)]
         else:
-            rewards, segs = model(batch).cpu(), None
-        at = 0
+            rewards, segs = model(batch).cpu(), None  # (N + P,) rewards, then values at step ends
+        at, step_at = 0, len(batch.last_index)
         for i in mb:
             k = len(groups[i].seqs)
             todo[i].rewards = rewards[at : at + k].tolist()
             todo[i].token_values = segs[at : at + k] if segs else None
+            if groups[i].steps is not None:
+                todo[i].step_values = []
+                for ends in groups[i].steps:
+                    todo[i].step_values.append(rewards[step_at : step_at + len(ends)].tolist())
+                    step_at += len(ends)
             at += k
 
 
@@ -205,6 +237,8 @@ def output_row(result: RowResult, segments: bool, per_token: bool) -> dict:
     if result.error:
         row["error"] = result.error
         return row
+    if result.step_values is not None:
+        row["step_rewards"] = [torch.sigmoid(torch.tensor(v, dtype=torch.float64)).tolist() for v in result.step_values]
     if segments:
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in result.example.completions]
         row["segment_rewards"] = [
@@ -221,24 +255,42 @@ def output_row(result: RowResult, segments: bool, per_token: bool) -> dict:
 
 def report(results: list[RowResult], cfg: LossConfig) -> dict:
     """`bigrm eval`'s metrics over the scored rows (see bigrm.diagnostics)."""
-    from bigrm.diagnostics import ranking_report
-
     done = [r for r in results if r.rewards is not None]
     if not done:
         raise DataError("no row could be scored")
-    examples = [r.example for r in done]
-    labels = SegmentLabels.of([e.labels for e in examples], [len(e.completions) for e in examples], torch.float64)
-    subsets = [r.row.get("subset") for r in done]
-    out = ranking_report(
-        torch.tensor([x for r in done for x in r.rewards], dtype=torch.float64),
-        labels,
-        torch.tensor([len(s.ids) - s.completion_start for r in done for s in r.scored]),
-        cfg,
-        subsets=[str(s) for s in subsets] if any(s is not None for s in subsets) else None,
-    )
+    if done[0].step_values is not None:  # a stepwise file: step metrics, no ranking
+        out = _step_report(done)
+    else:
+        out = _ranking_report(done, cfg)
     out["num_rows_skipped"] = len(results) - len(done)
     reasons = [r.error for r in results if r.rewards is None and r.error]
     out["skipped"] = reasons[:SKIPPED_LISTED] + (
         [f"... and {len(reasons) - SKIPPED_LISTED} more"] if len(reasons) > SKIPPED_LISTED else []
     )
     return out
+
+
+def _step_report(done: list[RowResult]) -> dict:
+    from bigrm.step_loss import step_report
+
+    solutions = [v for r in done for v in r.step_values]
+    return step_report(
+        torch.tensor([x for v in solutions for x in v], dtype=torch.float64),
+        torch.tensor([y for r in done for s in r.example.labels.steps for y in s], dtype=torch.float64),
+        torch.repeat_interleave(torch.arange(len(solutions)), torch.tensor([len(v) for v in solutions])),
+    )
+
+
+def _ranking_report(done: list[RowResult], cfg: LossConfig) -> dict:
+    from bigrm.diagnostics import ranking_report
+
+    examples = [r.example for r in done]
+    labels = SegmentLabels.of([e.labels for e in examples], [len(e.completions) for e in examples], torch.float64)
+    subsets = [r.row.get("subset") for r in done]
+    return ranking_report(
+        torch.tensor([x for r in done for x in r.rewards], dtype=torch.float64),
+        labels,
+        torch.tensor([len(s.ids) - s.completion_start for r in done for s in r.scored]),
+        cfg,
+        subsets=[str(s) for s in subsets] if any(s is not None for s in subsets) else None,
+    )

@@ -192,10 +192,18 @@ def scored_sequence(
 
 
 def step_positions(
-    enc: Encoded, text: str, start: int, completion: str, step_ends: tuple[int, ...], cut: int, convention: str
+    ends: list[int],
+    prompt_end: int,
+    text: str,
+    start: int,
+    completion: str,
+    step_ends: tuple[int, ...],
+    cut: int,
+    convention: str,
 ) -> np.ndarray | str:
-    """Where each step of a stepwise completion ends in its scored sequence (after `cut` prompt tokens were cut):
-    the token whose text ends exactly at the step's end (its separator's last token), or why there is none."""
+    """Where each step of a stepwise completion ends in its scored sequence: the token whose text ends exactly at
+    the step's end (its separator's last token), or why there is none. `ends` and `prompt_end` are Encoded's (or,
+    with cut=0, a Scored's), `cut` the prompt tokens truncate removed after them."""
     if convention == "openrlhf":
         return "stepwise rows need data.reward_convention trl or grpo (openrlhf strips the final separator)"
     base = text.find(completion, start)  # chat templates render the completion somewhere after the prompt
@@ -203,8 +211,8 @@ def step_positions(
         return "the chat template changes the completion's text, so its steps cannot be found in the rendering"
     out = []
     for k, end in enumerate(step_ends):
-        i = bisect.bisect_left(enc.ends, base + end)  # the first token ending there: an appended EOS ends there too
-        if i < enc.prompt_end or i == len(enc.ends) or enc.ends[i] != base + end or (out and i <= out[-1]):
+        i = bisect.bisect_left(ends, base + end)  # the first token ending there: an appended EOS ends there too
+        if i < prompt_end or i == len(ends) or ends[i] != base + end or (out and i <= out[-1]):
             return (
                 f"step {k} does not end at a token boundary (the tokenizer merges data.step_separator with the "
                 "text around it); choose a separator it keeps apart"
@@ -254,7 +262,14 @@ def tokenize_chunk(examples: list[Example], tokenizer, max_length: int, conventi
                 continue
             if ex.step_ends is not None:
                 where = step_positions(
-                    enc, texts[at - 1], starts[at - 1], ex.completions[k], ex.step_ends[k], fitted[1], convention
+                    enc.ends,
+                    enc.prompt_end,
+                    texts[at - 1],
+                    starts[at - 1],
+                    ex.completions[k],
+                    ex.step_ends[k],
+                    fitted[1],
+                    convention,
                 )
                 if isinstance(where, str):
                     step_errors.append(f"{ex.source}: completion {k}: {where}")
