@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from bigrm.config import LossConfig
 from bigrm.packing import SegmentLabels
 from bigrm.sequences import Group
-from bigrm.step_loss import step_denominator, step_loss
+from bigrm.step_loss import step_loss
 
 
 @dataclass
@@ -145,14 +145,10 @@ def group_units(group: Group, cfg: LossConfig) -> int:
     return int(((ranks[None, :] >= ranks[:, None]).sum(1) > 1).sum())
 
 
-def denominators(groups: list[Group], cfg: LossConfig) -> tuple[float, float, float]:
-    """(Σ w, Σ w·units) over the ranked prompts of an optimizer step, and Σ w over its trained steps (step_loss)."""
+def denominators(groups: list[Group], cfg: LossConfig) -> tuple[float, float]:
+    """(Σ w, Σ w·units) over the ranked prompts of an optimizer step (for steps: step_loss.step_denominator)."""
     ranked = [g for g in groups if g.labels.ranked]
-    return (
-        sum(g.labels.weight for g in ranked),
-        sum(g.labels.weight * group_units(g, cfg) for g in ranked),
-        sum(step_denominator(g, cfg) for g in groups),
-    )
+    return sum(g.labels.weight for g in ranked), sum(g.labels.weight * group_units(g, cfg) for g in ranked)
 
 
 def combine(t: Terms, weight: torch.Tensor, cfg: LossConfig, weight_sum: float, unit_sum: float) -> torch.Tensor:

@@ -31,6 +31,7 @@ from bigrm.model import (
 from bigrm.packing import Step, collate
 from bigrm.plan import check_resumable, plan, plan_fingerprint
 from bigrm.prepare import load_tokenizer
+from bigrm.step_loss import step_denominator
 from bigrm.tracking import Tracker
 
 
@@ -203,7 +204,8 @@ class Trainer:
                 f"resumed from {path} at step {self.start} (epoch {saved['epoch']}, step {saved['index']})"
             )
         self.tracker.bar.update(self.start)
-        self.group_sums = [denominators([g], self.cfg.loss) for g in self.data.train]  # labels only: computed once
+        loss = self.cfg.loss  # labels only: computed once
+        self.group_sums = [(*denominators([g], loss), step_denominator(g, loss)) for g in self.data.train]
         if self.start:
             self.epoch = self.steps[self.start - 1].epoch
             if dist.is_main():  # the resumed epoch's statistics so far (summed over ranks)
