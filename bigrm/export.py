@@ -191,7 +191,7 @@ def verification_groups(held_out: list[Group], window: int | None, n: int = 4) -
 
 def _verify_batch(groups: list[Group], pad_id: int, device: torch.device):
     """(packed batch, per sequence its token ids, per sequence its step ends)."""
-    steps = [e.tolist() for g in groups for e in (g.steps or [[]] * len(g.seqs))]
+    steps = [[int(i) for i in e] for g in groups for e in (g.steps or [[]] * len(g.seqs))]
     return collate(groups, pad_id).to(device), [s.tolist() for g in groups for s in g.seqs], steps
 
 
