@@ -47,10 +47,13 @@ def save_classifier(
     dest: Path,
     reward_stats: dict | None = None,
     convention: str | None = None,
+    separator: str | None = None,
 ) -> None:
     """Loads back with AutoModelForSequenceClassification.from_pretrained(dest). `reward_stats` (mean and std of
     the rewards over the final training epoch) go into config.json as `bigrm_reward_mean` / `bigrm_reward_std`,
-    and as `mean` / `std`, the names OpenRLHF's `--normalize_reward` reads; `convention` as CONVENTION_KEY."""
+    and as `mean` / `std`, the names OpenRLHF's `--normalize_reward` reads; `convention` as CONVENTION_KEY. With a
+    `separator` (a process reward model's data.step_separator, as SEPARATOR_KEY) it is written as a token classifier
+    (AutoModelForTokenClassification)."""
     dest.mkdir(parents=True, exist_ok=True)
     classifier.config.pad_token_id = tokenizer.pad_token_id
     for key, value in (reward_stats or {}).items():
@@ -59,7 +62,8 @@ def save_classifier(
         classifier.config.mean, classifier.config.std = reward_stats["reward_mean"], reward_stats["reward_std"]
     if convention:
         setattr(classifier.config, CONVENTION_KEY, convention)
-    if getattr(classifier.config, SEPARATOR_KEY, None) is not None:
+    if separator is not None:
+        setattr(classifier.config, SEPARATOR_KEY, separator)
         classifier, state = token_classifier(classifier.config, state)
     classifier.save_pretrained(dest, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(dest)
@@ -228,8 +232,9 @@ def export_engine(
             state = classifier.state_dict()
         else:
             classifier = engine.module.classifier
-        convention = getattr(engine.module.classifier.config, CONVENTION_KEY, None)
-        save_classifier(classifier, state, tokenizer, dest, reward_stats, convention)
+        trained = engine.module.classifier.config  # a LoRA classifier is rebuilt from a base that lacks these
+        convention, separator = (getattr(trained, key, None) for key in (CONVENTION_KEY, SEPARATOR_KEY))
+        save_classifier(classifier, state, tokenizer, dest, reward_stats, convention, separator)
         quant_bits = settings.quantization.bits if lora else 0
         problem = check(expected, plain_rewards(dest, seqs, device, steps), tolerance(dtype, quant_bits), dest)
     failed = dist.all_sum(torch.tensor([float(problem is not None)], device=device)).item()
@@ -287,8 +292,8 @@ def export_checkpoint(path: Path, dest: Path, dtype: torch.dtype | None = None) 
     with torch.no_grad():
         expected = RewardModel(trained, attn)(batch).float()
     classifier = saved.classifier(merged=True) if saved.settings else trained  # LoRA: rebuilt, then merged
-    convention = getattr(saved.config, CONVENTION_KEY, None)
-    save_classifier(classifier, classifier.state_dict(), tokenizer, dest, convention=convention)
+    convention, separator = (getattr(saved.config, key, None) for key in (CONVENTION_KEY, SEPARATOR_KEY))
+    save_classifier(classifier, classifier.state_dict(), tokenizer, dest, convention=convention, separator=separator)
     quant_bits = saved.settings.quantization.bits if saved.settings else 0
     got = plain_rewards(dest, seqs, torch.device("cpu"))
     problem = check(expected, got, tolerance(classifier.dtype, quant_bits), dest)

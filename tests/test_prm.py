@@ -102,9 +102,8 @@ def test_token_classifier_export_gives_sigmoid_of_the_value_and_loads_back(llama
     the value model it trained."""
     tok = AutoTokenizer.from_pretrained(llama_dir)
     classifier = load_classifier(str(llama_dir), torch.float32, "sdpa", tok).eval()
-    setattr(classifier.config, export.SEPARATOR_KEY, "\n")
     dest = tmp_path / "prm"
-    export.save_classifier(classifier, classifier.state_dict(), tok, dest)
+    export.save_classifier(classifier, classifier.state_dict(), tok, dest, separator="\n")
     assert json.loads((dest / "config.json").read_text())["architectures"] == ["LlamaForTokenClassification"]
     text = PROMPT + " great the\n awful it\n"
     ids = tok(text, return_tensors="pt")["input_ids"]
@@ -172,6 +171,13 @@ def test_synthetic_step_task_trains_and_exports_a_token_classifier(synthetic_run
     evaluated = json.loads((tmp_path / "e.json").read_text())
     for key in ("step_accuracy", "step_auroc", "step_error_f1", "first_error_f1", "num_steps"):
         assert evaluated[key] == pytest.approx(metrics[key], abs=1e-9), key
+
+    # bigrm export of the ZeRO-3 checkpoint writes the same token classifier, verified
+    ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
+    assert cli.export_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "exported")]) == 0
+    again = AutoModelForTokenClassification.from_pretrained(tmp_path / "exported").eval()
+    with torch.no_grad():
+        assert torch.allclose(again(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
 
 
 @pytest.mark.slow
