@@ -85,7 +85,8 @@ def token_classifier(config, state: dict[str, torch.Tensor]) -> tuple[nn.Module,
     config.num_labels = 2
     config.id2label, config.label2id = {0: "LABEL_0", 1: "LABEL_1"}, {"LABEL_0": 0, "LABEL_1": 1}
     config.architectures = None
-    model = AutoModelForTokenClassification.from_config(config)
+    with torch.device("meta"):  # only its class and config are written: the weights are `state`
+        model = AutoModelForTokenClassification.from_config(config)
     model.config.architectures = [type(model).__name__]
     head = _token_head(model)
     w = state["score.weight"]  # (1, H)

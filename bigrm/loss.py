@@ -268,8 +268,8 @@ def total_loss(
     n = len(labels.seg_group)
     loss, stats = ranking_loss(values[:n], labels, cfg, weight_sum, unit_sum)
     if labels.num_steps:
-        steps, sums = step_loss(values[n:], labels, cfg, step_weight_sum)
-        loss = loss + cfg.step_coef * steps
+        step, sums = step_loss(values[n:], labels, cfg, step_weight_sum)
+        loss = loss + cfg.step_coef * step
         stats = replace(stats, **sums)
     return loss, stats
 

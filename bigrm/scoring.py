@@ -79,6 +79,8 @@ def _split_pieces(row: dict, fmt: str, cfg: DataConfig) -> tuple[dict, list[list
     """The row with each list-of-pieces completion joined, and the pieces' end offsets."""
     if fmt == "implicit":
         return "--segments with pieces needs an explicit prompt column (or use --separator)"
+    if fmt == "stepwise":
+        return "stepwise rows are scored at every step (step_rewards) without --segments"
     cols = [cfg.ranked_column] if fmt == "ranked" else [cfg.chosen_column, cfg.rejected_column]
     row, bounds = dict(row), []
     for col in cols:

@@ -210,6 +210,8 @@ class Trainer:
             self.epoch = self.steps[self.start - 1].epoch
             if dist.is_main():  # the resumed epoch's statistics so far (summed over ranks)
                 so_far = torch.tensor(saved["epoch_stats"], dtype=torch.float64, device=self.device)
+                # checkpoints from before the step statistics (the last fields of Stats) hold fewer values
+                so_far = torch.nn.functional.pad(so_far, (0, len(Stats.zeros().stack()) - len(so_far)))
                 self.epoch_stats += Stats.unstack(so_far)
         peak = flops.peak_tflops(self.t.peak_tflops, self.device, self.dtype == torch.bfloat16)
         self.meter = Meter(self.device, self.t.max_tokens_per_batch, peak)
