@@ -18,7 +18,7 @@ from bigrm.model import RewardModel, load_classifier
 from bigrm.packing import collate
 from bigrm.sequences import encode_examples
 from bigrm.synthetic import make_rows, make_step_rows
-from bigrm.token_store import TokenStore
+from bigrm.token_store import TokenStore, concat
 
 PROMPT = "write a positive review of the phone in steps:"
 
@@ -78,6 +78,19 @@ def test_packed_values_at_step_ends_equal_each_sequence_alone(llama_dir, tmp_pat
     assert labels.step_label.tolist() == [1, 0, 1, 0.75, 0.5, 1, 1, 1, 0]
     assert labels.step_weight.tolist() == [1] * 5 + [2, 2] + [1, 1]
     assert labels.group_weight.tolist() == [0, 0, 0, 1, 1]  # stepwise prompts have no share of the ranking loss
+
+
+def test_concatenated_stores_keep_every_group_s_steps(llama_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    steps = store_of([write(tmp_path / "steps.jsonl", stepwise_rows())], tok, 40)
+    ranked = store_of([write(tmp_path / "ranked.jsonl", make_rows(2, 3, 3, 0))], tok, 40)
+    joined = concat([ranked, steps, ranked, steps])
+    for got, want in zip(joined, [*ranked, *steps, *ranked, *steps], strict=True):
+        assert got.labels == want.labels and got.source == want.source
+        assert [s.tolist() for s in got.seqs] == [s.tolist() for s in want.seqs]
+        assert (got.steps is None) == (want.steps is None)
+        if got.steps is not None:
+            assert [e.tolist() for e in got.steps] == [e.tolist() for e in want.steps]
 
 
 def _saved(store: TokenStore, tmp_path: Path) -> Path:
