@@ -170,7 +170,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--solutions", type=int, default=4, help="solutions (rows) per prompt")
-    p.add_argument("--budget", type=int, default=4096, help="bigrm max_tokens_per_batch (raised to the largest group)")
+    p.add_argument("--budget", type=int, default=2048, help="bigrm max_tokens_per_batch (raised to the largest group)")
     p.add_argument("--trl-batch", dest="trl_batch", type=int, default=8, help="TRL rows per step")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="alternating runs of each library; the median counts")
