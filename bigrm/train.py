@@ -31,6 +31,7 @@ from bigrm.model import (
 from bigrm.packing import Step, collate
 from bigrm.plan import check_resumable, plan, plan_fingerprint
 from bigrm.prepare import load_tokenizer
+from bigrm.sinks import check_installed, open_sinks
 from bigrm.tracking import Tracker
 
 
@@ -81,7 +82,7 @@ class Trainer:
         # built by setup()
         self.resume_from: Path | None = None  # the checkpoint this run continues
         self.run_id = ""  # recorded in every checkpoint: pruning removes only this run's
-        self.tracker: Tracker | None = None  # rank 0's console lines, progress bar, log.jsonl, TensorBoard
+        self.tracker: Tracker | None = None  # rank 0's console lines, progress bar, log.jsonl, report_to sinks
         self.tokenizer = None
         self.data: pipeline.Dataset | None = None
         self.steps: list[Step] = []  # every optimizer step of the run, the same on every rank
@@ -103,6 +104,7 @@ class Trainer:
     def setup(self) -> None:
         from transformers import set_seed
 
+        check_installed(self.t.report_to)
         # another run's checkpoints in output_dir, or a damaged one to resume: refused before anything is written
         self.resume_from, self.run_id = dist.from_main(
             checkpoint.start, self.t.resume, self.out, self.t.overwrite_output_dir
@@ -130,7 +132,11 @@ class Trainer:
         # one process per machine tokenises into the token cache while the others poll its lock: no collective waits
         self.data = pipeline.build(self.cfg, self.tokenizer, self.out)
         self.steps = plan(self.cfg, self.data)
-        self.tracker = Tracker(self.out, len(self.steps), self.t.tensorboard)
+        opened = []
+        if dist.is_main():
+            config = options.to_dict(self.cfg)
+            opened = open_sinks(self.t.report_to, self.out, self.t.run_name, config, self.resume_from is not None)
+        self.tracker = Tracker(self.out, len(self.steps), opened)
         for line in self.data.log:
             self.tracker.print(line)
 
