@@ -216,8 +216,9 @@ def output_row(result: RowResult, segments: bool, per_token: bool) -> dict:
     return row
 
 
-def report(results: list[RowResult], cfg: LossConfig) -> dict:
-    """`bigrm eval`'s metrics over the scored rows (see bigrm.diagnostics)."""
+def report(results: list[RowResult], cfg: LossConfig, report_dir: Path | None = None) -> dict:
+    """`bigrm eval`'s metrics over the scored rows (see bigrm.diagnostics); with report_dir, also drawn there
+    (bigrm.eval_report), subsets by the rows' `subset`, else by their file."""
     from bigrm.diagnostics import ranking_report
 
     done = [r for r in results if r.rewards is not None]
@@ -226,16 +227,21 @@ def report(results: list[RowResult], cfg: LossConfig) -> dict:
     examples = [r.example for r in done]
     labels = SegmentLabels.of([e.labels for e in examples], [len(e.completions) for e in examples], torch.float64)
     subsets = [r.row.get("subset") for r in done]
-    out = ranking_report(
-        torch.tensor([x for r in done for x in r.rewards], dtype=torch.float64),
-        labels,
-        torch.tensor([len(s.ids) - s.completion_start for r in done for s in r.scored]),
-        cfg,
-        subsets=[str(s) for s in subsets] if any(s is not None for s in subsets) else None,
-    )
+    rewards = torch.tensor([x for r in done for x in r.rewards], dtype=torch.float64)  # (N,)
+    lengths = torch.tensor([len(s.ids) - s.completion_start for r in done for s in r.scored])  # (N,)
+    named = any(s is not None for s in subsets)
+    out = ranking_report(rewards, labels, lengths, cfg, subsets=[str(s) for s in subsets] if named else None)
     out["num_rows_skipped"] = len(results) - len(done)
     reasons = [r.error for r in results if r.rewards is None and r.error]
     out["skipped"] = reasons[:SKIPPED_LISTED] + (
         [f"... and {len(reasons) - SKIPPED_LISTED} more"] if len(reasons) > SKIPPED_LISTED else []
     )
+    if report_dir is not None:
+        from bigrm import eval_report
+
+        names = [
+            str(s) if s is not None else eval_report.source_file(e.source)
+            for s, e in zip(subsets, examples, strict=True)
+        ]
+        eval_report.write(report_dir, out, rewards, labels, lengths, names)
     return out
