@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bigrm.config import ConfigError
-from bigrm.diagnostics import accuracy_by_name
-from bigrm.packing import SegmentLabels
+from bigrm.config import ConfigError, LossConfig
+from bigrm.diagnostics import accuracy_by_name, ranking_report
+from bigrm.packing import SegmentLabels, shared_prefix
+from bigrm.sequences import Group
 
 HISTOGRAM_BINS = 30
 
@@ -66,6 +68,18 @@ def write(
     (directory / "report.json").write_text(json.dumps(drawn, indent=2) + "\n")
     (directory / "report.md").write_text(_markdown(metrics, drawn))
     return drawn
+
+
+def write_for_groups(directory: Path, groups: Sequence[Group], rewards: torch.Tensor, cfg: LossConfig) -> str:
+    """The trainer's final eval drawn, when matplotlib is installed; returns the console line saying where (or why
+    not). Completion length: the tokens after the group's longest common prefix (its prompt); subsets: source files."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return f"eval report: not drawn ({directory} needs matplotlib: pip install 'bigrm[report]')"
+    labels = SegmentLabels.of([g.labels for g in groups], [len(g.seqs) for g in groups], torch.float64)
+    lengths = torch.tensor([len(s) - shared_prefix(g.seqs) for g in groups for s in g.seqs])  # (N,)
+    metrics = ranking_report(rewards, labels, lengths, cfg)
+    write(directory, metrics, rewards, labels, lengths, [source_file(g.source) for g in groups])
+    return f"eval report: {directory / 'report.md'}"
 
 
 def _save(plt, fig, path: Path) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from bigrm import dist
@@ -35,10 +36,34 @@ def evaluate(
     cfg: LossConfig,
     share_prompt: bool = False,
 ) -> dict[str, float]:
+    return evaluate_rewards(
+        model, groups, budget=budget, window=window, pad_id=pad_id, device=device, cfg=cfg, share_prompt=share_prompt
+    )[0]
+
+
+@torch.no_grad()
+def evaluate_rewards(
+    model: Callable[[PackedBatch], torch.Tensor],
+    groups: list[Group],
+    *,
+    budget: int,
+    window: int,
+    pad_id: int,
+    device: torch.device,
+    cfg: LossConfig,
+    share_prompt: bool = False,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """evaluate's metrics and, on every rank, every completion's reward: (N,) float64 on the CPU, the completions of
+    groups[0], then groups[1], ... in their order."""
     total = Stats.zeros(device)
+    starts = np.cumsum([0] + [len(g.seqs) for g in groups])  # (G + 1,) first completion of each group
+    every = torch.zeros(int(starts[-1]), dtype=torch.float64, device=device)  # (N,) this rank's groups filled in
     for mb in shard(groups, budget, window, dist.world(), dist.rank(), share_prompt):
         batch = collate([groups[i] for i in mb], pad_id, share_prompt=share_prompt).to(device)
-        rewards = model(batch)
+        rewards = model(batch)  # (n,) the completions of mb's groups, group after group
         _, stats = ranking_loss(rewards, batch.labels, cfg)
         total += stats
-    return metrics(Stats.unstack(dist.all_sum(total.stack()).cpu()), cfg)
+        at = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in mb] + [np.zeros(0, dtype=np.int64)])
+        every[torch.from_numpy(at).to(device)] = rewards.double()
+    stats, every = dist.all_sum_each(total.stack(), every)  # each reward comes from one rank, zeros elsewhere
+    return metrics(Stats.unstack(stats.cpu()), cfg), every.cpu()

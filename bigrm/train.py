@@ -17,7 +17,8 @@ from bigrm import adapters, checkpoint, dist, ds_config, export, flops, options,
 from bigrm.attention import read_attention_needs, resolve_attn
 from bigrm.config import Config
 from bigrm.divergence import Watch
-from bigrm.evaluate import evaluate
+from bigrm.eval_report import write_for_groups
+from bigrm.evaluate import evaluate_rewards
 from bigrm.loss import Stats, denominators, metrics, ranking_loss
 from bigrm.meter import Meter
 from bigrm.model import (
@@ -279,10 +280,11 @@ class Trainer:
 
     # evaluate, save, finish -------------------------------------------------------------------------------------
 
-    def evaluate(self, step: int) -> dict:
+    def evaluate(self, step: int) -> tuple[dict, torch.Tensor]:
+        """The eval metrics (logged) and every eval completion's reward (see evaluate_rewards)."""
         t = self.t
         self.engine.eval()
-        result = evaluate(
+        result, rewards = evaluate_rewards(
             self.engine,
             self.data.eval,
             budget=t.max_tokens_per_batch,
@@ -294,7 +296,7 @@ class Trainer:
         )
         self.engine.train()
         self.tracker.log("eval", result, step)
-        return result
+        return result, rewards
 
     def save(self, n: int) -> None:
         """Collective: a complete checkpoint after step n."""
@@ -322,11 +324,15 @@ class Trainer:
         self.tracker.print(f"checkpoint: {saved}")
 
     def finish(self) -> dict:
-        """The final eval (metrics.json) and, with train.export, the verified export (final/)."""
+        """The final eval (metrics.json, eval_report/) and, with train.export, the verified export (final/)."""
         out = self.out
-        final = self.evaluate(len(self.steps)) if self.data.eval else {"note": "no eval data configured"}
+        final, rewards = {"note": "no eval data configured"}, None
+        if self.data.eval:
+            final, rewards = self.evaluate(len(self.steps))
         if dist.is_main():
             (out / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
+            if rewards is not None:
+                self.tracker.print(write_for_groups(out / "eval_report", self.data.eval, rewards, self.cfg.loss))
         if self.t.export:
             running = metrics(Stats.unstack(dist.all_sum(self.epoch_stats.stack()).cpu()), self.cfg.loss)
             stats = {"reward_mean": running["reward_mean"], "reward_std": running["reward_std"]}

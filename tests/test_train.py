@@ -95,6 +95,15 @@ def test_zero3_two_ranks_end_to_end(tmp_path, monkeypatch, capsys):
     pairs = [(r[i], r[j]) for r in rewards for i in range(len(r)) for j in range(i + 1, len(r))]
     accuracy = sum(a > b for a, b in pairs) / len(pairs)
     assert accuracy == pytest.approx(metrics["pairwise_accuracy"], abs=1e-12)
+    # the final eval drawn (eval_report/): every completion's reward gathered from both ranks
+    drawn = json.loads((out / "eval_report" / "report.json").read_text())
+    by_k = {}
+    for r in rewards:
+        wins = [r[i] > r[j] for i in range(len(r)) for j in range(i + 1, len(r))]
+        by_k.setdefault(str(len(r)), []).extend(wins)
+    assert drawn["accuracy"]["by_k"] == {k: sum(v) / len(v) for k, v in sorted(by_k.items())}
+    assert drawn["accuracy"]["prompts_by_subset"] == {"synthetic-eval.jsonl": 48}
+    assert sum(drawn["reward_histogram"]["counts"][0]) == 48 and (out / "eval_report" / "reliability.png").exists()
     loss = sum(
         sum(torch.nn.functional.softplus(torch.tensor(b - a)).item() for a, b in [(r[i], r[j])
             for i in range(len(r)) for j in range(i + 1, len(r))]) / (len(r) * (len(r) - 1) / 2)
