@@ -64,6 +64,23 @@ def bar(total: int | None, desc: str, unit: str = "it") -> tqdm | Lines:
     return Lines(total, desc, unit, enabled=main)
 
 
+class Stages:
+    """A phase made of named steps: `advance()` marks the current one done; the counter names the next."""
+
+    def __init__(self, desc: str, names: tuple[str, ...]):
+        self.names, self.done = names, 0
+        self.counter = bar(len(names), desc, unit="stage")
+        self.counter.set_postfix(stage=names[0])
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.done < len(self.names):
+            self.counter.set_postfix(stage=self.names[self.done])
+        self.counter.update(1)
+        if self.done == len(self.names):
+            self.counter.close()
+
+
 def each(items: Iterable, desc: str, unit: str = "it", total: int | None = None) -> Iterator:
     """The items, counted as they are consumed."""
     counter = bar(total if total is not None else _length(items), desc, unit)

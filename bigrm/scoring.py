@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bigrm import checkpoint, export, precision
+from bigrm import checkpoint, export, precision, progress
 from bigrm.attention import hf_attn_implementation, read_attention_needs, resolve_attn
 from bigrm.config import DataConfig, LossConfig
 from bigrm.data import DataError, Example, RowError, listed, parse_row, read_file, standardise_scores
@@ -43,7 +43,8 @@ def load_model(path: str, device: torch.device, dtype: str = "auto", attn: str =
     else:
         tokenizer = AutoTokenizer.from_pretrained(p)
         prepare_tokenizer(tokenizer)
-        classifier = load_classifier(str(p), torch_dtype or "auto", attn, tokenizer)
+        with progress.transformers_bars():
+            classifier = load_classifier(str(p), torch_dtype or "auto", attn, tokenizer)
         convention = getattr(classifier.config, export.CONVENTION_KEY, None)
     return RewardModel(classifier.to(device).eval(), attn), tokenizer, convention
 
@@ -108,7 +109,7 @@ def prepare(path: str, cfg: DataConfig, tokenizer, segments: bool = False, separ
     cfg.overlong. Skipped rows stay in the output with their reason."""
     file = read_file(path, cfg)
     fmt, locate, results, errors = file.fmt, file.locate, [], []
-    for i, row in enumerate(file.rows):
+    for i, row in enumerate(progress.each(file.rows, f"read {Path(path).name}", unit="row")):
         result = RowResult(row if isinstance(row, dict) else {"row": row})
         results.append(result)
         bounds = None
@@ -169,6 +170,7 @@ def score(
     groups = [Group(tuple(np.asarray(s.ids, dtype=np.int64) for s in r.scored), r.example.source) for r in todo]
     check_budget(groups, budget, share_prompt)
     sizes = [layout_tokens(g, share_prompt) for g in groups]
+    counter = progress.bar(len(groups), "score", unit="row")
     for mb in pack_bins(list(range(len(groups))), sizes, budget, window=max(len(groups), 1)):
         batch = collate([groups[i] for i in mb], pad_id=0, share_prompt=share_prompt).to(device)
         if every_token:
@@ -184,6 +186,8 @@ def score(
             todo[i].rewards = rewards[at : at + k].tolist()
             todo[i].token_values = segs[at : at + k] if segs else None
             at += k
+        counter.update(len(mb))
+    counter.close()
 
 
 def segment_rewards(scored: Scored, values: np.ndarray, bounds: list[int], completion: str) -> list[float]:

@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from bigrm import progress
 from bigrm.config import DataConfig
 from bigrm.data import DataError, Example, Labels, Text, listed
 
@@ -245,6 +246,7 @@ def tokenize_chunk(examples: list[Example], tokenizer, max_length: int, conventi
 
 
 CHUNK = 256  # examples per batched tokenizer call (and per task of the worker processes)
+TOKENISE = ("tokenise", f"x{CHUNK} prompts")  # the progress counter's name and unit
 _forked: tuple = ()  # (examples, tokenizer, max_length, convention): what forked workers inherit, never pickled
 
 
@@ -281,11 +283,12 @@ def encode_examples(
         _forked = (examples, tokenizer, max_length, convention)
         try:
             with multiprocessing.get_context("fork").Pool(min(num_proc, len(chunks)), _init_worker) as pool:
-                parts = pool.map(_tokenize_in_worker, range(0, len(examples), CHUNK), chunksize=1)
+                done = pool.imap(_tokenize_in_worker, range(0, len(examples), CHUNK), chunksize=1)
+                parts = list(progress.each(done, *TOKENISE, total=len(chunks)))
         finally:
             _forked = ()
     else:
-        parts = [tokenize_chunk(c, tokenizer, max_length, convention) for c in chunks]
+        parts = [tokenize_chunk(c, tokenizer, max_length, convention) for c in progress.each(chunks, *TOKENISE)]
     report, errors, offset = EncodeReport(), [], 0
     for part, chunk in zip(parts, chunks, strict=True):
         report.prompts_cut += part.report.prompts_cut

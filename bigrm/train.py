@@ -32,6 +32,7 @@ from bigrm.model import (
 from bigrm.packing import Step, collate
 from bigrm.plan import check_resumable, plan, plan_fingerprint
 from bigrm.prepare import load_tokenizer
+from bigrm.progress import transformers_bars
 from bigrm.sinks import check_installed, open_sinks
 from bigrm.tracking import Tracker
 
@@ -153,9 +154,10 @@ class Trainer:
         )
         # while it lives, from_pretrained loads straight into ZeRO-3 shards
         self.hf_ds_config = HfDeepSpeedConfig(ds) if ds["zero_optimization"]["stage"] == 3 else None
-        classifier = load_classifier(
-            path, self.dtype, attn, self.tokenizer, cfg.model.gradient_checkpointing, cfg.quantization
-        )
+        with transformers_bars():
+            classifier = load_classifier(
+                path, self.dtype, attn, self.tokenizer, cfg.model.gradient_checkpointing, cfg.quantization
+            )
         # checkpoints and exports carry the convention, so scoring reads the token the head was trained at
         setattr(classifier.config, export.CONVENTION_KEY, cfg.data.reward_convention)
         if cfg.lora.r:
