@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -253,6 +254,10 @@ _forked: tuple = ()  # (examples, tokenizer, max_length, convention): what forke
 def _init_worker() -> None:
     # the workers are the parallelism: a tokenizer's own thread pool in each would only oversubscribe the cores
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # forked with the trainer's handlers (bigrm.preemption), a worker would raise on the SIGTERM that ends the pool,
+    # possibly holding the task queue's lock, and leave the parent waiting for ever; an interrupt is the parent's
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _tokenize_in_worker(lo: int) -> Tokenized:
