@@ -63,7 +63,9 @@ def write(
         "reliability": _reliability(plt, directory / "reliability.png", metrics),
         "reward_histogram": _histogram(plt, directory / "reward_hist.png", r, group, rank, labels.num_groups),
         "reward_length": _length(plt, directory / "reward_length.png", r, lengths.cpu().numpy(), metrics),
-        "accuracy": _accuracy(plt, directory / "accuracy.png", metrics["accuracy_by_k"], accuracy, prompts),
+        "accuracy": _accuracy(
+            plt, directory / "accuracy.png", metrics["accuracy_by_k"], _prompts_by_k(group), accuracy, prompts
+        ),
     }
     (directory / "report.json").write_text(json.dumps(drawn, indent=2) + "\n")
     (directory / "report.md").write_text(_markdown(metrics, drawn))
@@ -132,17 +134,27 @@ def _length(plt, path: Path, r: np.ndarray, lengths: np.ndarray, metrics: dict) 
     return {"file": _save(plt, fig, path), "spearman_rho": rho, "points": len(r)}
 
 
-def _accuracy(plt, path: Path, by_k: dict, by_name: dict, prompts: dict) -> dict:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, max(3.5, 0.3 * len(by_name) + 1.5)))
-    for ax, values, title in ((left, by_k, "by K (completions per prompt)"), (right, by_name, "by subset")):
+def _prompts_by_k(group: np.ndarray) -> dict[str, int]:
+    ks = np.bincount(group)  # (G,) completions of each prompt
+    return {str(k): int((ks == k).sum()) for k in np.unique(ks)}
+
+
+def _accuracy(plt, path: Path, by_k: dict, prompts_k: dict, by_name: dict, prompts: dict) -> dict:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, max(3.5, 0.35 * max(len(by_k), len(by_name)) + 1.5)))
+    panels = ((left, by_k, prompts_k, "by K (completions per prompt)"), (right, by_name, prompts, "by subset"))
+    for ax, values, counts, title in panels:
         keys = list(values)
         heights = [np.nan if values[k] is None else values[k] for k in keys]  # None: only tied ranks
-        ax.barh(range(len(keys)), heights, color="C0")
+        ax.barh(range(len(keys)), heights, height=0.6, color="C0")
         ax.set_yticks(range(len(keys)), [f"K={k}" if values is by_k else k for k in keys])
+        for y, k in enumerate(keys):
+            text = f"{_num(values[k])}  ({counts[k]} prompts)"
+            ax.annotate(text, (0.02, y), va="center", color="white" if (values[k] or 0) > 0.5 else "black")
         ax.axvline(0.5, color="k", ls="--", lw=1)
         ax.set(xlim=(0, 1), xlabel="pairwise accuracy", title=title)
-    right.invert_yaxis()
-    return {"file": _save(plt, fig, path), "by_k": by_k, "by_subset": by_name, "prompts_by_subset": prompts}
+        ax.invert_yaxis()
+    drawn = {"by_k": by_k, "prompts_by_k": prompts_k, "by_subset": by_name, "prompts_by_subset": prompts}
+    return {"file": _save(plt, fig, path), **drawn}
 
 
 def _num(x: float | None) -> str:

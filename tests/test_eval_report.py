@@ -116,6 +116,7 @@ def test_report_draws_what_a_plain_recomputation_finds(tmp_path, llama_dir):
     assert drawn["accuracy"]["by_k"] == pytest.approx(by_k) and len(by_k) == 3
     assert drawn["accuracy"]["by_subset"] == pytest.approx(by_subset)
     assert drawn["accuracy"]["prompts_by_subset"] == {"alpha": 14, "beta": 13, "gamma": 13}
+    assert drawn["accuracy"]["prompts_by_k"] == {k: sum(len(r) == int(k) for r in rewards) for k in by_k}
     assert 0 < min(by_subset.values()) and max(by_subset.values()) < 1  # the comparison above can fail
 
     # the images are images, and report.md embeds them with the metrics
