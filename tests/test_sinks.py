@@ -7,6 +7,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import REPO
@@ -57,6 +58,8 @@ def wandb_records(run_dir) -> list:
         if left < 7 or (length == 0 and kind == 0):  # block trailer or padding
             pos += left
             continue
+        if pos + 7 + length > len(data):  # a record still being written
+            break
         fragment += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
@@ -67,9 +70,20 @@ def wandb_records(run_dir) -> list:
     return records
 
 
+def finished_records(run_dir, timeout: float = 30.0) -> list:
+    """wandb_records once the run's `exit` record is on disk: wandb's service writes the file after run.finish()
+    returns."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = wandb_records(run_dir)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
 def history_and_config(run_dir) -> tuple[list[dict], dict]:
     history, config = [], {}
-    for r in wandb_records(run_dir):
+    for r in finished_records(run_dir):
         kind = r.WhichOneof("record_type")
         if kind == "history":
             history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
@@ -113,7 +127,7 @@ def test_offline_wandb_run_holds_every_scalar_and_the_config(wandb_run):
     assert config["train"]["report_to"] == ["tensorboard", "wandb"] and config["train"]["max_steps"] == 4
     setup = next(r for r in rows if r["split"] == "setup")
     assert config["setup"] == {k: v for k, v in setup.items() if k != "split"}
-    run = next(r.run for r in wandb_records(run_dir) if r.WhichOneof("record_type") == "run")
+    run = next(r.run for r in finished_records(run_dir) if r.WhichOneof("record_type") == "run")
     assert (run.display_name, run.project, run.run_id) == ("tiny-rm", "bigrm-test", run_id)
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))  # both sinks at once
 
@@ -131,7 +145,7 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path):
     fresh = WandB(tmp_path, "r", {"a": 1}, resumed=False)  # a new start in the same directory is a new run
     fresh.close()
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    ids = [next(r.run.run_id for r in wandb_records(d) if r.WhichOneof("record_type") == "run") for d in runs]
+    ids = [next(r.run.run_id for r in finished_records(d) if r.WhichOneof("record_type") == "run") for d in runs]
     assert sorted(ids) == sorted([run_id, run_id, (tmp_path / "wandb_run_id").read_text().strip()])
     assert len(set(ids)) == 2
 
