@@ -146,3 +146,17 @@ def test_report_needs_matplotlib_before_any_scoring(tmp_path, monkeypatch, capsy
     args = ["--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "none.jsonl"), "--report", str(report)]
     assert cli.eval_main(args) == 2
     assert "pip install 'bigrm[report]'" in capsys.readouterr().err and not report.exists()
+
+
+def test_training_without_matplotlib_says_the_report_was_not_drawn(tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+
+    from bigrm.config import LossConfig
+    from bigrm.eval_report import write_for_groups
+    from bigrm.sequences import Group
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    groups = [Group((np.arange(5), np.arange(4)), "eval.jsonl:line 1")]
+    line = write_for_groups(tmp_path / "eval_report", groups, torch.tensor([1.0, 0.0]), LossConfig())
+    assert "not drawn" in line and "pip install 'bigrm[report]'" in line and not (tmp_path / "eval_report").exists()
