@@ -149,7 +149,6 @@ def test_report_needs_matplotlib_before_any_scoring(tmp_path, monkeypatch, capsy
 
 
 def test_training_without_matplotlib_says_the_report_was_not_drawn(tmp_path, monkeypatch):
-    import numpy as np
     import torch
 
     from bigrm.config import LossConfig
