@@ -24,6 +24,7 @@ import os
 import signal
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import NamedTuple
 
 import numpy as np
@@ -98,7 +99,8 @@ class Encoded(NamedTuple):
     ids: list[int]  # the scored sequence: its last token carries the reward
     n_lead: int  # leading special tokens (BOS...), never cut
     prompt_end: int  # index of the first token that is not wholly prompt
-    ends: list[int]  # character end of each token in the rendered text (EOS: the text's length)
+    ends: list[int] | None  # character end of each token in the rendered text (EOS: the text's length); None
+    # when encode_batch was asked not to read them (training needs only ids and prompt_end)
 
 
 def encode(tokenizer, text: str, start: int, chat: bool, convention: str = DataConfig.reward_convention) -> Encoded:
@@ -109,7 +111,12 @@ def encode(tokenizer, text: str, start: int, chat: bool, convention: str = DataC
 
 
 def encode_batch(
-    tokenizer, texts: list[str], starts: list[int], chats: list[bool], convention: str = DataConfig.reward_convention
+    tokenizer,
+    texts: list[str],
+    starts: list[int],
+    chats: list[bool],
+    convention: str = DataConfig.reward_convention,
+    with_ends: bool = True,
 ) -> list[Encoded]:
     """`encode` of many texts, with one fast-tokenizer call per kind of text (chat renderings, plain text)."""
     if convention == "openrlhf":
@@ -126,33 +133,34 @@ def encode_batch(
         if not todo:
             continue
         add_special = convention == "trl" and not chat
-        for i, (ids, offsets) in zip(todo, _tokenize(tokenizer, [texts[i] for i in todo], add_special), strict=True):
+        for i, e in zip(todo, _tokenize(tokenizer, [texts[i] for i in todo], add_special), strict=True):
+            ids = e.ids
             n_lead = 0
             while n_lead < len(ids) and ids[n_lead] in special:
                 n_lead += 1
-            ends = [e for _, e in offsets]
             # Prompt tokens end before the completion starts; a token straddling the boundary belongs to the
-            # completion.
-            prompt_end = sum(1 for e in ends if e <= starts[i])
+            # completion. Reading every token's offsets costs more than the tokenising they come from (a Python
+            # tuple per token), so the token holding the completion's first character is asked for; only when
+            # no token holds it (an empty completion, whitespace a tokenizer drops) are the offsets counted.
+            first = e.char_to_token(starts[i]) if starts[i] < len(texts[i]) else None
+            ends = [end for _, end in e.offsets] if with_ends or first is None else None
+            prompt_end = first if first is not None else sum(1 for end in ends if end <= starts[i])
             if add_special and eos is not None and (not ids or ids[-1] != eos):
-                ids, ends = ids + [eos], ends + [len(texts[i])]
-            out[i] = Encoded(ids, n_lead, max(prompt_end, n_lead), ends)
+                ids = ids + [eos]
+                ends = ends + [len(texts[i])] if with_ends else None
+            out[i] = Encoded(ids, n_lead, max(prompt_end, n_lead), ends if with_ends else None)
     return out
 
 
-def _tokenize(tokenizer, texts: list[str], add_special: bool) -> list[tuple[list[int], list[tuple[int, int]]]]:
-    """(ids, character offsets) of each text: straight from a fast tokenizer's backend when it would neither
+def _tokenize(tokenizer, texts: list[str], add_special: bool) -> list:
+    """The fast tokenizer's `tokenizers.Encoding` of each text: straight from its backend when it would neither
     truncate nor pad (what `tokenizer(...)` then does too, without building a dict per text), else through it."""
-    if (
-        tokenizer.is_fast
-        and tokenizer.backend_tokenizer.truncation is None
-        and tokenizer.backend_tokenizer.padding is None
-    ):
-        return [
-            (e.ids, e.offsets) for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=add_special)
-        ]
-    enc = tokenizer(texts, add_special_tokens=add_special, return_offsets_mapping=True)
-    return list(zip(enc["input_ids"], enc["offset_mapping"], strict=True))
+    if not tokenizer.is_fast:
+        raise DataError(f"bigrm needs a fast tokenizer (tokenizer.json); {type(tokenizer).__name__} is not one")
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation is None and backend.padding is None:
+        return backend.encode_batch(texts, add_special_tokens=add_special)
+    return tokenizer(texts, add_special_tokens=add_special).encodings
 
 
 def truncate(ids: list[int], n_lead: int, prompt_end: int, max_length: int) -> tuple[list[int], int] | None:
@@ -213,8 +221,8 @@ def tokenize_chunk(examples: list[Example], tokenizer, max_length: int, conventi
             texts.append(text)
             starts.append(start)
             chats.append(chat)
-    encoded = iter(encode_batch(tokenizer, texts, starts, chats, convention))
-    report, tokens, lengths, kept, overlong = EncodeReport(), [], [], [], []
+    encoded = iter(encode_batch(tokenizer, texts, starts, chats, convention, with_ends=False))
+    report, kept_seqs, kept, overlong = EncodeReport(), [], [], []
     reason = f"completion alone longer than data.max_length={max_length}"
     for i, ex in enumerate(examples):
         seqs, cut, cut_tokens, bad = [], 0, 0, None
@@ -234,12 +242,12 @@ def tokenize_chunk(examples: list[Example], tokenizer, max_length: int, conventi
         report.prompts_cut += cut
         report.prompt_tokens_cut += cut_tokens
         kept.append(i)
-        for seq in seqs:
-            lengths.append(len(seq))
-            tokens.extend(seq)
+        kept_seqs += seqs
+    lengths = np.fromiter(map(len, kept_seqs), dtype=np.int64, count=len(kept_seqs))
     return Tokenized(
-        np.asarray(tokens, dtype=np.uint32),  # token ids are below 2**32: half the bytes workers send back
-        np.asarray(lengths, dtype=np.int64),
+        # token ids are below 2**32: half the bytes workers send back
+        np.fromiter(chain.from_iterable(kept_seqs), dtype=np.uint32, count=int(lengths.sum())),
+        lengths,
         np.asarray(kept, dtype=np.int64),
         report,
         overlong,
