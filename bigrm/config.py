@@ -278,7 +278,8 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = opt(
-        "outputs/run", "Where config.yaml, log.jsonl, tensorboard/, checkpoints/, metrics.json and final/ go."
+        "outputs/run",
+        "Where config.yaml, log.jsonl, tensorboard/, checkpoints/, metrics.json, eval_report/ and final/ go.",
     )
     deepspeed_config: str = opt(
         "ds_configs/zero3.json",
@@ -327,7 +328,16 @@ class TrainConfig:
         "Delete the complete checkpoints of another run found in <output_dir>/checkpoints before training. Without "
         "it such a run is refused (continue it with `resume: auto`, or choose a new output_dir).",
     )
-    tensorboard: bool = opt(True, "Write TensorBoard events to <output_dir>/tensorboard.")
+    report_to: list = opt(
+        ["tensorboard"],
+        "Where logged scalars go besides the console and <output_dir>/log.jsonl (always written), as in "
+        "transformers: `tensorboard` (<output_dir>/tensorboard), `wandb` (Weights & Biases: `pip install "
+        "bigrm[wandb]`), a list of both, or `none`. W&B: rank 0 logs every scalar under `train/` and `eval/` "
+        "against `train/global_step`, the resolved config once and the setup figures; WANDB_PROJECT (default "
+        "bigrm), WANDB_ENTITY, WANDB_MODE (offline) and WANDB_DIR (default output_dir) are honoured; a resumed run "
+        "continues the same W&B run, whose id is kept in <output_dir>/wandb_run_id.",
+    )
+    run_name: str = opt("", "The run's name in the trackers that name runs (W&B). Empty: train.output_dir.")
     export: bool = opt(True, "Write <output_dir>/final as a plain Hugging Face sequence classifier at the end.")
     peak_tflops: float = opt(
         0.0,
@@ -358,6 +368,10 @@ class TrainConfig:
             _positive(getattr(self, key), f"train.{key}", allow_zero=True)
         if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("train.warmup_ratio must be in [0, 1) and train.min_lr_ratio in [0, 1]")
+        if self.report_to == ["none"]:
+            self.report_to = []
+        for sink in self.report_to:
+            _choice(sink, "train.report_to", ("tensorboard", "wandb"))
         if len(self.adam_betas) != 2:
             raise ConfigError(f"train.adam_betas: need two numbers, got {self.adam_betas}")
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from bigrm import progress
 from bigrm.config import DataConfig
 from bigrm.hashing import file_hash
 
@@ -474,7 +475,7 @@ def read_file(path: str, cfg: DataConfig) -> RowFile:
 def load_file(path: str, cfg: DataConfig) -> tuple[list[Example], list[RowError], int]:
     file = read_file(path, cfg)
     examples, errors = [], []
-    for i, row in enumerate(file.rows):
+    for i, row in enumerate(progress.each(file.rows, f"validate {Path(path).name}", unit="row")):
         parsed = parse_row(row, file.fmt, cfg, file.locate(i))
         (errors if isinstance(parsed, RowError) else examples).append(parsed)
     if file.fmt == "stepwise":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from bigrm import dist
@@ -36,26 +37,51 @@ def evaluate(
     cfg: LossConfig,
     share_prompt: bool = False,
 ) -> dict[str, float]:
+    return evaluate_rewards(
+        model, groups, budget=budget, window=window, pad_id=pad_id, device=device, cfg=cfg, share_prompt=share_prompt
+    )[0]
+
+
+@torch.no_grad()
+def evaluate_rewards(
+    model: Callable[[PackedBatch], torch.Tensor],
+    groups: list[Group],
+    *,
+    budget: int,
+    window: int,
+    pad_id: int,
+    device: torch.device,
+    cfg: LossConfig,
+    share_prompt: bool = False,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """evaluate's metrics and, on every rank, every completion's reward: (N,) float64 on the CPU, the completions of
+    groups[0], then groups[1], ... in their order."""
     total, steps = Stats.zeros(device), []
+    starts = np.cumsum([0] + [len(g.seqs) for g in groups])  # (G + 1,) first completion of each group
+    every = torch.zeros(int(starts[-1]), dtype=torch.float64, device=device)  # (N,) this rank's groups filled in
     for mb in shard(groups, budget, window, dist.world(), dist.rank(), share_prompt):
         batch = collate([groups[i] for i in mb], pad_id, share_prompt=share_prompt).to(device)
-        values = model(batch)
+        values = model(batch)  # (n + P,) the completions of mb's groups, group after group, then the step ends
         _, stats = total_loss(values, batch.labels, cfg)
         total += stats
         lab = batch.labels
+        n = len(lab.seg_group)
+        at = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in mb] + [np.zeros(0, dtype=np.int64)])
+        every[torch.from_numpy(at).to(device)] = values[:n].double()
         if lab.num_steps:
-            steps.append((values[len(lab.seg_group) :].cpu(), lab.step_label.cpu(), lab.step_seg.cpu()))
-    out = metrics(Stats.unstack(dist.all_sum(total.stack()).cpu()), cfg)
-    every = [s for part in dist.gather_objects(steps) for s in part]  # AUROC and first errors need every step
-    if every:
+            steps.append((values[n:].cpu(), lab.step_label.cpu(), lab.step_seg.cpu()))
+    stats, every = dist.all_sum_each(total.stack(), every)  # each reward comes from one rank, zeros elsewhere
+    out = metrics(Stats.unstack(stats.cpu()), cfg)
+    gathered = [s for part in dist.gather_objects(steps) for s in part]  # AUROC and first errors need every step
+    if gathered:
         offsets = [0]  # solutions numbered across micro-batches
-        for _, _, seg in every:
+        for _, _, seg in gathered:
             offsets.append(offsets[-1] + int(seg.max()) + 1)
         out.update(
             step_report(
-                torch.cat([v for v, _, _ in every]),
-                torch.cat([y for _, y, _ in every]),
-                torch.cat([seg + o for (_, _, seg), o in zip(every, offsets, strict=False)]),
+                torch.cat([v for v, _, _ in gathered]),
+                torch.cat([y for _, y, _ in gathered]),
+                torch.cat([seg + o for (_, _, seg), o in zip(gathered, offsets, strict=False)]),
             )
         )
-    return out
+    return out, every.cpu()

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bigrm import adapters, checkpoint, dist
+from bigrm import adapters, checkpoint, dist, progress
 from bigrm.attention import attention_needs, hf_attn_implementation, read_attention_needs, resolve_attn
 from bigrm.model import RewardModel, load_classifier
 from bigrm.packing import collate
@@ -33,6 +33,7 @@ PREFIX = "classifier."
 CONVENTION_KEY = "bigrm_reward_convention"
 # config.json key of data.step_separator, set when the model was trained on stepwise rows: the export is a PRM
 SEPARATOR_KEY = "bigrm_step_separator"
+EXPORT_STAGES = ("consolidate shards", "write", "verify")  # what the export's progress counts
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
 
@@ -219,10 +220,12 @@ def export_engine(
     with torch.no_grad():
         expected = engine(batch).float().cpu()  # collective under ZeRO-3: every rank runs it
     lora = settings is not None
+    stages = progress.Stages("export", EXPORT_STAGES)
     if engine.zero_optimization_stage() == 3:
         state = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=lora)
     else:
         state = engine.module_state_dict(exclude_frozen_parameters=lora)
+    stages.advance()
     problem = None
     if dist.is_main():
         # plain loads must not see the ZeRO-3 config, or from_pretrained would start collectives on rank 0 alone
@@ -235,9 +238,12 @@ def export_engine(
             classifier = engine.module.classifier
         trained = engine.module.classifier.config  # a LoRA classifier is rebuilt from a base that lacks these
         convention, separator = (getattr(trained, key, None) for key in (CONVENTION_KEY, SEPARATOR_KEY))
-        save_classifier(classifier, state, tokenizer, dest, reward_stats, convention, separator)
-        quant_bits = settings.quantization.bits if lora else 0
-        problem = check(expected, plain_rewards(dest, seqs, device, steps), tolerance(dtype, quant_bits), dest)
+        with progress.transformers_bars():
+            save_classifier(classifier, state, tokenizer, dest, reward_stats, convention, separator)
+            stages.advance()
+            quant_bits = settings.quantization.bits if lora else 0
+            problem = check(expected, plain_rewards(dest, seqs, device, steps), tolerance(dtype, quant_bits), dest)
+        stages.advance()
     failed = dist.all_sum(torch.tensor([float(problem is not None)], device=device)).item()
     if failed:
         raise ExportError(problem or "export verification failed on rank 0")
@@ -282,7 +288,9 @@ def classifier_from_checkpoint(path: Path, dtype: torch.dtype | None = None):
 
 def export_checkpoint(path: Path, dest: Path, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`bigrm export`: checkpoint → verified HF directory. Returns the verification rewards."""
+    stages = progress.Stages("export", EXPORT_STAGES)
     saved = _read_checkpoint(path, dtype)
+    stages.advance()
     tokenizer = saved.tokenizer
     ids = torch.load(path / "verify.pt", weights_only=False)  # per group, K lists of token ids
     verify = [Group(tuple(np.asarray(s, dtype=np.int64) for s in seqs), "verify") for seqs in ids]
@@ -294,10 +302,15 @@ def export_checkpoint(path: Path, dest: Path, dtype: torch.dtype | None = None) 
         expected = RewardModel(trained, attn)(batch).float()
     classifier = saved.classifier(merged=True) if saved.settings else trained  # LoRA: rebuilt, then merged
     convention, separator = (getattr(saved.config, key, None) for key in (CONVENTION_KEY, SEPARATOR_KEY))
-    save_classifier(classifier, classifier.state_dict(), tokenizer, dest, convention=convention, separator=separator)
-    quant_bits = saved.settings.quantization.bits if saved.settings else 0
-    got = plain_rewards(dest, seqs, torch.device("cpu"))
+    with progress.transformers_bars():
+        save_classifier(
+            classifier, classifier.state_dict(), tokenizer, dest, convention=convention, separator=separator
+        )
+        stages.advance()
+        quant_bits = saved.settings.quantization.bits if saved.settings else 0
+        got = plain_rewards(dest, seqs, torch.device("cpu"))
     problem = check(expected, got, tolerance(classifier.dtype, quant_bits), dest)
+    stages.advance()
     if problem:
         raise ExportError(problem)
     return expected

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bigrm import checkpoint, export, precision
+from bigrm import checkpoint, export, precision, progress
 from bigrm.attention import hf_attn_implementation, read_attention_needs, resolve_attn
 from bigrm.config import DataConfig, LossConfig
 from bigrm.data import DataError, Example, RowError, listed, parse_row, read_file, standardise_scores
@@ -45,10 +45,11 @@ def load_model(path: str, device: torch.device, dtype: str = "auto", attn: str =
     else:
         tokenizer = AutoTokenizer.from_pretrained(p)
         prepare_tokenizer(tokenizer)
-        if export.is_token_export(p):  # a process reward model's token classifier
-            classifier = export.value_classifier(str(p), torch_dtype or "auto", attn)
-        else:
-            classifier = load_classifier(str(p), torch_dtype or "auto", attn, tokenizer)
+        with progress.transformers_bars():
+            if export.is_token_export(p):  # a process reward model's token classifier
+                classifier = export.value_classifier(str(p), torch_dtype or "auto", attn)
+            else:
+                classifier = load_classifier(str(p), torch_dtype or "auto", attn, tokenizer)
         convention = getattr(classifier.config, export.CONVENTION_KEY, None)
     return RewardModel(classifier.to(device).eval(), attn), tokenizer, convention
 
@@ -117,7 +118,7 @@ def prepare(path: str, cfg: DataConfig, tokenizer, segments: bool = False, separ
     cfg.overlong. Skipped rows stay in the output with their reason."""
     file = read_file(path, cfg)
     fmt, locate, results, errors = file.fmt, file.locate, [], []
-    for i, row in enumerate(file.rows):
+    for i, row in enumerate(progress.each(file.rows, f"read {Path(path).name}", unit="row")):
         result = RowResult(row if isinstance(row, dict) else {"row": row})
         results.append(result)
         bounds = None
@@ -201,6 +202,7 @@ def score(
     ]
     check_budget(groups, budget, share_prompt)
     sizes = [layout_tokens(g, share_prompt) for g in groups]
+    counter = progress.bar(len(groups), "score", unit="row")
     for mb in pack_bins(list(range(len(groups))), sizes, budget, window=max(len(groups), 1)):
         batch = collate([groups[i] for i in mb], pad_id=0, share_prompt=share_prompt).to(device)
         if every_token:
@@ -221,6 +223,8 @@ def score(
                     todo[i].step_values.append(rewards[step_at : step_at + len(ends)].tolist())
                     step_at += len(ends)
             at += k
+        counter.update(len(mb))
+    counter.close()
 
 
 def segment_rewards(scored: Scored, values: np.ndarray, bounds: list[int], completion: str) -> list[float]:
@@ -255,20 +259,27 @@ def output_row(result: RowResult, segments: bool, per_token: bool) -> dict:
     return row
 
 
-def report(results: list[RowResult], cfg: LossConfig) -> dict:
-    """`bigrm eval`'s metrics over the scored rows (see bigrm.diagnostics)."""
+def report(results: list[RowResult], cfg: LossConfig, report_dir: Path | None = None) -> dict:
+    """`bigrm eval`'s metrics over the scored rows (see bigrm.diagnostics); with report_dir, also drawn there
+    (bigrm.eval_report), subsets by the rows' `subset`, else by their file. Stepwise files report step metrics."""
     done = [r for r in results if r.rewards is not None]
     if not done:
         raise DataError("no row could be scored")
     if done[0].step_values is not None:  # a stepwise file: step metrics, no ranking
-        out = _step_report(done)
+        if report_dir is not None:
+            raise DataError("--report draws rankings; a stepwise file has none (its step metrics are printed)")
+        out, drawn = _step_report(done), None
     else:
-        out = _ranking_report(done, cfg)
+        out, drawn = _ranking_report(done, cfg)
     out["num_rows_skipped"] = len(results) - len(done)
     reasons = [r.error for r in results if r.rewards is None and r.error]
     out["skipped"] = reasons[:SKIPPED_LISTED] + (
         [f"... and {len(reasons) - SKIPPED_LISTED} more"] if len(reasons) > SKIPPED_LISTED else []
     )
+    if report_dir is not None:
+        from bigrm import eval_report
+
+        eval_report.write(report_dir, out, *drawn)
     return out
 
 
@@ -283,16 +294,17 @@ def _step_report(done: list[RowResult]) -> dict:
     )
 
 
-def _ranking_report(done: list[RowResult], cfg: LossConfig) -> dict:
+def _ranking_report(done: list[RowResult], cfg: LossConfig) -> tuple[dict, tuple]:
+    """(metrics, what eval_report draws them from: rewards, labels, lengths and subset names)."""
     from bigrm.diagnostics import ranking_report
+    from bigrm.eval_report import source_file
 
     examples = [r.example for r in done]
     labels = SegmentLabels.of([e.labels for e in examples], [len(e.completions) for e in examples], torch.float64)
     subsets = [r.row.get("subset") for r in done]
-    return ranking_report(
-        torch.tensor([x for r in done for x in r.rewards], dtype=torch.float64),
-        labels,
-        torch.tensor([len(s.ids) - s.completion_start for r in done for s in r.scored]),
-        cfg,
-        subsets=[str(s) for s in subsets] if any(s is not None for s in subsets) else None,
-    )
+    rewards = torch.tensor([x for r in done for x in r.rewards], dtype=torch.float64)  # (N,)
+    lengths = torch.tensor([len(s.ids) - s.completion_start for r in done for s in r.scored])  # (N,)
+    named = any(s is not None for s in subsets)
+    out = ranking_report(rewards, labels, lengths, cfg, subsets=[str(s) for s in subsets] if named else None)
+    names = [str(s) if s is not None else source_file(e.source) for s, e in zip(subsets, examples, strict=True)]
+    return out, (rewards, labels, lengths, names)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import multiprocessing
 import os
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import chain
@@ -29,6 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from bigrm import progress
 from bigrm.config import DataConfig
 from bigrm.data import DataError, Example, Labels, Text, listed
 
@@ -312,12 +314,17 @@ def tokenize_chunk(examples: list[Example], tokenizer, max_length: int, conventi
 
 
 CHUNK = 256  # examples per batched tokenizer call (and per task of the worker processes)
+TOKENISE = ("tokenise", f"x{CHUNK} prompts")  # the progress counter's name and unit
 _forked: tuple = ()  # (examples, tokenizer, max_length, convention): what forked workers inherit, never pickled
 
 
 def _init_worker() -> None:
     # the workers are the parallelism: a tokenizer's own thread pool in each would only oversubscribe the cores
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # forked with the trainer's handlers (bigrm.preemption), a worker would raise on the SIGTERM that ends the pool,
+    # possibly holding the task queue's lock, and leave the parent waiting for ever; an interrupt is the parent's
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _tokenize_in_worker(lo: int) -> Tokenized:
@@ -348,11 +355,12 @@ def encode_examples(
         _forked = (examples, tokenizer, max_length, convention)
         try:
             with multiprocessing.get_context("fork").Pool(min(num_proc, len(chunks)), _init_worker) as pool:
-                parts = pool.map(_tokenize_in_worker, range(0, len(examples), CHUNK), chunksize=1)
+                done = pool.imap(_tokenize_in_worker, range(0, len(examples), CHUNK), chunksize=1)
+                parts = list(progress.each(done, *TOKENISE, total=len(chunks)))
         finally:
             _forked = ()
     else:
-        parts = [tokenize_chunk(c, tokenizer, max_length, convention) for c in chunks]
+        parts = [tokenize_chunk(c, tokenizer, max_length, convention) for c in progress.each(chunks, *TOKENISE)]
     report, errors, offset = EncodeReport(), [], 0
     for part, chunk in zip(parts, chunks, strict=True):
         report.prompts_cut += part.report.prompts_cut

@@ -17,7 +17,8 @@ from bigrm import adapters, checkpoint, dist, ds_config, export, flops, options,
 from bigrm.attention import read_attention_needs, resolve_attn
 from bigrm.config import Config
 from bigrm.divergence import Watch
-from bigrm.evaluate import evaluate
+from bigrm.eval_report import write_for_groups
+from bigrm.evaluate import evaluate_rewards
 from bigrm.loss import Stats, denominators, metrics, total_loss
 from bigrm.meter import Meter
 from bigrm.model import (
@@ -31,6 +32,8 @@ from bigrm.model import (
 from bigrm.packing import Step, collate
 from bigrm.plan import check_resumable, plan, plan_fingerprint
 from bigrm.prepare import load_tokenizer
+from bigrm.progress import transformers_bars
+from bigrm.sinks import check_installed, open_sinks
 from bigrm.step_loss import step_denominator
 from bigrm.tracking import Tracker
 
@@ -82,7 +85,7 @@ class Trainer:
         # built by setup()
         self.resume_from: Path | None = None  # the checkpoint this run continues
         self.run_id = ""  # recorded in every checkpoint: pruning removes only this run's
-        self.tracker: Tracker | None = None  # rank 0's console lines, progress bar, log.jsonl, TensorBoard
+        self.tracker: Tracker | None = None  # rank 0's console lines, progress bar, log.jsonl, report_to sinks
         self.tokenizer = None
         self.data: pipeline.Dataset | None = None
         self.steps: list[Step] = []  # every optimizer step of the run, the same on every rank
@@ -106,6 +109,7 @@ class Trainer:
     def setup(self) -> None:
         from transformers import set_seed
 
+        check_installed(self.t.report_to)
         # another run's checkpoints in output_dir, or a damaged one to resume: refused before anything is written
         self.resume_from, self.run_id = dist.from_main(
             checkpoint.start, self.t.resume, self.out, self.t.overwrite_output_dir
@@ -133,7 +137,11 @@ class Trainer:
         # one process per machine tokenises into the token cache while the others poll its lock: no collective waits
         self.data = pipeline.build(self.cfg, self.tokenizer, self.out)
         self.steps = plan(self.cfg, self.data)
-        self.tracker = Tracker(self.out, len(self.steps), self.t.tensorboard)
+        opened = []
+        if dist.is_main():
+            config = options.to_dict(self.cfg)
+            opened = open_sinks(self.t.report_to, self.out, self.t.run_name, config, self.resume_from is not None)
+        self.tracker = Tracker(self.out, len(self.steps), opened)
         for line in self.data.log:
             self.tracker.print(line)
 
@@ -149,9 +157,10 @@ class Trainer:
         )
         # while it lives, from_pretrained loads straight into ZeRO-3 shards
         self.hf_ds_config = HfDeepSpeedConfig(ds) if ds["zero_optimization"]["stage"] == 3 else None
-        classifier = load_classifier(
-            path, self.dtype, attn, self.tokenizer, cfg.model.gradient_checkpointing, cfg.quantization
-        )
+        with transformers_bars():
+            classifier = load_classifier(
+                path, self.dtype, attn, self.tokenizer, cfg.model.gradient_checkpointing, cfg.quantization
+            )
         # checkpoints and exports carry the convention, so scoring reads the token the head was trained at
         setattr(classifier.config, export.CONVENTION_KEY, cfg.data.reward_convention)
         if self.data.stepwise:  # a process reward model: exported as a token classifier (bigrm.export)
@@ -281,10 +290,11 @@ class Trainer:
 
     # evaluate, save, finish -------------------------------------------------------------------------------------
 
-    def evaluate(self, step: int) -> dict:
+    def evaluate(self, step: int) -> tuple[dict, torch.Tensor]:
+        """The eval metrics (logged) and every eval completion's reward (see evaluate_rewards)."""
         t = self.t
         self.engine.eval()
-        result = evaluate(
+        result, rewards = evaluate_rewards(
             self.engine,
             self.data.eval,
             budget=t.max_tokens_per_batch,
@@ -296,7 +306,7 @@ class Trainer:
         )
         self.engine.train()
         self.tracker.log("eval", result, step)
-        return result
+        return result, rewards
 
     def save(self, n: int) -> None:
         """Collective: a complete checkpoint after step n."""
@@ -324,11 +334,15 @@ class Trainer:
         self.tracker.print(f"checkpoint: {saved}")
 
     def finish(self) -> dict:
-        """The final eval (metrics.json) and, with train.export, the verified export (final/)."""
+        """The final eval (metrics.json, eval_report/) and, with train.export, the verified export (final/)."""
         out = self.out
-        final = self.evaluate(len(self.steps)) if self.data.eval else {"note": "no eval data configured"}
+        final, rewards = {"note": "no eval data configured"}, None
+        if self.data.eval:
+            final, rewards = self.evaluate(len(self.steps))
         if dist.is_main():
             (out / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
+            if rewards is not None:
+                self.tracker.print(write_for_groups(out / "eval_report", self.data.eval, rewards, self.cfg.loss))
         if self.t.export:
             running = metrics(Stats.unstack(dist.all_sum(self.epoch_stats.stack()).cpu()), self.cfg.loss)
             stats = {k: running[k] for k in ("reward_mean", "reward_std") if k in running}  # none: stepwise only

@@ -63,7 +63,7 @@ def test_bad_overrides():
     with pytest.raises(ConfigError, match="needs a value"):
         options.from_argv(["--lr"])
     with pytest.raises(ConfigError, match="expected bool"):
-        options.from_argv(["--tensorboard", "maybe"])
+        options.from_argv(["--export", "maybe"])
 
 
 def test_every_option_is_documented_once():

@@ -32,7 +32,7 @@ def test_a_diverging_run_stops_with_the_last_good_checkpoint_and_no_export(tmp_p
     proc = subprocess.run(
         [sys.executable, str(REPO / "launch" / "train.py"), "--output_dir", str(out), "--max_steps", "10",
          "--data.synthetic.num_train", "120", "--data.synthetic.num_eval", "16", "--max_tokens_per_batch", "400",
-         "--tensorboard", "false", "--save_every", "1", "--lr", "1e30", "--warmup_ratio", "0", "--grad_clip", "0",
+         "--report_to", "none", "--save_every", "1", "--lr", "1e30", "--warmup_ratio", "0", "--grad_clip", "0",
          "--max_nonfinite_steps", "2"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
