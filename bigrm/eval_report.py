@@ -74,9 +74,17 @@ def write(
 
 def write_for_groups(directory: Path, groups: Sequence[Group], rewards: torch.Tensor, cfg: LossConfig) -> str:
     """The trainer's final eval drawn, when matplotlib is installed; returns the console line saying where (or why
-    not). Completion length: the tokens after the group's longest common prefix (its prompt); subsets: source files."""
+    not). Completion length: the tokens after the group's longest common prefix (its prompt); subsets: source files.
+    Stepwise groups are left out: they hold no ranking (their step metrics are in metrics.json)."""
     if importlib.util.find_spec("matplotlib") is None:
         return f"eval report: not drawn ({directory} needs matplotlib: pip install 'bigrm[report]')"
+    starts = np.cumsum([0] + [len(g.seqs) for g in groups])
+    ranked = [i for i, g in enumerate(groups) if g.labels.ranked]
+    if not ranked:
+        return "eval report: not drawn (the eval data is stepwise only: no ranking to draw)"
+    if len(ranked) < len(groups):
+        rewards = torch.cat([rewards[starts[i] : starts[i + 1]] for i in ranked])
+        groups = [groups[i] for i in ranked]
     labels = SegmentLabels.of([g.labels for g in groups], [len(g.seqs) for g in groups], torch.float64)
     lengths = torch.tensor([len(s) - shared_prefix(g.seqs) for g in groups for s in g.seqs])  # (N,)
     metrics = ranking_report(rewards, labels, lengths, cfg)

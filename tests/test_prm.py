@@ -140,7 +140,7 @@ def test_token_classifier_export_gives_sigmoid_of_the_value_and_loads_back(llama
 # 2-rank ZeRO-3 runs ---------------------------------------------------------------------------------------------
 
 ARGS = ["--max_tokens_per_batch", "300", "--lr", "3e-3", "--data.max_length", "64", "--epochs", "3",
-        "--log_every", "10", "--tensorboard", "false", "--share_prompt", "true"]  # fmt: skip
+        "--log_every", "10", "--report_to", "none", "--share_prompt", "true"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +157,7 @@ def test_synthetic_step_task_trains_and_exports_a_token_classifier(synthetic_run
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["step_accuracy"] >= 0.95 and metrics["num_solutions"] == 100
     assert "pairwise_accuracy" not in metrics  # nothing was ranked
+    assert not (out / "eval_report").exists()  # nor drawn
     config = json.loads((out / "final" / "config.json").read_text())
     assert config[export.SEPARATOR_KEY] == "\n" and config["architectures"] == ["LlamaForTokenClassification"]
 
@@ -210,3 +211,5 @@ def test_mixed_stepwise_and_ranked_files_reach_both_targets(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["step_accuracy"] >= 0.95 and metrics["num_solutions"] == 100
     assert metrics["pairwise_accuracy"] > 0.6 and metrics["num_prompts"] == 60
+    drawn = json.loads((out / "eval_report" / "report.json").read_text())  # the ranked prompts alone
+    assert list(drawn["accuracy"]["prompts_by_subset"].values()) == [60]
