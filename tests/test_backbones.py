@@ -218,7 +218,7 @@ def test_export_check_includes_a_sequence_longer_than_the_window(backbone_dir, m
     monkeypatch.setattr("bigrm.attention._layer_window", lambda module, kw: None)
 
     def problem(verify) -> str | None:
-        batch, seqs = export._verify_batch(verify, 0, torch.device("cpu"))
+        batch, seqs, _ = export._verify_batch(verify, 0, torch.device("cpu"))
         with torch.no_grad():
             expected = model(batch)
         return export.check(expected, export.plain_rewards(path, seqs, torch.device("cpu")), 1e-4, path)

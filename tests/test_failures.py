@@ -26,13 +26,13 @@ FAULTS = {
     "step": """
 import torch.distributed as td
 from bigrm import train
-real, calls = train.ranking_loss, []
+real, calls = train.total_loss, []
 def failing(*args, **kwargs):
     calls.append(1)
     if td.get_rank() == 1 and len(calls) == 2:
         raise RuntimeError("injected failure on rank 1")
     return real(*args, **kwargs)
-train.ranking_loss = failing
+train.total_loss = failing
 """,
 }
 

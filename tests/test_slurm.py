@@ -63,7 +63,8 @@ def fake_slurm(tmp: Path, hosts: list[str], gpus: int, deepspeed: bool = True, *
     submit.mkdir()
     (submit / "launch").symlink_to(REPO / "launch")
     return {
-        **os.environ,
+        # a rendezvous port left by an in-process run (or a user's shell) would override the job's
+        **{k: v for k, v in os.environ.items() if k != "MASTER_PORT"},
         "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
         "SLURM_SUBMIT_DIR": str(submit),
         "SLURM_JOB_ID": "1234",
