@@ -39,8 +39,17 @@ class SyntheticConfig:
     num_eval: int = opt(400, "Prompts in the built-in synthetic eval set.")
     min_k: int = opt(2, "Fewest completions per synthetic prompt.")
     max_k: int = opt(6, "Most completions per synthetic prompt.")
+    task: str = opt(
+        "ranked",
+        "`ranked`: K-ranked reviews (bigrm.synthetic). `attributes`: the multi-attribute task "
+        "(bigrm.synthetic_attributes): num_train rated single-completion rows (one column per data.attributes "
+        "name, some ratings missing) plus num_train / 4 K-ranked rows without ratings, ranked by the weighted sum of "
+        "the ratings (loss.attribute_weights); eval rows are K-ranked and rated. Needs 1 to 3 data.attributes "
+        "(any names).",
+    )
 
     def __post_init__(self) -> None:
+        _choice(self.task, "data.synthetic.task", ("ranked", "attributes"))
         _positive(self.num_train, "data.synthetic.num_train")
         _positive(self.num_eval, "data.synthetic.num_eval", allow_zero=True)
         if not 2 <= self.min_k <= self.max_k:
@@ -70,6 +79,17 @@ class DataConfig:
     completions_column: str = opt("completions", "Scored rows: the column of K >= 2 completions (any order).")
     scores_column: str = opt("scores", "Scored rows: one number per completion, higher is better (see loss.scores).")
     weight_column: str = opt("weight", "Optional positive number per row scaling that prompt's share of the loss.")
+    attributes: list = opt(
+        [],
+        "Names of per-completion rating columns (e.g. HelpSteer2's [helpfulness, correctness, coherence, complexity, "
+        "verbosity]): the value head gets one output per name (bigrm.attributes). Rated rows {prompt, response, "
+        "<name>: number, ...} hold one completion; ranked, scored and pairwise rows may carry per-completion lists "
+        "aligned with their completions ({..., helpfulness: [3, 1, null]}). A null or absent rating is masked, never "
+        "read as 0. Empty: one scalar reward head.",
+    )
+    response_column: str = opt(
+        "response", "Rated rows (with data.attributes): the column of the row's single completion."
+    )
     assistant_marker: str = opt(
         "\n\nAssistant:",
         "Implicit-prompt text pairs: the prompt is the longest common prefix of chosen and rejected, cut just "
@@ -115,6 +135,15 @@ class DataConfig:
         _positive(self.max_length, "data.max_length")
         _positive(self.max_errors, "data.max_errors")
         _positive(self.num_proc, "data.num_proc", allow_zero=True)
+        names = self.attributes
+        if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+            raise ConfigError(f"data.attributes: expected distinct column names, got {names!r}")
+        columns = {getattr(self, f) for f in self.__dataclass_fields__ if f.endswith("_column")}
+        clash = sorted(columns & set(names))
+        if clash:
+            raise ConfigError(f"data.attributes: {clash} also name(s) a data.*_column")
+        if self.synthetic.task == "attributes" and not 1 <= len(names) <= 3 and not self.train_files:
+            raise ConfigError("data.synthetic.task=attributes: name 1 to 3 attributes in data.attributes")
 
 
 ATTN_IMPLS = ("auto", "sdpa", "eager", "varlen", "flash_attn", "flex")
@@ -226,8 +255,31 @@ class LossConfig:
         "exactly TRL's term), keeping rewards centred on zero.",
     )
     l2_rewards_coef: float = opt(0.0, "Adds coef * mean over the prompt's completions of r^2.")
+    attribute_weights: list = opt(
+        [],
+        "With data.attributes: the weights w_a of the scalar reward r = sum_a w_a * v_a (v_a: the head's output for "
+        "attribute a, on the scale of loss.attribute_targets), one per attribute in data.attributes' order. The "
+        "ranking loss, ranking metrics and `bigrm export --merge-attributes` use r. Empty: 1 each, the sum. The "
+        "ranking loss sets the scale of r (a mean, with its smaller spread, pulls the outputs past their targets).",
+    )
+    attribute_targets: str = opt(
+        "standardised",
+        "With data.attributes: what each output regresses to. `standardised`: the rating minus the mean over the "
+        "training data's present ratings of that attribute, divided by their std (recorded in the export, so "
+        "`bigrm score` reports ratings on their own scale). `raw`: the rating as given.",
+    )
+    attribute_coef: float = opt(
+        1.0,
+        "With data.attributes: weight of the rating term, the mean over attributes of each attribute's masked squared "
+        "error, sum over present ratings of w_g (v - t)^2 / sum of w_g over them (w_g: the row's weight), both sums "
+        "over the optimizer step. It is added to the ranking loss.",
+    )
 
     def __post_init__(self) -> None:
+        _choice(self.attribute_targets, "loss.attribute_targets", ("standardised", "raw"))
+        _positive(self.attribute_coef, "loss.attribute_coef", allow_zero=True)
+        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in self.attribute_weights):
+            raise ConfigError(f"loss.attribute_weights: expected numbers, got {self.attribute_weights!r}")
         _choice(self.objective, "loss.objective", ("pairwise", "listmle"))
         _choice(self.pair_weighting, "loss.pair_weighting", ("per_prompt", "per_pair"))
         _choice(self.scores, "loss.scores", ("rank", "regress", "both"))
@@ -335,3 +387,9 @@ class Config:
     def __post_init__(self) -> None:
         if self.quantization.bits and not self.lora.r:
             raise ConfigError("quantization.bits: a quantised backbone cannot be trained; set lora.r > 0 (QLoRA)")
+        weights, names = self.loss.attribute_weights, self.data.attributes
+        if weights and len(weights) != len(names):
+            raise ConfigError(
+                f"loss.attribute_weights: {len(weights)} weight(s) for {len(names)} data.attributes; give one per "
+                "attribute, or none for their mean"
+            )

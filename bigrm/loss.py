@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bigrm import attributes
+from bigrm.attributes import AttributeHead
 from bigrm.config import LossConfig
 from bigrm.packing import SegmentLabels
 from bigrm.sequences import Group
@@ -242,6 +244,31 @@ def ranking_loss(
         )
         stats = stats.float64(rewards.device)
     return loss, stats
+
+
+def objective(
+    outputs: torch.Tensor,
+    labels: SegmentLabels,
+    cfg: LossConfig,
+    weight_sum: float | None = None,
+    unit_sum: float | None = None,
+    head: AttributeHead | None = None,
+    rating_sums: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Stats, torch.Tensor | None]:
+    """(loss, stats, rating sums): what training minimises. Scalar heads: ranking_loss of the (N,) rewards. Attribute
+    heads (`head`, outputs (N, A)): ranking_loss of the scalar head.scalar(outputs) plus loss.attribute_coef times
+    the rating term (bigrm.attributes; `rating_sums`: the step's (A,) denominators, default this micro-batch's own),
+    and the (2, A) float64 sums that attributes.train_metrics logs."""
+    if head is None:
+        return (*ranking_loss(outputs, labels, cfg, weight_sum, unit_sum), None)
+    values = outputs.double() if outputs.dtype == torch.float64 else outputs.float()  # (N, A)
+    loss, stats = ranking_loss(head.scalar(values), labels, cfg, weight_sum, unit_sum)
+    if labels.num_groups == 0:  # placeholder micro-batch (see ranking_loss)
+        return loss, stats, torch.zeros(2, len(head.names), dtype=torch.float64, device=outputs.device)
+    sq_err, weights = attributes.rating_terms(values, labels, head)
+    denominator = weights if rating_sums is None else rating_sums.to(values)
+    loss = loss + cfg.attribute_coef * attributes.rating_loss(sq_err, denominator)
+    return loss, stats, torch.stack([sq_err, weights]).detach().double()
 
 
 def metrics(stats: Stats, cfg: LossConfig) -> dict[str, float]:

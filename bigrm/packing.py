@@ -111,6 +111,7 @@ class SegmentLabels:
     group_margin: torch.Tensor  # (G,)
     group_weight: torch.Tensor  # (G,)
     num_groups: int
+    seg_attributes: torch.Tensor | None = None  # (N, A) attribute ratings (bigrm.attributes), NaN where missing
 
     @staticmethod
     def of(labels: list[Labels], ks: list[int], dtype: torch.dtype = torch.float32) -> SegmentLabels:
@@ -128,10 +129,20 @@ class SegmentLabels:
             group_margin=torch.tensor([lab.margin for lab in labels], dtype=dtype),
             group_weight=torch.tensor([lab.weight for lab in labels], dtype=dtype),
             num_groups=len(labels),
+            seg_attributes=_attributes(prompts, dtype),
         )
 
     def to(self, device: torch.device | str) -> SegmentLabels:
         return SegmentLabels(**{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
+
+
+def _attributes(prompts: list[tuple[Labels, int]], dtype: torch.dtype) -> torch.Tensor | None:
+    """(N, A) ratings of prompts that carry attributes (NaN rows for any that do not); None when none does."""
+    width = next((len(lab.attributes[0]) for lab, _ in prompts if lab.attributes), None)
+    if width is None:
+        return None
+    rows = [r for lab, k in prompts for r in (lab.attributes or [(nan,) * width] * k)]
+    return torch.tensor(rows, dtype=dtype).reshape(len(rows), width)
 
 
 def _to(value, device: torch.device | str):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bigrm import checkpoint, export, precision
+from bigrm import attributes, checkpoint, export, precision
 from bigrm.attention import hf_attn_implementation, read_attention_needs, resolve_attn
 from bigrm.config import DataConfig, LossConfig
 from bigrm.data import DataError, Example, RowError, listed, parse_row, read_file, standardise_scores
@@ -41,9 +41,13 @@ def load_model(path: str, device: torch.device, dtype: str = "auto", attn: str =
         classifier, tokenizer, convention = export.classifier_from_checkpoint(p, torch_dtype)
         classifier.config._attn_implementation = hf_attn_implementation(attn)
     else:
+        from transformers import AutoConfig
+
         tokenizer = AutoTokenizer.from_pretrained(p)
         prepare_tokenizer(tokenizer)
-        classifier = load_classifier(str(p), torch_dtype or "auto", attn, tokenizer)
+        head = attributes.read_head(AutoConfig.from_pretrained(p))
+        outputs = len(head.names) if head else 1
+        classifier = load_classifier(str(p), torch_dtype or "auto", attn, tokenizer, num_labels=outputs)
         convention = getattr(classifier.config, export.CONVENTION_KEY, None)
     return RewardModel(classifier.to(device).eval(), attn), tokenizer, convention
 
@@ -59,6 +63,7 @@ class RowResult:
     boundaries: list[list[int]] | None = None  # per completion, piece ends as character offsets in the completion
     error: str | None = None
     rewards: list[float] | None = None
+    values: list[list[float]] | None = None  # attribute heads: per completion, the head's A outputs
     token_values: list[np.ndarray] | None = None  # per completion, the value at every token of its sequence
 
 
@@ -163,7 +168,8 @@ def score(
     every_token: bool,
     share_prompt: bool = False,
 ) -> None:
-    """Fill `rewards` (and `token_values`) of every scorable row, packed under a token budget."""
+    """Fill `rewards` (and `token_values`) of every scorable row, packed under a token budget. Attribute heads: the
+    rewards (and per-token values) are the scalar reward, `values` the head's outputs."""
     share_prompt = share_prompt and not every_token  # per-token values need every sequence laid out whole
     todo = [r for r in results if r.example is not None]
     groups = [Group(tuple(np.asarray(s.ids, dtype=np.int64) for s in r.scored), r.example.source) for r in todo]
@@ -171,17 +177,21 @@ def score(
     sizes = [layout_tokens(g, share_prompt) for g in groups]
     for mb in pack_bins(list(range(len(groups))), sizes, budget, window=max(len(groups), 1)):
         batch = collate([groups[i] for i in mb], pad_id=0, share_prompt=share_prompt).to(device)
+        head = model.attributes
         if every_token:
-            values = model(batch, every_token=True).cpu()  # (T,)
-            rewards = values[batch.last_index.cpu()]
+            values = model(batch, every_token=True).cpu()  # (T,); attribute heads (T, A)
+            outputs = values[batch.last_index.cpu()]
+            values = head.scalar(values) if head else values
             cu = batch.cu_seqlens.cpu().tolist()
             segs = [values[cu[j] : cu[j + 1]].numpy() for j in range(len(cu) - 1)]
         else:
-            rewards, segs = model(batch).cpu(), None
+            outputs, segs = model(batch).cpu(), None
+        rewards = head.scalar(outputs) if head else outputs  # (N,)
         at = 0
         for i in mb:
             k = len(groups[i].seqs)
             todo[i].rewards = rewards[at : at + k].tolist()
+            todo[i].values = outputs[at : at + k].tolist() if head else None
             todo[i].token_values = segs[at : at + k] if segs else None
             at += k
 
@@ -196,9 +206,16 @@ def segment_rewards(scored: Scored, values: np.ndarray, bounds: list[int], compl
     return out + [float(values[len(scored.ids) - 1])]
 
 
-def output_row(result: RowResult, segments: bool, per_token: bool) -> dict:
+def output_row(
+    result: RowResult, segments: bool, per_token: bool, head: attributes.AttributeHead | None = None
+) -> dict:
+    """The input row with `rewards` (attribute heads: the scalar reward) and, for attribute heads, `attributes`:
+    {name: predicted rating per completion, on the ratings' own scale (AttributeHead.raw)}."""
     row = dict(result.row)
     row["rewards"] = result.rewards
+    if head is not None and result.values is not None:
+        raw = head.raw(torch.tensor(result.values, dtype=torch.float64)).T.tolist()
+        row["attributes"] = dict(zip(head.names, raw, strict=True))
     if result.error:
         row["error"] = result.error
         return row
@@ -216,8 +233,9 @@ def output_row(result: RowResult, segments: bool, per_token: bool) -> dict:
     return row
 
 
-def report(results: list[RowResult], cfg: LossConfig) -> dict:
-    """`bigrm eval`'s metrics over the scored rows (see bigrm.diagnostics)."""
+def report(results: list[RowResult], cfg: LossConfig, head: attributes.AttributeHead | None = None) -> dict:
+    """`bigrm eval`'s metrics over the scored rows (see bigrm.diagnostics); the ranking ones of the scalar reward,
+    and for attribute heads the per-attribute ones of attributes.report."""
     from bigrm.diagnostics import ranking_report
 
     done = [r for r in results if r.rewards is not None]
@@ -233,6 +251,9 @@ def report(results: list[RowResult], cfg: LossConfig) -> dict:
         cfg,
         subsets=[str(s) for s in subsets] if any(s is not None for s in subsets) else None,
     )
+    if head is not None and labels.seg_attributes is not None:
+        values = torch.tensor([v for r in done for v in r.values], dtype=torch.float64)
+        out.update(attributes.report(values, labels.seg_attributes, head))
     out["num_rows_skipped"] = len(results) - len(done)
     reasons = [r.error for r in results if r.rewards is None and r.error]
     out["skipped"] = reasons[:SKIPPED_LISTED] + (

@@ -7,6 +7,7 @@ A store is a directory of .npy arrays (written by `save`, opened by `TokenStore.
   ranks, scores, targets          (S,) per sequence: data.Labels' fields (NaN where a group has none)
   has_scores, has_targets         (G,) bool
   margin, weight                  (G,) float64
+  attributes                      (S, A) float64: data.Labels.attributes, NaN where missing (A = 0 without them)
   source_bytes, source_offsets    every group's source ("file:line N") as UTF-8, end to end
 Indexing a store gives a sequences.Group whose sequences are views of `tokens`, so packing, planning, evaluation
 and fingerprints read it as they read any list of groups.
@@ -35,6 +36,7 @@ ARRAYS = (
     "weight",
     "source_bytes",
     "source_offsets",
+    "attributes",
 )
 
 
@@ -50,8 +52,9 @@ class TokenStore(Sequence[Group]):
         self.a = arrays
 
     @staticmethod
-    def of(done: Tokenized, examples: list[Example]) -> TokenStore:
-        """The store of encode_examples' result; labels and sources come from the kept examples."""
+    def of(done: Tokenized, examples: list[Example], num_attributes: int = 0) -> TokenStore:
+        """The store of encode_examples' result; labels and sources come from the kept examples (each with
+        `num_attributes` ratings per completion)."""
         kept = [examples[i] for i in done.kept]
         ks = [len(e.completions) for e in kept]
         dtype = np.int32 if not len(done.tokens) or done.tokens.max() <= np.iinfo(np.int32).max else np.uint32
@@ -74,6 +77,9 @@ class TokenStore(Sequence[Group]):
                 "weight": np.array([e.labels.weight for e in kept], dtype=np.float64),
                 "source_bytes": np.frombuffer(b"".join(sources), dtype=np.uint8),
                 "source_offsets": _offsets([len(s) for s in sources]),
+                "attributes": np.array(
+                    [r for e in kept for r in (e.labels.attributes or ())], dtype=np.float64
+                ).reshape(len(done.lengths), num_attributes),
             }
         )
 
@@ -102,6 +108,7 @@ class TokenStore(Sequence[Group]):
             targets=tuple(a["targets"][lo:hi].tolist()) if a["has_targets"][g] else None,
             margin=float(a["margin"][g]),
             weight=float(a["weight"][g]),
+            attributes=tuple(map(tuple, a["attributes"][lo:hi].tolist())) if a["attributes"].shape[1] else None,
         )
         s, e = int(a["source_offsets"][g]), int(a["source_offsets"][g + 1])
         return Group(seqs, bytes(a["source_bytes"][s:e]).decode(), labels)

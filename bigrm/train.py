@@ -13,12 +13,25 @@ from pathlib import Path
 
 import torch
 
-from bigrm import adapters, checkpoint, dist, ds_config, export, flops, options, pipeline, precision, preemption, tiny
+from bigrm import (
+    adapters,
+    attributes,
+    checkpoint,
+    dist,
+    ds_config,
+    export,
+    flops,
+    options,
+    pipeline,
+    precision,
+    preemption,
+    tiny,
+)
 from bigrm.attention import read_attention_needs, resolve_attn
 from bigrm.config import Config
 from bigrm.divergence import Watch
 from bigrm.evaluate import evaluate
-from bigrm.loss import Stats, denominators, metrics, ranking_loss
+from bigrm.loss import Stats, denominators, metrics, objective
 from bigrm.meter import Meter
 from bigrm.model import (
     RewardModel,
@@ -65,7 +78,9 @@ def model_dir(cfg: Config, out: Path, dtype: torch.dtype) -> str:
             if not path:
                 tiny.write_tiny(out / "tiny-llama")
             if not path or random_init:
-                write_random_init(path or str(out / "tiny-llama"), str(out / "random-init"), cfg.train.seed, dtype)
+                outputs = len(cfg.data.attributes) or 1
+                src = path or str(out / "tiny-llama")
+                write_random_init(src, str(out / "random-init"), cfg.train.seed, dtype, outputs)
     return str(out / "random-init") if (not path or random_init) else path
 
 
@@ -91,6 +106,7 @@ class Trainer:
         self.lora: adapters.Settings | None = None  # what a LoRA export rebuilds its base from
         self.verify: list = []  # held-out groups every checkpoint and export checks itself on
         self.group_sums: list[tuple[float, float]] = []  # per training prompt: its share of the step's denominators
+        self.rating_sums: list = []  # attribute heads, per training prompt: its (A,) share of the rating denominators
         self.model_flops = None  # (real tokens, causal pairs) → model FLOPs of one forward + backward
         self.meter: Meter | None = None  # the current log window
         # progress, moved by resume() and every step
@@ -146,11 +162,20 @@ class Trainer:
         )
         # while it lives, from_pretrained loads straight into ZeRO-3 shards
         self.hf_ds_config = HfDeepSpeedConfig(ds) if ds["zero_optimization"]["stage"] == 3 else None
+        head = self.data.attributes
         classifier = load_classifier(
-            path, self.dtype, attn, self.tokenizer, cfg.model.gradient_checkpointing, cfg.quantization
+            path,
+            self.dtype,
+            attn,
+            self.tokenizer,
+            cfg.model.gradient_checkpointing,
+            cfg.quantization,
+            len(head.names) if head else 1,
         )
         # checkpoints and exports carry the convention, so scoring reads the token the head was trained at
         setattr(classifier.config, export.CONVENTION_KEY, cfg.data.reward_convention)
+        if head:  # and what each output means, so exports, scoring and merging read them back
+            attributes.record_head(classifier.config, head)
         if cfg.lora.r:
             adapters.add_lora(classifier, cfg.lora)
             base = str(Path(path).resolve()) if Path(path).is_dir() else path
@@ -200,13 +225,15 @@ class Trainer:
             )
         self.tracker.bar.update(self.start)
         self.group_sums = [denominators([g], self.cfg.loss) for g in self.data.train]  # labels only: computed once
+        if self.data.attributes:
+            self.rating_sums = [attributes.rating_sums(g) for g in self.data.train]
         if self.start:
             self.epoch = self.steps[self.start - 1].epoch
             if dist.is_main():  # the resumed epoch's statistics so far (summed over ranks)
                 so_far = torch.tensor(saved["epoch_stats"], dtype=torch.float64, device=self.device)
                 self.epoch_stats += Stats.unstack(so_far)
         peak = flops.peak_tflops(self.t.peak_tflops, self.device, self.dtype == torch.bfloat16)
-        self.meter = Meter(self.device, self.t.max_tokens_per_batch, peak)
+        self.meter = Meter(self.device, self.t.max_tokens_per_batch, peak, self.data.attributes)
         self.engine.train()
 
     def remaining(self) -> Iterator[tuple[int, Step]]:
@@ -223,17 +250,20 @@ class Trainer:
         # the loss is normalised over the whole step's prompts, whatever rank or micro-batch holds them
         members = [i for rank in step.micro_batches for mb in rank for i in mb]
         sums = (sum(self.group_sums[i][0] for i in members), sum(self.group_sums[i][1] for i in members))
+        head, ratings = self.data.attributes, None
+        if head:
+            ratings = torch.tensor(sum(self.rating_sums[i] for i in members), device=self.device)
         for mb in step.micro_batches[dist.rank()]:
             packed = collate([data.train[i] for i in mb], self.tokenizer.pad_token_id, share_prompt=t.share_prompt)
             pairs = flops.causal_pairs(packed.cu_seqlens, packed.seg_parent)  # on the CPU copy: no device sync
             batch = packed.to(self.device)
-            rewards = self.engine(batch)
-            loss, stats = ranking_loss(rewards, batch.labels, self.cfg.loss, *sums)
+            outputs = self.engine(batch)
+            loss, stats, rating_stats = objective(outputs, batch.labels, self.cfg.loss, *sums, head, ratings)
             self.nonfinite |= ~torch.isfinite(loss.detach())  # stays on the device: no sync per micro-batch
             # DeepSpeed averages over ranks and micro-batches: undo that, the step normalises itself
             self.engine.backward(loss * dist.world() * t.micro_batches_per_step)
             self.engine.step()
-            self.meter.add(stats, batch, self.model_flops(batch.real_tokens, pairs))
+            self.meter.add(stats, batch, self.model_flops(batch.real_tokens, pairs), rating_stats)
             self.epoch_stats += stats
         self.tracker.step()
 
@@ -285,6 +315,7 @@ class Trainer:
             device=self.device,
             cfg=self.cfg.loss,
             share_prompt=t.share_prompt,
+            head=self.data.attributes,
         )
         self.engine.train()
         self.tracker.log("eval", result, step)
