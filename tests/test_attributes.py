@@ -132,7 +132,12 @@ def test_config_checks():
         options.build({"data.synthetic.task": "attributes"})
     with pytest.raises(ConfigError, match="attribute_targets"):
         options.build({"loss.attribute_targets": "zscore"})
-    assert weights(options.build({"data.attributes": ["a", "b"]})) == (1.0, 1.0)
+    cfg = options.build({"data.attributes": ["a", "b"]})
+    assert weights(cfg) == (1.0, 1.0)
+    stats = {"mean": [2.0, 3.0], "std": [1.5, 0.5]}
+    assert AttributeHead.of(cfg, stats) == AttributeHead(("a", "b"), (1.0, 1.0), (2.0, 3.0), (1.5, 0.5))
+    raw = options.build({"data.attributes": ["a", "b"], "loss.attribute_targets": "raw"})
+    assert AttributeHead.of(raw, stats).targets(torch.tensor([[4.0, NAN]])).tolist()[0][0] == 4.0
 
 
 def attribute_classifier(path, bits: int = 0, lora: bool = False):
@@ -270,6 +275,10 @@ def test_merged_export_is_the_weighted_sum_and_score_eval_report_attributes(run,
     rewards = [r for s in scored for r in s["rewards"]]
     np.testing.assert_allclose(rewards, merged[:, 0].numpy(), atol=1e-4)  # the scalar is the merged model's logit
     assert len(scored) == len(rows)
+    per_token = ["--model", str(run / "final"), "--data", str(data), "--out", str(tmp_path / "t.jsonl"), "--per-token"]
+    assert cli.score_main(per_token) == 0
+    for row in map(json.loads, (tmp_path / "t.jsonl").read_text().splitlines()):  # the scalar at every token
+        assert [v[-1] for v in row["per_token_rewards"]] == pytest.approx(row["rewards"], abs=1e-5)
 
     assert cli.eval_main(["--model", str(run / "final"), "--data", str(data), "--out", str(tmp_path / "e.json")]) == 0
     evaluated, metrics = json.loads((tmp_path / "e.json").read_text()), json.loads((run / "metrics.json").read_text())
@@ -277,3 +286,14 @@ def test_merged_export_is_the_weighted_sum_and_score_eval_report_attributes(run,
     for name in NAMES:
         assert evaluated[f"{name}/spearman"] == pytest.approx(metrics[f"{name}/spearman"], abs=1e-6)
         assert evaluated[f"{name}/mse"] == pytest.approx(metrics[f"{name}/mse"], abs=1e-4)
+
+
+def test_rating_stats_skip_missing_ratings():
+    from bigrm.attributes import rating_stats
+    from bigrm.data import Example
+
+    examples = [Example("p", ("a",), "s", lab) for lab in make_labels()[0]]
+    stats = rating_stats(examples, 3)
+    present = [3.0, 4.0, 1.0, 0.0, 2.0]  # helpfulness: every non-NaN rating, each completion once
+    assert stats["mean"][0] == pytest.approx(np.mean(present)) and stats["std"][0] == pytest.approx(np.std(present))
+    assert rating_stats([], 2) == {"mean": [0.0, 0.0], "std": [1.0, 1.0]}  # nothing rated: targets stay finite
