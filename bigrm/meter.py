@@ -38,9 +38,9 @@ class Meter:
         self.clock = time.perf_counter()
 
     def _no_ratings(self) -> torch.Tensor | None:
-        return (
-            None if self.head is None else torch.zeros(2, len(self.head.names), dtype=torch.float64, device=self.device)
-        )
+        if self.head is None:
+            return None
+        return torch.zeros(2, len(self.head.names), dtype=torch.float64, device=self.device)
 
     def add(self, stats: Stats, batch: PackedBatch, model_flops: float, ratings: torch.Tensor | None = None) -> None:
         """One micro-batch of this rank."""

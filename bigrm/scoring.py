@@ -175,9 +175,9 @@ def score(
     groups = [Group(tuple(np.asarray(s.ids, dtype=np.int64) for s in r.scored), r.example.source) for r in todo]
     check_budget(groups, budget, share_prompt)
     sizes = [layout_tokens(g, share_prompt) for g in groups]
+    head = model.attributes
     for mb in pack_bins(list(range(len(groups))), sizes, budget, window=max(len(groups), 1)):
         batch = collate([groups[i] for i in mb], pad_id=0, share_prompt=share_prompt).to(device)
-        head = model.attributes
         if every_token:
             values = model(batch, every_token=True).cpu()  # (T,); attribute heads (T, A)
             outputs = values[batch.last_index.cpu()]

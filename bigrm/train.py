@@ -13,21 +13,9 @@ from pathlib import Path
 
 import torch
 
-from bigrm import (
-    adapters,
-    attributes,
-    checkpoint,
-    dist,
-    ds_config,
-    export,
-    flops,
-    options,
-    pipeline,
-    precision,
-    preemption,
-    tiny,
-)
+from bigrm import adapters, checkpoint, dist, ds_config, export, flops, options, pipeline, precision, preemption, tiny
 from bigrm.attention import read_attention_needs, resolve_attn
+from bigrm.attributes import rating_sums, record_head
 from bigrm.config import Config
 from bigrm.divergence import Watch
 from bigrm.evaluate import evaluate
@@ -163,19 +151,14 @@ class Trainer:
         # while it lives, from_pretrained loads straight into ZeRO-3 shards
         self.hf_ds_config = HfDeepSpeedConfig(ds) if ds["zero_optimization"]["stage"] == 3 else None
         head = self.data.attributes
+        outputs = len(head.names) if head else 1
         classifier = load_classifier(
-            path,
-            self.dtype,
-            attn,
-            self.tokenizer,
-            cfg.model.gradient_checkpointing,
-            cfg.quantization,
-            len(head.names) if head else 1,
+            path, self.dtype, attn, self.tokenizer, cfg.model.gradient_checkpointing, cfg.quantization, outputs
         )
         # checkpoints and exports carry the convention, so scoring reads the token the head was trained at
         setattr(classifier.config, export.CONVENTION_KEY, cfg.data.reward_convention)
         if head:  # and what each output means, so exports, scoring and merging read them back
-            attributes.record_head(classifier.config, head)
+            record_head(classifier.config, head)
         if cfg.lora.r:
             adapters.add_lora(classifier, cfg.lora)
             base = str(Path(path).resolve()) if Path(path).is_dir() else path
@@ -226,7 +209,7 @@ class Trainer:
         self.tracker.bar.update(self.start)
         self.group_sums = [denominators([g], self.cfg.loss) for g in self.data.train]  # labels only: computed once
         if self.data.attributes:
-            self.rating_sums = [attributes.rating_sums(g) for g in self.data.train]
+            self.rating_sums = [rating_sums(g) for g in self.data.train]
         if self.start:
             self.epoch = self.steps[self.start - 1].epoch
             if dist.is_main():  # the resumed epoch's statistics so far (summed over ranks)
