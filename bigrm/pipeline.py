@@ -50,7 +50,7 @@ def write_synthetic(cfg: Config, out_dir: Path) -> None:
     if s.task == "attributes":
         names, w = cfg.data.attributes, list(attributes.weights(cfg))
         files = [
-            (train[0], synthetic_attributes.rated_rows(s.num_train, names, 0.15, seed)),
+            (train[0], synthetic_attributes.rated_rows(s.num_train, names, synthetic_attributes.MISSING, seed)),
             (train[1], synthetic_attributes.ranked_rows(s.num_train // 4, names, w, s.min_k, s.max_k, seed + 2, False)),
         ]
         if held:

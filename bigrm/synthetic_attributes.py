@@ -26,6 +26,7 @@ INTENSIFIERS = "very truly really quite so".split()
 NEUTRAL = "the it was and with a of this my some then".split()
 LENGTH = 12
 MAX_RATING = 4
+MISSING = 0.15  # probability that a rated row lacks a given rating
 MEAN, STD = MAX_RATING / 2, math.sqrt(2.0)  # of a rating uniform on 0..MAX_RATING
 
 
