@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from bigrm import adapters, cli, export, options
 from bigrm.attributes import AttributeHead, merged_head, read_head, record_head, weights
 from bigrm.config import ConfigError, LoraConfig, LossConfig, QuantizationConfig
-from bigrm.data import Labels
+from bigrm.data import Example, Labels
 from bigrm.loss import objective
 from bigrm.model import RewardModel, load_classifier
 from bigrm.packing import SegmentLabels, collate
@@ -290,10 +290,34 @@ def test_merged_export_is_the_weighted_sum_and_score_eval_report_attributes(run,
 
 def test_rating_stats_skip_missing_ratings():
     from bigrm.attributes import rating_stats
-    from bigrm.data import Example
 
     examples = [Example("p", ("a",), "s", lab) for lab in make_labels()[0]]
     stats = rating_stats(examples, 3)
     present = [3.0, 4.0, 1.0, 0.0, 2.0]  # helpfulness: every non-NaN rating, each completion once
     assert stats["mean"][0] == pytest.approx(np.mean(present)) and stats["std"][0] == pytest.approx(np.std(present))
     assert rating_stats([], 2) == {"mean": [0.0, 0.0], "std": [1.0, 1.0]}  # nothing rated: targets stay finite
+
+
+def test_ratings_survive_the_token_store_and_reach_the_segments(tmp_path):
+    """Labels.attributes → (S, A) store arrays on disk (memory-mapped back, NaN kept) → SegmentLabels.seg_attributes."""
+    from bigrm.sequences import Tokenized
+    from bigrm.token_store import TokenStore, concat
+
+    labels, ks = make_labels()
+    examples = [
+        Example("p", tuple(f" c{i}" for i in range(k)), f"f:line {g}", lab)
+        for g, (lab, k) in enumerate(zip(labels, ks, strict=True))
+    ]
+    lengths = np.full(sum(ks), 3, dtype=np.int64)
+    done = Tokenized(np.arange(3 * sum(ks), dtype=np.uint32), lengths, np.arange(len(examples)), None, [])
+    TokenStore.of(done, examples, len(NAMES)).save(tmp_path / "store")
+    empty = Tokenized(np.zeros(0, np.uint32), np.zeros(0, np.int64), np.zeros(0, np.int64), None, [])
+    store = concat([TokenStore.load(tmp_path / "store"), TokenStore.of(empty, [], len(NAMES))])
+    for group, lab in zip(store, labels, strict=True):
+        np.testing.assert_array_equal(np.array(group.labels.attributes), np.array(lab.attributes, dtype=np.float64))
+    seg = collate(list(store), pad_id=0).labels.seg_attributes
+    np.testing.assert_array_equal(seg.numpy(), np.array([r for lab in labels for r in lab.attributes], np.float32))
+    plain = TokenStore.of(done, [Example("p", e.completions, e.source) for e in examples])
+    assert plain.a["attributes"].shape == (sum(ks), 0) and plain[0].labels.attributes is None
+    mixed = SegmentLabels.of([labels[0], Labels((0, 1))], [1, 2]).seg_attributes  # unrated prompts: NaN rows
+    assert mixed.shape == (3, 3) and torch.isnan(mixed[1:]).all() and mixed[0, 0] == 3.0
