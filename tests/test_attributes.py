@@ -14,10 +14,10 @@ from test_model import random_groups
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from bigrm import adapters, cli, export, options
-from bigrm.attributes import AttributeHead, merged_head, read_head, record_head, weights
+from bigrm.attributes import AttributeHead, merged_head, rating_sums, read_head, record_head, weights
 from bigrm.config import ConfigError, LoraConfig, LossConfig, QuantizationConfig
 from bigrm.data import Example, Labels
-from bigrm.loss import objective
+from bigrm.loss import denominators, objective
 from bigrm.model import RewardModel, load_classifier
 from bigrm.packing import SegmentLabels, collate
 from bigrm.sequences import Group
@@ -93,10 +93,9 @@ def test_step_denominators_make_micro_batches_add_up_to_the_step():
     cfg = LossConfig()
     values = torch.randn(sum(ks), len(NAMES), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     whole, _, sums = objective(values, SegmentLabels.of(labels, ks, torch.float64), cfg, head=HEAD)
-    groups = [Group(tuple(np.zeros(2, np.int64) for _ in range(k)), "g", lab) for lab, k in zip(labels, ks, strict=1)]
-    from bigrm.attributes import rating_sums
-    from bigrm.loss import denominators
-
+    groups = [
+        Group(tuple(np.zeros(2, np.int64) for _ in range(k)), "g", lab) for lab, k in zip(labels, ks, strict=True)
+    ]
     step = (*denominators(groups, cfg), torch.tensor(sum(rating_sums(g) for g in groups)))
     np.testing.assert_allclose(step[2].numpy(), sums[1].numpy())
     parts = 0.0
@@ -222,6 +221,9 @@ RUN = [
     "--loss.attribute_weights", json.dumps(WEIGHTS), "--data.synthetic.num_train", "300",
     "--data.synthetic.num_eval", "60", "--epochs", "8", "--max_tokens_per_batch", "400", "--log_every", "20",
     "--eval_every", "0", "--tensorboard", "false",
+    # tokenise in the builder itself: forked pool workers inherit the trainer's SIGTERM handler (bigrm.preemption),
+    # which can leave one blocked on the pool's queue lock when the pool terminates them (seen hanging on main too)
+    "--num_proc", "1",
 ]  # fmt: skip
 
 
