@@ -62,7 +62,7 @@ def main() -> None:
                 [str(bin_dir / "deepspeed"), "--num_gpus", "2", "launch/train.py", "--output_dir", str(out),
                  "--overwrite_output_dir", "true",
                  "--data.train_files", f"[{train}]", "--data.eval_files", f"[{held}]",
-                 "--data.reward_convention", trained, "--tensorboard", "false"],
+                 "--data.reward_convention", trained, "--report_to", "none"],
                 work / f"train-{trained}.log",
             )  # fmt: skip
             for read in REWARD_CONVENTIONS:

@@ -55,7 +55,7 @@ TRAIN = [
     "--save_every",
     "0",
 ]
-TRAIN += ["--export", "false", "--eval_every", "0", "--tensorboard", "false", "--log_every", "1"]
+TRAIN += ["--export", "false", "--eval_every", "0", "--report_to", "none", "--log_every", "1"]
 
 
 def hh_parts() -> tuple[list[str], list[str]]:

@@ -106,7 +106,7 @@ def command(setup: str, model_dir: Path, data: Path, out: Path, attn: str, args)
         "--data.max_length", str(MAX_LENGTH),  # what the rows were sized for; the tiny shape has 1024 positions
         "--train.deepspeed_config", "ds_configs/zero3.json", "--train.max_tokens_per_batch", str(args.budget),
         "--train.max_steps", str(args.steps), "--train.log_every", str(args.log_every), "--train.eval_every", "0",
-        "--train.tensorboard", "false", "--train.export", "false", *SETUPS[setup].args,
+        "--train.report_to", "none", "--train.export", "false", *SETUPS[setup].args,
     ]  # fmt: skip
     if args.device == "cpu":  # no known peak on CPU: a nominal one, so the mfu key is logged and parsed
         cmd += ["--train.peak_tflops", "1"]

@@ -62,7 +62,7 @@ def child(setup: str, model: str, out: str) -> None:
     args = ["--model.path", model, "--output_dir", out, "--overwrite_output_dir", "true",
             "--max_steps", "4", "--max_tokens_per_batch", "1024",
             "--data.synthetic.num_train", "200", "--data.synthetic.num_eval", "0", "--export", "false",
-            "--tensorboard", "false", "--log_every", "1", "--dtype", "fp32", "--gradient_checkpointing", "true",
+            "--report_to", "none", "--log_every", "1", "--dtype", "fp32", "--gradient_checkpointing", "true",
             *SETUPS[setup]]  # fmt: skip
     run(options.from_argv(args))
     print(json.dumps({"before_kib": before, "peak_kib": status_kib("VmHWM")}))

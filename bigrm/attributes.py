@@ -6,7 +6,7 @@ ratings over the training data (loss.attribute_targets=raw: mean 0, std 1), so v
 mean_a + std_a * v_a. The scalar reward that ranks completions is r = Σ_a w_a v_a (loss.attribute_weights); it is
 what the ranking loss, the ranking metrics and the merged 1-logit export (`merged_head`) use.
 
-The rating term of the loss (bigrm.loss.objective adds it, times loss.attribute_coef) is, over an optimizer step,
+The rating term of the loss (bigrm.loss.total_loss adds it, times loss.attribute_coef) is, over an optimizer step,
     (1/A) Σ_a  Σ_{present ratings i of a} w_g(i) (v_ia - t_ia)²  /  Σ_{present ratings i of a} w_g(i)
 with w_g(i) the weight of completion i's row; a missing rating (NaN) is masked out of both sums, and an attribute
 with no rating in the step adds 0. The step's denominators come from labels alone (`rating_sums`), like the ranking

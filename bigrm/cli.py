@@ -91,6 +91,20 @@ def writable(path: str, flag: str) -> None:
         raise config.ConfigError(f"{flag} {path}: cannot create its directory ({err.strerror})") from err
 
 
+def report_dir(path: str) -> None:
+    """`bigrm eval --report DIR`, checked before any scoring: matplotlib present, DIR a directory it can create."""
+    from bigrm.eval_report import check_installed
+
+    check_installed("--report")
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise config.ConfigError(f"--report {path}: is a file; give a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise config.ConfigError(f"--report {path}: cannot create it ({err.strerror})") from err
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="exported directory or a bigrm checkpoint (checkpoints/step-*)")
     p.add_argument("--data", required=True, help="rows in any training format (.jsonl, .json, .parquet, a dir)")
@@ -154,6 +168,12 @@ def eval_main(argv: list[str]) -> int:
     p = _parser("eval", "Ranking metrics and reward diagnostics of a reward model on a labelled file.")
     _model_args(p)
     p.add_argument("--out", help="also write the metrics to this JSON file")
+    p.add_argument(
+        "--report",
+        metavar="DIR",
+        help="also draw the eval there: PNG plots (calibration, reward histograms, reward vs length, accuracy by K "
+        "and subset), report.md embedding them, report.json with the numbers drawn (needs bigrm[report])",
+    )
     args, extra = p.parse_known_args(argv)
 
     def evaluate() -> None:
@@ -163,6 +183,8 @@ def eval_main(argv: list[str]) -> int:
 
         if args.out:
             writable(args.out, "--out")
+        if args.report:
+            report_dir(args.report)
         device = torch.device(args.device)
         model, tokenizer, convention = scoring.load_model(args.model, device, args.dtype, args.attn_impl)
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries the metrics JSON alone
@@ -170,7 +192,7 @@ def eval_main(argv: list[str]) -> int:
             results = scoring.prepare(args.data, cfg.data, tokenizer)
             print(f"prompt truncation (data.max_length={cfg.data.max_length}): {scoring.cut_summary(results)}")
         scoring.score(model, results, args.max_tokens_per_batch, device, False, args.share_prompt)
-        metrics = scoring.report(results, cfg.loss, model.attributes)
+        metrics = scoring.report(results, cfg.loss, Path(args.report) if args.report else None, model.attributes)
         text = json.dumps(metrics, indent=2)
         print(text)
         if args.out:

@@ -41,7 +41,9 @@ class SyntheticConfig:
     max_k: int = opt(6, "Most completions per synthetic prompt.")
     task: str = opt(
         "ranked",
-        "`ranked`: K-ranked reviews (bigrm.synthetic). `attributes`: the multi-attribute task "
+        "`ranked`: K reviews ranked by sentiment (bigrm.synthetic.make_rows). `steps`: stepwise rows for a process "
+        "reward model, min_k..max_k solutions per prompt, each step correct until the first step with a word of the "
+        "unwanted sentiment (bigrm.synthetic.make_step_rows). `attributes`: the multi-attribute task "
         "(bigrm.synthetic_attributes): num_train rated single-completion rows (one column per data.attributes "
         "name, some ratings missing) plus num_train / 4 K-ranked rows without ratings, ranked by the weighted sum of "
         "the ratings (loss.attribute_weights); eval rows are K-ranked and rated. Needs 1 to 3 data.attributes "
@@ -49,7 +51,7 @@ class SyntheticConfig:
     )
 
     def __post_init__(self) -> None:
-        _choice(self.task, "data.synthetic.task", ("ranked", "attributes"))
+        _choice(self.task, "data.synthetic.task", ("ranked", "steps", "attributes"))
         _positive(self.num_train, "data.synthetic.num_train")
         _positive(self.num_eval, "data.synthetic.num_eval", allow_zero=True)
         if not 2 <= self.min_k <= self.max_k:
@@ -57,6 +59,10 @@ class SyntheticConfig:
 
 
 REWARD_CONVENTIONS = ("trl", "grpo", "openrlhf")  # described in bigrm.sequences
+STEPS_WITH_ATTRIBUTES = (
+    "stepwise rows (process reward models) and data.attributes (several rating heads) cannot be trained in one run: "
+    "a step is rated by one value; train them as separate models"
+)
 
 
 @dataclass
@@ -78,6 +84,21 @@ class DataConfig:
     )
     completions_column: str = opt("completions", "Scored rows: the column of K >= 2 completions (any order).")
     scores_column: str = opt("scores", "Scored rows: one number per completion, higher is better (see loss.scores).")
+    labels_column: str = opt(
+        "labels",
+        "Stepwise rows (TRL's stepwise supervision: `completions` is one solution's list of steps): one label per "
+        "step, a boolean or a probability in [0, 1] that the step is correct (kept as a float: soft labels).",
+    )
+    step_separator: str = opt(
+        "\n",
+        "Stepwise rows: appended to every step, so the solution is step1 + sep + step2 + sep + ...; the value head "
+        "is trained and read at each step's last token, the separator (as TRL's PRMTrainer). Exports record it.",
+    )
+    step_group_size: int = opt(
+        8,
+        "Stepwise rows with the same prompt (several solutions) form groups of up to this many solutions, in file "
+        "order: train.share_prompt encodes the prompt once per group. They are never ranked against each other.",
+    )
     weight_column: str = opt("weight", "Optional positive number per row scaling that prompt's share of the loss.")
     attributes: list = opt(
         [],
@@ -134,6 +155,7 @@ class DataConfig:
         _choice(self.reward_convention, "data.reward_convention", REWARD_CONVENTIONS)
         _positive(self.max_length, "data.max_length")
         _positive(self.max_errors, "data.max_errors")
+        _positive(self.step_group_size, "data.step_group_size")
         _positive(self.num_proc, "data.num_proc", allow_zero=True)
         names = self.attributes
         if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
@@ -144,6 +166,8 @@ class DataConfig:
             raise ConfigError(f"data.attributes: {clash} also name(s) a data.*_column")
         if self.synthetic.task == "attributes" and not 1 <= len(names) <= 3 and not self.train_files:
             raise ConfigError("data.synthetic.task=attributes: name 1 to 3 attributes in data.attributes")
+        if names and self.synthetic.task == "steps" and not self.train_files:
+            raise ConfigError(STEPS_WITH_ATTRIBUTES)
 
 
 ATTN_IMPLS = ("auto", "sdpa", "eager", "varlen", "flash_attn", "flex")
@@ -274,6 +298,15 @@ class LossConfig:
         "error, sum over present ratings of w_g (v - t)^2 / sum of w_g over them (w_g: the row's weight), both sums "
         "over the optimizer step. It is added to the ranking loss.",
     )
+    step_coef: float = opt(
+        1.0,
+        "Stepwise rows (process reward models): the loss is ranking loss + step_coef * step loss, where the step loss "
+        "is the binary cross-entropy of σ(value at each step's end) against the step's label (soft labels exact), "
+        "weighted by its row's weight and averaged over the optimizer step's steps (see bigrm.step_loss).",
+    )
+    train_on_last_step_only: bool = opt(
+        False, "Stepwise rows: train on each solution's last step only (TRL's option); eval still reads every step."
+    )
 
     def __post_init__(self) -> None:
         _choice(self.attribute_targets, "loss.attribute_targets", ("standardised", "raw"))
@@ -283,7 +316,14 @@ class LossConfig:
         _choice(self.objective, "loss.objective", ("pairwise", "listmle"))
         _choice(self.pair_weighting, "loss.pair_weighting", ("per_prompt", "per_pair"))
         _choice(self.scores, "loss.scores", ("rank", "regress", "both"))
-        for key in ("score_margin_scale", "regress_weight", "tie_coef", "center_rewards_coef", "l2_rewards_coef"):
+        for key in (
+            "score_margin_scale",
+            "regress_weight",
+            "tie_coef",
+            "center_rewards_coef",
+            "l2_rewards_coef",
+            "step_coef",
+        ):
             _positive(getattr(self, key), f"loss.{key}", allow_zero=True)
         _positive(self.tie_threshold, "loss.tie_threshold")
 
@@ -291,7 +331,8 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = opt(
-        "outputs/run", "Where config.yaml, log.jsonl, tensorboard/, checkpoints/, metrics.json and final/ go."
+        "outputs/run",
+        "Where config.yaml, log.jsonl, tensorboard/, checkpoints/, metrics.json, eval_report/ and final/ go.",
     )
     deepspeed_config: str = opt(
         "ds_configs/zero3.json",
@@ -340,7 +381,16 @@ class TrainConfig:
         "Delete the complete checkpoints of another run found in <output_dir>/checkpoints before training. Without "
         "it such a run is refused (continue it with `resume: auto`, or choose a new output_dir).",
     )
-    tensorboard: bool = opt(True, "Write TensorBoard events to <output_dir>/tensorboard.")
+    report_to: list = opt(
+        ["tensorboard"],
+        "Where logged scalars go besides the console and <output_dir>/log.jsonl (always written), as in "
+        "transformers: `tensorboard` (<output_dir>/tensorboard), `wandb` (Weights & Biases: `pip install "
+        "bigrm[wandb]`), a list of both, or `none`. W&B: rank 0 logs every scalar under `train/` and `eval/` "
+        "against `train/global_step`, the resolved config once and the setup figures; WANDB_PROJECT (default "
+        "bigrm), WANDB_ENTITY, WANDB_MODE (offline) and WANDB_DIR (default output_dir) are honoured; a resumed run "
+        "continues the same W&B run, whose id is kept in <output_dir>/wandb_run_id.",
+    )
+    run_name: str = opt("", "The run's name in the trackers that name runs (W&B). Empty: train.output_dir.")
     export: bool = opt(True, "Write <output_dir>/final as a plain Hugging Face sequence classifier at the end.")
     peak_tflops: float = opt(
         0.0,
@@ -371,6 +421,10 @@ class TrainConfig:
             _positive(getattr(self, key), f"train.{key}", allow_zero=True)
         if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("train.warmup_ratio must be in [0, 1) and train.min_lr_ratio in [0, 1]")
+        if self.report_to == ["none"]:
+            self.report_to = []
+        for sink in self.report_to:
+            _choice(sink, "train.report_to", ("tensorboard", "wandb"))
         if len(self.adam_betas) != 2:
             raise ConfigError(f"train.adam_betas: need two numbers, got {self.adam_betas}")
 

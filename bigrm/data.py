@@ -4,9 +4,11 @@ Files are read with `datasets`; each file's format is detected from its columns:
   ranked        {prompt, ranked_outputs: [best, ..., worst]}
   pairwise      {prompt, chosen, rejected}
   implicit      {chosen, rejected}: the prompt is their shared prefix (see DataConfig.assistant_marker)
+  stepwise      {prompt, completions: [step, ...], labels: [correct?, ...]}: one solution per row (TRL's stepwise
+                supervision); rows with the same prompt form unranked groups (DataConfig.step_group_size)
   rated         {prompt, response, <attribute>: rating, ...}: one completion rated on data.attributes (HelpSteer2)
-Any format may carry data.attributes ratings (rated rows: one number each; others: a list per attribute aligned with
-the completions); a null or absent rating is masked (NaN in Labels.attributes).
+Any format but stepwise may carry data.attributes ratings (rated rows: one number each; others: a list per attribute
+aligned with the completions); a null or absent rating is masked (NaN in Labels.attributes).
 A prompt may be text or a list of chat messages; completions are then assistant strings or message lists.
 Every problem is reported with file, line (JSON Lines) or row, and field before any compute is spent.
 """
@@ -14,6 +16,7 @@ Every problem is reported with file, line (JSON Lines) or row, and field before 
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import math
 import random
@@ -23,7 +26,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bigrm.config import DataConfig
+from bigrm import progress
+from bigrm.config import STEPS_WITH_ATTRIBUTES, DataConfig
 from bigrm.hashing import file_hash
 
 Text = str | list[dict]  # plain text, or chat messages [{"role", "content"}, ...]
@@ -34,13 +38,21 @@ class Labels:
     """What a prompt's completions are trained toward, declared once: Example and sequences.Group carry it, and
     packing.collate lays it out per segment (packing.SegmentLabels) for the loss."""
 
-    ranks: tuple[int, ...] = ()  # per completion, 0 = best; equal ranks are ties; empty means 0..K-1
+    ranks: tuple[int, ...] = ()  # per completion, 0 = best; equal ranks are ties; empty means 0..K-1; -1: unranked
     scores: tuple[float, ...] | None = None  # scored rows: the raw scores
     targets: tuple[float, ...] | None = None  # scored rows: scores standardised over their file
     margin: float = 0.0  # subtracted inside every pair's loss
     weight: float = 1.0  # the prompt's share of the loss
     # with data.attributes: per completion, its rating of each attribute in data.attributes' order, NaN = missing
     attributes: tuple[tuple[float, ...], ...] | None = None
+    # stepwise groups (ranks all -1): per completion, each step's label in [0, 1] and the row's weight
+    steps: tuple[tuple[float, ...], ...] | None = None
+    step_weights: tuple[float, ...] | None = None
+
+    @property
+    def ranked(self) -> bool:
+        """Whether the completions are compared with each other (stepwise solutions never are)."""
+        return not self.ranks or self.ranks[0] >= 0
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,8 @@ class Example:
     completions: tuple[Text, ...]  # best first (scored rows: in the row's order)
     source: str  # "file:line N" / "file:row N", for error messages further down the chain
     labels: Labels = Labels()
+    # stepwise: per completion, the character offset in its text where each step (with its separator) ends
+    step_ends: tuple[tuple[int, ...], ...] | None = None
 
 
 class DataError(ValueError):
@@ -255,6 +269,10 @@ def detect_format(columns: set[str], cfg: DataConfig, path: str) -> str:
         return "ranked"
     if cfg.completions_column in columns and cfg.scores_column in columns:
         return "scored"
+    if cfg.completions_column in columns and cfg.labels_column in columns:
+        if cfg.attributes:
+            raise DataError(f"{path}: {STEPS_WITH_ATTRIBUTES}")
+        return "stepwise"
     if cfg.chosen_column in columns and cfg.rejected_column in columns:
         return "pairwise" if cfg.prompt_column in columns else "implicit"
     if cfg.response_column in columns and cfg.prompt_column in columns:
@@ -266,9 +284,10 @@ def detect_format(columns: set[str], cfg: DataConfig, path: str) -> str:
         return "rated"
     raise DataError(
         f"{path}: cannot tell the format from columns {sorted(columns)}: expected {cfg.ranked_column!r} "
-        f"(ranked), {cfg.completions_column!r} and {cfg.scores_column!r} (scored), or {cfg.chosen_column!r} and "
-        f"{cfg.rejected_column!r} (pairwise, with or without {cfg.prompt_column!r}), or {cfg.prompt_column!r} and "
-        f"{cfg.response_column!r} (rated, with data.attributes); column names are set with data.*_column"
+        f"(ranked), {cfg.completions_column!r} and {cfg.scores_column!r} (scored), {cfg.completions_column!r} and "
+        f"{cfg.labels_column!r} (stepwise), {cfg.chosen_column!r} and {cfg.rejected_column!r} (pairwise, with or "
+        f"without {cfg.prompt_column!r}), or {cfg.prompt_column!r} and {cfg.response_column!r} (rated, with "
+        "data.attributes); column names are set with data.*_column"
     )
 
 
@@ -303,6 +322,8 @@ def parse_row(row: Any, fmt: str, cfg: DataConfig, where: str) -> Example | RowE
                 return RowError(where, cfg.prompt_column, problem)
         elif not isinstance(prompt, str):
             return RowError(where, cfg.prompt_column, f"must be text or chat messages, got {type(prompt).__name__}")
+        if fmt == "stepwise":
+            return parse_stepwise(row, prompt, cfg, where)
         if fmt in ("ranked", "scored"):
             col = cfg.ranked_column if fmt == "ranked" else cfg.completions_column
             listed = row.get(col)
@@ -347,10 +368,9 @@ def parse_row(row: Any, fmt: str, cfg: DataConfig, where: str) -> Example | RowE
         if key in seen:
             return RowError(where, name, f"duplicate of {seen[key]} under the same prompt")
         seen[key] = name
-    weight = row.get(cfg.weight_column)
-    weight = 1.0 if weight is None else weight
-    if not _finite_number(weight) or weight <= 0:
-        return RowError(where, cfg.weight_column, f"must be a positive number within float32's range, got {weight!r}")
+    weight = _row_weight(row, cfg)
+    if isinstance(weight, RowError):
+        return replace(weight, where=where)
     labels = Labels(tuple(range(len(completions))), margin=float(margin), weight=float(weight))
     if cfg.attributes:
         ratings = attribute_ratings(row, cfg.attributes, len(completions), fmt == "rated", where)
@@ -372,6 +392,67 @@ def parse_row(row: Any, fmt: str, cfg: DataConfig, where: str) -> Example | RowE
     distinct = sorted(set(scores), reverse=True)  # equal scores share a rank: ties
     labels = replace(labels, ranks=tuple(distinct.index(v) for v in scores), scores=tuple(map(float, scores)))
     return Example(prompt, tuple(completions), where, labels)
+
+
+def _row_weight(row: dict, cfg: DataConfig) -> float | RowError:
+    weight = row.get(cfg.weight_column)
+    weight = 1.0 if weight is None else weight
+    if not _finite_number(weight) or weight <= 0:
+        return RowError("", cfg.weight_column, f"must be a positive number within float32's range, got {weight!r}")
+    return float(weight)
+
+
+def parse_stepwise(row: dict, prompt: Text, cfg: DataConfig, where: str) -> Example | RowError:
+    """One solution: its steps joined, each followed by data.step_separator, with one label per step."""
+    col, lab = cfg.completions_column, cfg.labels_column
+    steps, labels = row.get(col), row.get(lab)
+    if not isinstance(steps, list) or not steps:
+        return RowError(where, col, f"must be a non-empty list of steps, got {steps!r:.60}")
+    for i, step in enumerate(steps):
+        if not isinstance(step, str):
+            return RowError(where, f"{col}[{i}]", f"a step must be text, got {type(step).__name__}")
+        if not step.strip():
+            return RowError(where, f"{col}[{i}]", "empty step")
+    if not isinstance(labels, list) or len(labels) != len(steps):
+        got = f"{len(labels)} labels" if isinstance(labels, list) else repr(labels)
+        return RowError(where, lab, f"needs one label per step ({len(steps)}), got {got}")
+    for i, v in enumerate(labels):
+        if not (isinstance(v, bool) or (_finite_number(v) and 0 <= v <= 1)):
+            return RowError(where, f"{lab}[{i}]", f"must be a boolean or a probability in [0, 1], got {v!r}")
+    weight = _row_weight(row, cfg)
+    if isinstance(weight, RowError):
+        return replace(weight, where=where)
+    pieces = [step + cfg.step_separator for step in steps]
+    ends = tuple(int(e) for e in itertools.accumulate(len(p) for p in pieces))
+    return Example(
+        prompt,
+        ("".join(pieces),),
+        where,
+        Labels((-1,), steps=(tuple(float(v) for v in labels),), step_weights=(weight,)),
+        step_ends=(ends,),
+    )
+
+
+def group_solutions(examples: list[Example], size: int) -> list[Example]:
+    """Stepwise solutions of the same prompt as groups of up to `size`, in order of the prompt's first row."""
+    by_prompt: dict[str, list[Example]] = {}
+    for e in examples:
+        by_prompt.setdefault(json.dumps(e.prompt, sort_keys=True), []).append(e)
+    groups = []
+    for same in by_prompt.values():
+        for lo in range(0, len(same), size):
+            part = same[lo : lo + size]
+            labels = Labels(
+                (-1,) * len(part),
+                steps=tuple(s for e in part for s in e.labels.steps),
+                step_weights=tuple(w for e in part for w in e.labels.step_weights),
+            )
+            source = part[0].source + (f" (+{len(part) - 1} rows with the same prompt)" if len(part) > 1 else "")
+            completions = tuple(c for e in part for c in e.completions)
+            groups.append(
+                Example(part[0].prompt, completions, source, labels, tuple(s for e in part for s in e.step_ends))
+            )
+    return groups
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # labels are float32 tensors (packing.SegmentLabels): larger becomes inf
@@ -446,9 +527,11 @@ def read_file(path: str, cfg: DataConfig) -> RowFile:
 def load_file(path: str, cfg: DataConfig) -> tuple[list[Example], list[RowError], int]:
     file = read_file(path, cfg)
     examples, errors = [], []
-    for i, row in enumerate(file.rows):
+    for i, row in enumerate(progress.each(file.rows, f"validate {Path(path).name}", unit="row")):
         parsed = parse_row(row, file.fmt, cfg, file.locate(i))
         (errors if isinstance(parsed, RowError) else examples).append(parsed)
+    if file.fmt == "stepwise":
+        examples = group_solutions(examples, cfg.step_group_size)
     return standardise_scores(examples), errors, len(file.rows)
 
 

@@ -115,14 +115,28 @@ def ranking_report(
     report["length_correlation"] = _spearman(r, lengths.double())
     report["ece"], report["ece_bins"] = _calibration(grid.diff[grid.valid], ece_bins)
     if subsets is not None:
-        names = sorted(set(subsets))
-        position = {s: i for i, s in enumerate(names)}
-        index = torch.tensor([position[s] for s in subsets], device=pairs.device)  # (G,) subset of each prompt
-        accuracy = {s: _accuracy(wins[index == i], pairs[index == i]) for i, s in enumerate(names)}
-        report["subset_accuracy"] = accuracy
-        report["subset_counts"] = dict(zip(names, torch.bincount(index, minlength=len(names)).tolist(), strict=True))
+        accuracy, counts = _by_name(wins, pairs, subsets)
+        report["subset_accuracy"], report["subset_counts"] = accuracy, counts
         report["rewardbench"] = _rewardbench({s: a for s, a in accuracy.items() if a is not None})
     return report
+
+
+def accuracy_by_name(rewards: torch.Tensor, labels: SegmentLabels, names: list[str]) -> tuple[dict, dict]:
+    """({name: pairwise accuracy over the pairs of its prompts, None without pairs}, {name: prompts}) for one name
+    per prompt (a subset, a source file), as ranking_report's subset_accuracy and subset_counts."""
+    if len(names) != labels.num_groups:
+        raise ValueError(f"{len(names)} names for {labels.num_groups} prompts")
+    grid = pair_grid(rewards.detach().double(), labels.seg_group, labels.seg_rank, labels.num_groups)
+    return _by_name((grid.valid & (grid.diff > 0)).sum((1, 2)), grid.pairs_per_group, names)
+
+
+def _by_name(wins: torch.Tensor, pairs: torch.Tensor, names: list[str]) -> tuple[dict, dict]:
+    """wins and pairs (G,) per prompt, names one per prompt → accuracy and prompt count per name, names sorted."""
+    distinct = sorted(set(names))
+    position = {s: i for i, s in enumerate(distinct)}
+    index = torch.tensor([position[s] for s in names], device=pairs.device)  # (G,) name of each prompt
+    accuracy = {s: _accuracy(wins[index == i], pairs[index == i]) for i, s in enumerate(distinct)}
+    return accuracy, dict(zip(distinct, torch.bincount(index, minlength=len(distinct)).tolist(), strict=True))
 
 
 def _accuracy(wins: torch.Tensor, pairs: torch.Tensor) -> float | None:

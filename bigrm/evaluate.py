@@ -1,17 +1,19 @@
-"""Ranking metrics of a reward model over held-out groups, sharded over ranks."""
+"""Ranking (and, for stepwise prompts, step) metrics of a reward model over held-out groups, sharded over ranks."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from bigrm import attributes, dist
 from bigrm.attributes import AttributeHead
 from bigrm.config import LossConfig
-from bigrm.loss import Stats, metrics, ranking_loss
+from bigrm.loss import Stats, metrics, total_loss
 from bigrm.packing import PackedBatch, collate, layout_tokens, pack_bins
 from bigrm.sequences import Group
+from bigrm.step_loss import step_report
 
 
 def shard(
@@ -37,25 +39,74 @@ def evaluate(
     share_prompt: bool = False,
     head: AttributeHead | None = None,
 ) -> dict[str, float]:
-    """Ranking metrics of the rewards (attribute heads: of the scalar reward) and, with `head`, per-attribute
-    metrics (bigrm.attributes.report) over every rank's completions."""
-    total = Stats.zeros(device)
-    values, ratings = [], []  # attribute heads: (N, A) outputs and ratings of this rank's micro-batches
+    return evaluate_rewards(
+        model,
+        groups,
+        budget=budget,
+        window=window,
+        pad_id=pad_id,
+        device=device,
+        cfg=cfg,
+        share_prompt=share_prompt,
+        head=head,
+    )[0]
+
+
+@torch.no_grad()
+def evaluate_rewards(
+    model: Callable[[PackedBatch], torch.Tensor],
+    groups: list[Group],
+    *,
+    budget: int,
+    window: int,
+    pad_id: int,
+    device: torch.device,
+    cfg: LossConfig,
+    share_prompt: bool = False,
+    head: AttributeHead | None = None,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Ranking metrics of the rewards (attribute heads: of the scalar reward), step metrics of stepwise prompts,
+    with `head` per-attribute metrics (bigrm.attributes.report) over every rank's completions; and, on every rank,
+    every completion's reward (the scalar): (N,) float64 on the CPU, the completions of groups[0], then groups[1],
+    ... in their order."""
+    total, steps = Stats.zeros(device), []
+    values_a, ratings = [], []  # attribute heads: (N, A) outputs and ratings of this rank's micro-batches
+    starts = np.cumsum([0] + [len(g.seqs) for g in groups])  # (G + 1,) first completion of each group
+    every = torch.zeros(int(starts[-1]), dtype=torch.float64, device=device)  # (N,) this rank's groups filled in
     for mb in shard(groups, budget, window, dist.world(), dist.rank(), share_prompt):
         batch = collate([groups[i] for i in mb], pad_id, share_prompt=share_prompt).to(device)
-        rewards = model(batch)
-        if head is not None:
-            if batch.labels.num_groups:
-                values.append(rewards.cpu())
-                ratings.append(batch.labels.seg_attributes.cpu())
-            rewards = head.scalar(rewards)
-        _, stats = ranking_loss(rewards, batch.labels, cfg)
+        values = model(batch)  # (n + P,) the completions of mb's groups, group after group, then the step ends
+        _, stats, _ = total_loss(values, batch.labels, cfg, head=head)
         total += stats
-    out = metrics(Stats.unstack(dist.all_sum(total.stack()).cpu()), cfg)
+        lab = batch.labels
+        n = len(lab.seg_group)
+        if head is not None:  # (n, A) outputs
+            if lab.num_groups:
+                values_a.append(values.cpu())
+                ratings.append(lab.seg_attributes.cpu())
+            values = head.scalar(values)
+        at = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in mb] + [np.zeros(0, dtype=np.int64)])
+        every[torch.from_numpy(at).to(device)] = values[:n].double()
+        if lab.num_steps:
+            steps.append((values[n:].cpu(), lab.step_label.cpu(), lab.step_seg.cpu()))
+    stats, every = dist.all_sum_each(total.stack(), every)  # each reward comes from one rank, zeros elsewhere
+    out = metrics(Stats.unstack(stats.cpu()), cfg)
+    gathered = [s for part in dist.gather_objects(steps) for s in part]  # AUROC and first errors need every step
+    if gathered:
+        offsets = [0]  # solutions numbered across micro-batches
+        for _, _, seg in gathered:
+            offsets.append(offsets[-1] + int(seg.max()) + 1)
+        out.update(
+            step_report(
+                torch.cat([v for v, _, _ in gathered]),
+                torch.cat([y for _, y, _ in gathered]),
+                torch.cat([seg + o for (_, _, seg), o in zip(gathered, offsets, strict=False)]),
+            )
+        )
     if head is not None:  # rank correlations need every completion: gathered, not summed
         width = len(head.names)
-        everyone = [p for rank in dist.gather_objects((values, ratings)) for p in zip(*rank, strict=True)]
+        everyone = [p for rank in dist.gather_objects((values_a, ratings)) for p in zip(*rank, strict=True)]
         v = torch.cat([p[0] for p in everyone]) if everyone else torch.zeros(0, width)
         r = torch.cat([p[1].double() for p in everyone]) if everyone else torch.zeros(0, width)
         out.update(attributes.report(v, r, head))
-    return out
+    return out, every.cpu()

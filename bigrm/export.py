@@ -3,10 +3,18 @@
 Every export verifies itself: a few held-out scored sequences are rewarded by the training-time model (the packed
 forward) and by the written directory re-loaded with plain transformers, one sequence at a time; a difference
 beyond tolerance raises ExportError.
+
+A model trained on stepwise rows (a process reward model: its config records SEPARATOR_KEY) is exported as the
+2-label token classifier that PRM users load, `AutoModelForTokenClassification` / `pipeline("token-classification")`
+as TRL documents for its PRMTrainer models: its head's rows are (0, w) and biases (0, b), so the logits at a token
+are (0, v) and softmax(...)[1] = σ(v), the probability that the step ending there is correct (label 1 = correct,
+as TRL's labels), while v = logits[1] - logits[0] is the value bigrm trained, at step ends and at the final token.
+Its self-check also compares the values at the verification sequences' step ends.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -14,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bigrm import adapters, checkpoint, dist
+from bigrm import adapters, checkpoint, dist, progress
 from bigrm.attention import attention_needs, hf_attn_implementation, read_attention_needs, resolve_attn
 from bigrm.attributes import CONFIG_KEY, AttributeHead, merged_head, read_head, record_head
 from bigrm.model import RewardModel, load_classifier
@@ -26,6 +34,9 @@ PREFIX = "classifier."
 CONVENTION_KEY = "bigrm_reward_convention"
 # config.json key of a merged attribute export: the AttributeHead (names, weights, scale) its one logit combines
 MERGED_KEY = "bigrm_merged_attributes"
+# config.json key of data.step_separator, set when the model was trained on stepwise rows: the export is a PRM
+SEPARATOR_KEY = "bigrm_step_separator"
+EXPORT_STAGES = ("consolidate shards", "write", "verify")  # what the export's progress counts
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
 
@@ -40,10 +51,13 @@ def save_classifier(
     dest: Path,
     reward_stats: dict | None = None,
     convention: str | None = None,
+    separator: str | None = None,
 ) -> None:
     """Loads back with AutoModelForSequenceClassification.from_pretrained(dest). `reward_stats` (mean and std of
     the rewards over the final training epoch) go into config.json as `bigrm_reward_mean` / `bigrm_reward_std`,
-    and as `mean` / `std`, the names OpenRLHF's `--normalize_reward` reads; `convention` as CONVENTION_KEY."""
+    and as `mean` / `std`, the names OpenRLHF's `--normalize_reward` reads; `convention` as CONVENTION_KEY. With a
+    `separator` (a process reward model's data.step_separator, as SEPARATOR_KEY) it is written as a token classifier
+    (AutoModelForTokenClassification)."""
     dest.mkdir(parents=True, exist_ok=True)
     classifier.config.pad_token_id = tokenizer.pad_token_id
     for key, value in (reward_stats or {}).items():
@@ -52,22 +66,94 @@ def save_classifier(
         classifier.config.mean, classifier.config.std = reward_stats["reward_mean"], reward_stats["reward_std"]
     if convention:
         setattr(classifier.config, CONVENTION_KEY, convention)
+    if separator is not None:
+        setattr(classifier.config, SEPARATOR_KEY, separator)
+        classifier, state = token_classifier(classifier.config, state)
     classifier.save_pretrained(dest, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(dest)
 
 
-def plain_rewards(dest: Path, seqs: list[list[int]], device: torch.device) -> torch.Tensor:
-    """(S,) rewards ((S, A) logits of an A-output head) from the exported directory, each sequence forwarded alone
-    as any transformers user would."""
-    from transformers import AutoModelForSequenceClassification
+def _token_head(model: nn.Module) -> str:
+    """The name of a token classifier's output Linear (`score` for most decoders, `classifier` for some)."""
+    names = [n for n, m in model.named_children() if isinstance(m, nn.Linear)]
+    if len(names) != 1:
+        raise ExportError(f"{type(model).__name__}: expected one output Linear beside the backbone, found {names}")
+    return names[0]
 
-    model = AutoModelForSequenceClassification.from_pretrained(dest).to(device).eval()
+
+def token_classifier(config, state: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """(2-label *ForTokenClassification, its state) whose logits are (0, v) where the 1-label classifier's are v."""
+    from transformers import AutoModelForTokenClassification
+
+    config = copy.deepcopy(config)
+    config.num_labels = 2
+    config.id2label, config.label2id = {0: "LABEL_0", 1: "LABEL_1"}, {"LABEL_0": 0, "LABEL_1": 1}
+    config.architectures = None
+    with torch.device("meta"):  # only its class and config are written: the weights are `state`
+        model = AutoModelForTokenClassification.from_config(config)
+    model.config.architectures = [type(model).__name__]
+    head = _token_head(model)
+    w = state["score.weight"]  # (1, H)
+    bias = state.get("score.bias", torch.zeros(1, dtype=w.dtype))
+    out = {k: v for k, v in state.items() if not k.startswith("score.")}
+    out[f"{head}.weight"] = torch.cat([torch.zeros_like(w), w])
+    if getattr(model, head).bias is not None:
+        out[f"{head}.bias"] = torch.cat([torch.zeros_like(bias), bias])
+    elif bias.abs().max() > 0:
+        raise ExportError(f"{type(model).__name__} has no head bias to carry the value head's bias")
+    return model, out
+
+
+def value_classifier(path: str, dtype, attn: str) -> nn.Module:
+    """A token-classifier export loaded back as the 1-label classifier bigrm trains and scores with (v = logit 1 -
+    logit 0 at every token)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    tokens = AutoModelForTokenClassification.from_pretrained(path, dtype=dtype)
+    head = getattr(tokens, _token_head(tokens))
+    config = AutoConfig.from_pretrained(path, num_labels=1)
+    config.architectures = None
+    config._attn_implementation = hf_attn_implementation(attn)
+    model = AutoModelForSequenceClassification.from_config(config, dtype=tokens.dtype)
+    state = {k: v for k, v in tokens.state_dict().items() if k.startswith(tokens.base_model_prefix + ".")}
+    state["score.weight"] = (head.weight[1] - head.weight[0])[None]
+    if model.score.bias is not None:
+        b = head.bias if head.bias is not None else torch.zeros(2, dtype=tokens.dtype)
+        state["score.bias"] = (b[1] - b[0])[None]
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def is_token_export(path: Path) -> bool:
+    import json
+
+    config = path / "config.json"
+    return config.is_file() and SEPARATOR_KEY in json.loads(config.read_text())
+
+
+def plain_rewards(dest: Path, seqs: list[list[int]], device: torch.device, steps: list | None = None) -> torch.Tensor:
+    """(S,) rewards ((S, A) logits of an A-output head) from the exported directory, each sequence forwarded alone
+    as any transformers user would; for a token-classifier export (S + P,): the value logits[1] - logits[0] at each
+    final token, then at each step end (`steps`: per sequence its step-end indices)."""
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    if not is_token_export(dest):
+        model = AutoModelForSequenceClassification.from_pretrained(dest).to(device).eval()
+        with torch.no_grad():
+            out = [model(input_ids=torch.tensor([s], device=device)).logits[0].float() for s in seqs]
+        if not out:
+            return torch.zeros(0)
+        logits = torch.stack(out).cpu()  # (S, num_labels)
+        return logits if model.config.num_labels > 1 else logits[:, 0]
+    model = AutoModelForTokenClassification.from_pretrained(dest).to(device).eval()
+    last, at_steps = [], []
     with torch.no_grad():
-        out = [model(input_ids=torch.tensor([s], device=device)).logits[0].float() for s in seqs]
-    if not out:
-        return torch.zeros(0)
-    logits = torch.stack(out).cpu()  # (S, num_labels)
-    return logits if model.config.num_labels > 1 else logits[:, 0]
+        for s, ends in zip(seqs, steps or [[]] * len(seqs), strict=True):
+            logits = model(input_ids=torch.tensor([s], device=device)).logits[0].float()  # (T, 2)
+            v = (logits[:, 1] - logits[:, 0]).cpu()
+            last.append(v[-1])
+            at_steps.append(v[list(ends)])
+    return torch.cat([torch.stack(last), *at_steps]) if last else torch.zeros(0)
 
 
 def tolerance(dtype: torch.dtype, quant_bits: int = 0) -> float:
@@ -117,7 +203,9 @@ def verification_groups(held_out: list[Group], window: int | None, n: int = 4) -
 
 
 def _verify_batch(groups: list[Group], pad_id: int, device: torch.device):
-    return collate(groups, pad_id).to(device), [s.tolist() for g in groups for s in g.seqs]
+    """(packed batch, per sequence its token ids, per sequence its step ends)."""
+    steps = [[int(i) for i in e] for g in groups for e in (g.steps or [[]] * len(g.seqs))]
+    return collate(groups, pad_id).to(device), [s.tolist() for g in groups for s in g.seqs], steps
 
 
 def export_engine(
@@ -134,15 +222,17 @@ def export_engine(
     (LoRA merged into the base), verify, agree on the verdict."""
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    batch, seqs = _verify_batch(verify, tokenizer.pad_token_id, device)
+    batch, seqs, steps = _verify_batch(verify, tokenizer.pad_token_id, device)
     engine.eval()
     with torch.no_grad():
         expected = engine(batch).float().cpu()  # collective under ZeRO-3: every rank runs it
     lora = settings is not None
+    stages = progress.Stages("export", EXPORT_STAGES)
     if engine.zero_optimization_stage() == 3:
         state = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=lora)
     else:
         state = engine.module_state_dict(exclude_frozen_parameters=lora)
+    stages.advance()
     problem = None
     if dist.is_main():
         # plain loads must not see the ZeRO-3 config, or from_pretrained would start collectives on rank 0 alone
@@ -156,10 +246,14 @@ def export_engine(
             state = classifier.state_dict()
         else:
             classifier = engine.module.classifier
-        convention = getattr(engine.module.classifier.config, CONVENTION_KEY, None)
-        save_classifier(classifier, state, tokenizer, dest, reward_stats, convention)
-        quant_bits = settings.quantization.bits if lora else 0
-        problem = check(expected, plain_rewards(dest, seqs, device), tolerance(dtype, quant_bits), dest)
+        trained = engine.module.classifier.config  # a LoRA classifier is rebuilt from a base that lacks these
+        convention, separator = (getattr(trained, key, None) for key in (CONVENTION_KEY, SEPARATOR_KEY))
+        with progress.transformers_bars():
+            save_classifier(classifier, state, tokenizer, dest, reward_stats, convention, separator)
+            stages.advance()
+            quant_bits = settings.quantization.bits if lora else 0
+            problem = check(expected, plain_rewards(dest, seqs, device, steps), tolerance(dtype, quant_bits), dest)
+        stages.advance()
     failed = dist.all_sum(torch.tensor([float(problem is not None)], device=device)).item()
     if failed:
         raise ExportError(problem or "export verification failed on rank 0")
@@ -230,11 +324,13 @@ def merge_attributes(classifier: nn.Module) -> AttributeHead:
 def export_checkpoint(path: Path, dest: Path, dtype: torch.dtype | None = None, merge: bool = False) -> torch.Tensor:
     """`bigrm export`: checkpoint → verified HF directory. Returns the verification rewards. With `merge`, an
     attribute model is written as its 1-logit scalar model (merge_attributes), verified against the scalar."""
+    stages = progress.Stages("export", EXPORT_STAGES)
     saved = _read_checkpoint(path, dtype)
+    stages.advance()
     tokenizer = saved.tokenizer
     ids = torch.load(path / "verify.pt", weights_only=False)  # per group, K lists of token ids
     verify = [Group(tuple(np.asarray(s, dtype=np.int64) for s in seqs), "verify") for seqs in ids]
-    batch, seqs = _verify_batch(verify, tokenizer.pad_token_id, torch.device("cpu"))
+    batch, seqs, _ = _verify_batch(verify, tokenizer.pad_token_id, torch.device("cpu"))
     trained = saved.classifier()
     attn = resolve_attn("auto", cuda=False, needs=attention_needs(trained.config))  # eager for soft-capped models
     trained.config._attn_implementation = hf_attn_implementation(attn)
@@ -246,11 +342,16 @@ def export_checkpoint(path: Path, dest: Path, dtype: torch.dtype | None = None, 
     classifier = saved.classifier(merged=True) if saved.settings else trained  # LoRA: rebuilt, then merged
     if merge:
         merge_attributes(classifier)
-    convention = getattr(saved.config, CONVENTION_KEY, None)
-    save_classifier(classifier, classifier.state_dict(), tokenizer, dest, convention=convention)
-    quant_bits = saved.settings.quantization.bits if saved.settings else 0
-    got = plain_rewards(dest, seqs, torch.device("cpu"))
+    convention, separator = (getattr(saved.config, key, None) for key in (CONVENTION_KEY, SEPARATOR_KEY))
+    with progress.transformers_bars():
+        save_classifier(
+            classifier, classifier.state_dict(), tokenizer, dest, convention=convention, separator=separator
+        )
+        stages.advance()
+        quant_bits = saved.settings.quantization.bits if saved.settings else 0
+        got = plain_rewards(dest, seqs, torch.device("cpu"))
     problem = check(expected, got, tolerance(classifier.dtype, quant_bits), dest)
+    stages.advance()
     if problem:
         raise ExportError(problem)
     return expected

@@ -16,11 +16,14 @@ where units are the prompt's ranked pairs (listmle: completions with someone to 
 optimizer step: the trainer passes the step's Σ w and Σ w·units (`denominators`). With K = 2, no weights and no
 extras this is exactly TRL's RewardTrainer loss; for K > 2 per_prompt is InstructGPT's 1/C(K,2). All of it is
 computed on a dense (G, K, K) grid built by scatter: no Python loop over pairs or prompts.
+
+Unranked prompts (stepwise solutions, rank -1 and weight 0 in packing.SegmentLabels) have no ranking or extra term:
+their steps are trained by bigrm.step_loss, which `total_loss` adds with weight loss.step_coef.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -31,6 +34,7 @@ from bigrm.attributes import AttributeHead
 from bigrm.config import LossConfig
 from bigrm.packing import SegmentLabels
 from bigrm.sequences import Group
+from bigrm.step_loss import step_loss
 
 
 @dataclass
@@ -144,11 +148,13 @@ def group_units(group: Group, cfg: LossConfig) -> int:
 
 
 def denominators(groups: list[Group], cfg: LossConfig) -> tuple[float, float]:
-    """(Σ w, Σ w·units) over the prompts of an optimizer step."""
-    return sum(g.labels.weight for g in groups), sum(g.labels.weight * group_units(g, cfg) for g in groups)
+    """(Σ w, Σ w·units) over the ranked prompts of an optimizer step (for steps: step_loss.step_denominator)."""
+    ranked = [g for g in groups if g.labels.ranked]
+    return sum(g.labels.weight for g in ranked), sum(g.labels.weight * group_units(g, cfg) for g in ranked)
 
 
 def combine(t: Terms, weight: torch.Tensor, cfg: LossConfig, weight_sum: float, unit_sum: float) -> torch.Tensor:
+    weight_sum = max(weight_sum, 1e-12)  # only unranked prompts: every term is 0
     extras = (weight * t.extras).sum() / weight_sum
     if cfg.pair_weighting == "per_prompt":
         return (weight * t.ranking / t.units.clamp(min=1)).sum() / weight_sum + extras
@@ -175,13 +181,18 @@ class Stats:
     reward_sum: torch.Tensor  # Σ r
     reward_sq_sum: torch.Tensor  # Σ r²
     rewards: torch.Tensor  # completions rewarded
+    # stepwise prompts (bigrm.step_loss)
+    step_loss_num: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))  # Σ w·BCE
+    step_weight_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))  # Σ w
+    steps: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    correct_steps: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
 
     @classmethod
     def zeros(cls, device: torch.device | str = "cpu") -> Stats:
         return cls.unstack(torch.zeros(len(fields(cls)), dtype=torch.float64, device=device))
 
     def stack(self) -> torch.Tensor:
-        """(15,) float64, in field order: what ranks sum in one all_reduce."""
+        """(F,) float64, one value per field in field order: what ranks sum in one all_reduce."""
         return torch.stack([getattr(self, f.name) for f in fields(self)])
 
     @classmethod
@@ -224,14 +235,14 @@ def ranking_loss(
         concordant = (grid.valid & (d > 0)).sum((1, 2)).double()
         discordant = (grid.valid & (d < 0)).sum((1, 2)).double()
         pairs = grid.pairs_per_group.double()
-        rd = r.detach().double()
+        rd = r.detach().double()[labels.seg_rank >= 0]  # ranked completions
         stats = Stats(
             prompt_num=(w * t.ranking / t.units.clamp(min=1)).sum(),
             ranking_num=(w * t.ranking).sum(),
             unit_num=(w * t.units).sum(),
             extras_num=(w * t.extras).sum(),
             weight_sum=w.sum(),
-            groups=torch.tensor(labels.num_groups),
+            groups=(labels.group_weight > 0).sum(),
             pairs=pairs.sum(),
             correct_pairs=concordant.sum(),
             tau_sum=((concordant - discordant) / pairs.clamp(min=1)).sum(),
@@ -246,29 +257,40 @@ def ranking_loss(
     return loss, stats
 
 
-def objective(
-    outputs: torch.Tensor,
+def total_loss(
+    values: torch.Tensor,
     labels: SegmentLabels,
     cfg: LossConfig,
     weight_sum: float | None = None,
     unit_sum: float | None = None,
+    step_weight_sum: float | None = None,
     head: AttributeHead | None = None,
     rating_sums: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Stats, torch.Tensor | None]:
-    """(loss, stats, rating sums): what training minimises. Scalar heads: ranking_loss of the (N,) rewards. Attribute
-    heads (`head`, outputs (N, A)): ranking_loss of the scalar head.scalar(outputs) plus loss.attribute_coef times
-    the rating term (bigrm.attributes; `rating_sums`: the step's (A,) denominators, default this micro-batch's own),
-    and the (2, A) float64 sums that attributes.train_metrics logs."""
-    if head is None:
-        return (*ranking_loss(outputs, labels, cfg, weight_sum, unit_sum), None)
-    values = outputs.double() if outputs.dtype == torch.float64 else outputs.float()  # (N, A)
-    loss, stats = ranking_loss(head.scalar(values), labels, cfg, weight_sum, unit_sum)
-    if labels.num_groups == 0:  # placeholder micro-batch (see ranking_loss)
-        return loss, stats, torch.zeros(2, len(head.names), dtype=torch.float64, device=outputs.device)
-    sq_err, weights = attributes.rating_terms(values, labels, head)
-    denominator = weights if rating_sums is None else rating_sums.to(values)
-    loss = loss + cfg.attribute_coef * attributes.rating_loss(sq_err, denominator)
-    return loss, stats, torch.stack([sq_err, weights]).detach().double()
+    """(loss, stats, rating sums): what training minimises, for a micro-batch, with the optimizer step's
+    denominators (`denominators`; default: this micro-batch's own).
+    Scalar heads, values (N + P,) (rewards, then values at step ends): the ranking loss plus loss.step_coef times the
+    step loss (bigrm.step_loss); rating sums None.
+    Attribute heads (`head`, values (N, A)): ranking_loss of the scalar head.scalar(values) plus loss.attribute_coef
+    times the rating term (bigrm.attributes; `rating_sums`: the step's (A,) denominators), and the (2, A) float64
+    sums that attributes.train_metrics logs. Stepwise rows never reach an attribute head
+    (config.STEPS_WITH_ATTRIBUTES)."""
+    if head is not None:
+        outputs = values.double() if values.dtype == torch.float64 else values.float()  # (N, A)
+        loss, stats = ranking_loss(head.scalar(outputs), labels, cfg, weight_sum, unit_sum)
+        if labels.num_groups == 0:  # placeholder micro-batch (see ranking_loss)
+            return loss, stats, torch.zeros(2, len(head.names), dtype=torch.float64, device=values.device)
+        sq_err, weights = attributes.rating_terms(outputs, labels, head)
+        denominator = weights if rating_sums is None else rating_sums.to(outputs)
+        loss = loss + cfg.attribute_coef * attributes.rating_loss(sq_err, denominator)
+        return loss, stats, torch.stack([sq_err, weights]).detach().double()
+    n = len(labels.seg_group)
+    loss, stats = ranking_loss(values[:n], labels, cfg, weight_sum, unit_sum)
+    if labels.num_steps:
+        step, sums = step_loss(values[n:], labels, cfg, step_weight_sum)
+        loss = loss + cfg.step_coef * step
+        stats = replace(stats, **sums)
+    return loss, stats, None
 
 
 def metrics(stats: Stats, cfg: LossConfig) -> dict[str, float]:
@@ -291,4 +313,10 @@ def metrics(stats: Stats, cfg: LossConfig) -> dict[str, float]:
     if v["tie_pairs"]:
         out["tie_accuracy"] = v["ties_close"] / v["tie_pairs"]
         out["num_tie_pairs"] = int(v["tie_pairs"])
+    if v["steps"]:
+        step = v["step_loss_num"] / max(v["step_weight_sum"], 1e-12)
+        if not v["groups"]:  # stepwise prompts only: no ranking figures
+            out = {"loss": 0.0}
+        out.update(loss=out["loss"] + cfg.step_coef * step, step_loss=step)
+        out.update(step_accuracy=v["correct_steps"] / v["steps"], num_steps=int(v["steps"]))
     return out

@@ -34,7 +34,7 @@ class Meter:
     def __init__(self, device: torch.device, budget: int, peak_tflops: float | None, head: AttributeHead | None = None):
         self.device, self.budget, self.peak, self.head = device, budget, peak_tflops, head
         self.stats, self.tokens = Stats.zeros(device), Tokens()
-        self.ratings = self._no_ratings()  # (2, A) attribute heads' rating sums (bigrm.loss.objective), else None
+        self.ratings = self._no_ratings()  # (2, A) attribute heads' rating sums (bigrm.loss.total_loss), else None
         self.clock = time.perf_counter()
 
     def _no_ratings(self) -> torch.Tensor | None:

@@ -40,14 +40,15 @@ class RewardModel(nn.Module):
         return getattr(self.classifier, self.classifier.base_model_prefix)
 
     def forward(self, batch: PackedBatch, every_token: bool = False) -> torch.Tensor:
-        """(N,) one reward per scored segment, read at its final token; or (T,) the value at every token. With
-        attributes: (N, A) / (T, A), every output of the head."""
+        """(N,) one reward per scored segment, read at its final token, followed by (P,) the value at each step end
+        when the batch has stepwise segments (batch.read_index); or (T,) the value at every token. With attributes:
+        (N, A) / (T, A), every output of the head (stepwise rows never reach an attribute head)."""
         dtype = next(self.classifier.parameters()).dtype
         mask, extra = packed_inputs(batch, self.attn, self.needs, dtype)
         hidden = self.backbone(
             input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, use_cache=False, **extra
         ).last_hidden_state[0]  # (T, H)
-        picked = hidden if every_token else hidden[batch.last_index]
+        picked = hidden if every_token else hidden[batch.read_index]
         # the head runs in fp32 so rewards and the loss keep full precision under bf16 training
         head = self.classifier.score
         bias = None if head.bias is None else head.bias.float()

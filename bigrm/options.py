@@ -71,6 +71,8 @@ def _coerce(dotted: str, value: Any, where: str) -> Any:
     }[kind]
     if kind is str and value is None:
         return ""
+    if kind is list and isinstance(value, str):  # `--report_to wandb`: one item
+        return [value]
     if not ok:
         raise ConfigError(f"{where}{dotted}: expected {kind.__name__}, got {value!r}")
     return float(value) if kind is float else value

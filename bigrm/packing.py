@@ -109,9 +109,14 @@ class SegmentLabels:
     seg_score: torch.Tensor  # (N,) raw score of scored rows, NaN for others
     seg_target: torch.Tensor  # (N,) standardised score of scored rows, NaN for others
     group_margin: torch.Tensor  # (G,)
-    group_weight: torch.Tensor  # (G,)
+    group_weight: torch.Tensor  # (G,) the prompt's share of the ranking loss; 0 for unranked (stepwise) prompts
     num_groups: int
     seg_attributes: torch.Tensor | None = None  # (N, A) attribute ratings (bigrm.attributes), NaN where missing
+    # stepwise segments: every step of the batch, segments in order, steps in order within a segment
+    step_seg: torch.Tensor | None = None  # (P,) scored segment of each step, 0..N-1
+    step_label: torch.Tensor | None = None  # (P,) in [0, 1]
+    step_weight: torch.Tensor | None = None  # (P,) the weight of the step's row
+    step_last: torch.Tensor | None = None  # (P,) the step is its solution's last
 
     @staticmethod
     def of(labels: list[Labels], ks: list[int], dtype: torch.dtype = torch.float32) -> SegmentLabels:
@@ -127,10 +132,15 @@ class SegmentLabels:
             seg_score=per_completion(lambda lab, k: lab.scores or [nan] * k, dtype),
             seg_target=per_completion(lambda lab, k: lab.targets or [nan] * k, dtype),
             group_margin=torch.tensor([lab.margin for lab in labels], dtype=dtype),
-            group_weight=torch.tensor([lab.weight for lab in labels], dtype=dtype),
+            group_weight=torch.tensor([lab.weight * lab.ranked for lab in labels], dtype=dtype),
             num_groups=len(labels),
             seg_attributes=_attributes(prompts, dtype),
+            **step_labels(labels, ks, dtype),
         )
+
+    @property
+    def num_steps(self) -> int:
+        return 0 if self.step_seg is None else len(self.step_seg)
 
     def to(self, device: torch.device | str) -> SegmentLabels:
         return SegmentLabels(**{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
@@ -143,6 +153,28 @@ def _attributes(prompts: list[tuple[Labels, int]], dtype: torch.dtype) -> torch.
         return None
     rows = [r for lab, k in prompts for r in (lab.attributes or [(nan,) * width] * k)]
     return torch.tensor(rows, dtype=dtype).reshape(len(rows), width)
+
+
+def step_labels(labels: list[Labels], ks: list[int], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """SegmentLabels' step fields: empty when no prompt is stepwise."""
+    seg, label, weight, last, n = [], [], [], [], 0
+    for lab, k in zip(labels, ks, strict=True):
+        for j in range(k):
+            if lab.steps is not None:
+                steps = lab.steps[j]
+                seg += [n] * len(steps)
+                label += steps
+                weight += [lab.step_weights[j]] * len(steps)
+                last += [i == len(steps) - 1 for i in range(len(steps))]
+            n += 1
+    if not seg:
+        return {}
+    return {
+        "step_seg": torch.tensor(seg, dtype=torch.long),
+        "step_label": torch.tensor(label, dtype=dtype),
+        "step_weight": torch.tensor(weight, dtype=dtype),
+        "step_last": torch.tensor(last, dtype=torch.bool),
+    }
 
 
 def _to(value, device: torch.device | str):
@@ -163,6 +195,12 @@ class PackedBatch:
     kv_index: torch.Tensor | None = None  # (T_k,) token positions gathered into the key/value stream
     cu_seqlens_k: torch.Tensor | None = None  # (S + 1,) int32 boundaries of the key sequences
     max_seqlen_k: int = 0
+    step_index: torch.Tensor | None = None  # (P,) position of each step's last token (labels.step_seg: its segment)
+
+    @property
+    def read_index(self) -> torch.Tensor:
+        """(N + P,) where the model reads the value head: each scored segment's final token, then each step end."""
+        return self.last_index if self.step_index is None else torch.cat([self.last_index, self.step_index])
 
     def to(self, device: torch.device | str) -> PackedBatch:
         moved = {f.name: _to(getattr(self, f.name), device) for f in fields(self)}
@@ -205,12 +243,15 @@ def collate(groups: list[Group], pad_id: int, pad_to_multiple: int = 1, share_pr
     K suffixes, which attend to it and to themselves. An empty list gives a 1-token placeholder that carries no
     loss (keeps ranks in step)."""
     segs: list[tuple[np.ndarray, int, int, bool]] = []  # (tokens, first position, parent segment, scored)
+    step_at: list[tuple[int, int, np.ndarray]] = []  # stepwise: (segment, its parent, step end indices - prefix)
     for g in groups:
         p = shared_prefix(g.seqs) if share_prompt else 0
         parent = -1
         if p:
             parent = len(segs)
             segs.append((g.seqs[0][:p], 0, -1, False))
+        if g.steps is not None:
+            step_at += [(len(segs) + j, parent, np.asarray(ends, dtype=np.int64) - p) for j, ends in enumerate(g.steps)]
         segs += [(s[p:], p, parent, True) for s in g.seqs]
     real = sum(len(t) for t, *_ in segs)
     total = -(-max(real, 1) // pad_to_multiple) * pad_to_multiple
@@ -233,6 +274,11 @@ def collate(groups: list[Group], pad_id: int, pad_to_multiple: int = 1, share_pr
         max_seqlen=int(lens.max()),
         real_tokens=real,
     )
+    if step_at:
+        # a step that ends inside the shared prefix (solutions that begin alike) is read there: same tokens, same value
+        batch.step_index = torch.from_numpy(
+            np.concatenate([np.where(e >= 0, cu[s] + e, cu[max(q, 0)] + e + starts[s]) for s, q, e in step_at])
+        )
     if (parents >= 0).any():
         keys = [np.arange(cu[s], cu[s + 1]) for s in range(len(segs))]
         keys = [np.concatenate([keys[p], k]) if p >= 0 else k for k, p in zip(keys, parents, strict=True)]

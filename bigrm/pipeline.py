@@ -32,6 +32,7 @@ class Dataset:
     eval: Sequence[Group]
     log: list[str] = field(default_factory=list)
     attributes: AttributeHead | None = None  # with data.attributes: the head's meaning, scaled by the training data
+    stepwise: bool = False  # some training prompts are stepwise (a process reward model)
 
 
 def synthetic_paths(out_dir: Path, cfg: Config) -> tuple[list[Path], Path | None]:
@@ -58,9 +59,10 @@ def write_synthetic(cfg: Config, out_dir: Path) -> None:
                 (held, synthetic_attributes.ranked_rows(s.num_eval, names, w, s.min_k, s.max_k, seed + 1, True))
             )
     else:
-        files = [(train[0], synthetic.make_rows(s.num_train, s.min_k, s.max_k, seed))]
+        make = synthetic.make_step_rows if s.task == "steps" else synthetic.make_rows
+        files = [(train[0], make(s.num_train, s.min_k, s.max_k, seed))]
         if held:
-            files.append((held, synthetic.make_rows(s.num_eval, s.min_k, s.max_k, seed + 1)))
+            files.append((held, make(s.num_eval, s.min_k, s.max_k, seed + 1)))
     for path, rows in files:
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -145,7 +147,7 @@ def cache_key(cfg: Config, tokenizer, paths: list[str], eval_paths: list[str]) -
 
 
 CACHE_ENV = "BIGRM_CACHE_DIR"
-CACHE_FORMAT = 2  # raised whenever what a cache holds, or how it is tokenised, changes
+CACHE_FORMAT = 3  # raised whenever what a cache holds, or how it is tokenised, changes
 
 
 def cache_root(cfg: Config) -> Path:
@@ -180,4 +182,5 @@ def build(cfg: Config, tokenizer, synthetic_dir: Path) -> Dataset:
     for name, groups in (("train", train), ("eval", evals)):
         check_budget(groups, cfg.train.max_tokens_per_batch, cfg.train.share_prompt, f"{name} ", "train.")
     head = AttributeHead.of(cfg, meta["attribute_stats"]) if cfg.data.attributes else None
-    return Dataset(train, train_files, [w for _, w in specs], evals, log, head)
+    stepwise = bool(train.a["has_steps"].any())
+    return Dataset(train, train_files, [w for _, w in specs], evals, log, head, stepwise)

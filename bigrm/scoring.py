@@ -6,6 +6,8 @@ budget and forwarded without padding. Parts of a completion can be scored too:
              is rewarded at the end of every piece: the value at the last token that ends at or before the piece's
              end (the final piece's value is the completion's reward, read at the scored sequence's last token);
   per token  the value head's output at every completion token (with what the reward convention appends).
+Stepwise rows (a process reward model's data) get `step_rewards`: per completion, σ(value) at each step's end, the
+probability that the step is correct (what the export's token classifier gives as LABEL_1's score there).
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bigrm import attributes, checkpoint, export, precision
+from bigrm import attributes, checkpoint, export, precision, progress
 from bigrm.attention import hf_attn_implementation, read_attention_needs, resolve_attn
 from bigrm.config import DataConfig, LossConfig
 from bigrm.data import DataError, Example, RowError, listed, parse_row, read_file, standardise_scores
 from bigrm.model import RewardModel, load_classifier, prepare_tokenizer
 from bigrm.packing import SegmentLabels, check_budget, collate, layout_tokens, pack_bins
-from bigrm.sequences import EncodeReport, Group, Scored, scored_sequence
+from bigrm.sequences import EncodeReport, Group, Scored, scored_sequence, step_positions
 
 
 def load_model(path: str, device: torch.device, dtype: str = "auto", attn: str = "auto"):
@@ -45,9 +47,13 @@ def load_model(path: str, device: torch.device, dtype: str = "auto", attn: str =
 
         tokenizer = AutoTokenizer.from_pretrained(p)
         prepare_tokenizer(tokenizer)
-        head = attributes.read_head(AutoConfig.from_pretrained(p))
-        outputs = len(head.names) if head else 1
-        classifier = load_classifier(str(p), torch_dtype or "auto", attn, tokenizer, num_labels=outputs)
+        with progress.transformers_bars():
+            if export.is_token_export(p):  # a process reward model's token classifier
+                classifier = export.value_classifier(str(p), torch_dtype or "auto", attn)
+            else:
+                head = attributes.read_head(AutoConfig.from_pretrained(p))
+                outputs = len(head.names) if head else 1
+                classifier = load_classifier(str(p), torch_dtype or "auto", attn, tokenizer, num_labels=outputs)
         convention = getattr(classifier.config, export.CONVENTION_KEY, None)
     return RewardModel(classifier.to(device).eval(), attn), tokenizer, convention
 
@@ -65,6 +71,8 @@ class RowResult:
     rewards: list[float] | None = None
     values: list[list[float]] | None = None  # attribute heads: per completion, the head's A outputs
     token_values: list[np.ndarray] | None = None  # per completion, the value at every token of its sequence
+    steps: list[np.ndarray] | None = None  # stepwise rows: per completion, its step ends' token indices
+    step_values: list[list[float]] | None = None  # stepwise rows: per completion, the value at each step end
 
 
 def _pieces(value, name: str) -> tuple[str, list[int]] | str:
@@ -77,6 +85,8 @@ def _split_pieces(row: dict, fmt: str, cfg: DataConfig) -> tuple[dict, list[list
     """The row with each list-of-pieces completion joined, and the pieces' end offsets."""
     if fmt == "implicit":
         return "--segments with pieces needs an explicit prompt column (or use --separator)"
+    if fmt == "stepwise":
+        return "stepwise rows are scored at every step (step_rewards) without --segments"
     cols = [cfg.ranked_column] if fmt == "ranked" else [cfg.chosen_column, cfg.rejected_column]
     row, bounds = dict(row), []
     for col in cols:
@@ -113,7 +123,7 @@ def prepare(path: str, cfg: DataConfig, tokenizer, segments: bool = False, separ
     cfg.overlong. Skipped rows stay in the output with their reason."""
     file = read_file(path, cfg)
     fmt, locate, results, errors = file.fmt, file.locate, [], []
-    for i, row in enumerate(file.rows):
+    for i, row in enumerate(progress.each(file.rows, f"read {Path(path).name}", unit="row")):
         result = RowResult(row if isinstance(row, dict) else {"row": row})
         results.append(result)
         bounds = None
@@ -135,8 +145,24 @@ def prepare(path: str, cfg: DataConfig, tokenizer, segments: bool = False, separ
                 result.error = f"{parsed.source}: completion {k}: {scored} tokens, longer than max_length"
                 break
             result.scored.append(scored)
+            if parsed.step_ends is not None:
+                where = step_positions(
+                    scored.ends,
+                    scored.completion_start,
+                    scored.text,
+                    scored.char_start,
+                    completion,
+                    parsed.step_ends[k],
+                    0,
+                    cfg.reward_convention,
+                )
+                if isinstance(where, str):  # unusable steps: an invalid row, whatever data.overlong says
+                    result.error = f"{parsed.source}: completion {k}: {where}"
+                    errors.append(result.error)
+                    break
+                result.steps = [*(result.steps or []), where]
         if result.error:
-            if cfg.overlong == "error":
+            if cfg.overlong == "error" and result.error not in errors:
                 errors.append(result.error)
             continue
         result.example = parsed
@@ -172,28 +198,44 @@ def score(
     rewards (and per-token values) are the scalar reward, `values` the head's outputs."""
     share_prompt = share_prompt and not every_token  # per-token values need every sequence laid out whole
     todo = [r for r in results if r.example is not None]
-    groups = [Group(tuple(np.asarray(s.ids, dtype=np.int64) for s in r.scored), r.example.source) for r in todo]
+    groups = [
+        Group(
+            tuple(np.asarray(s.ids, dtype=np.int64) for s in r.scored),
+            r.example.source,
+            steps=tuple(r.steps) if r.steps is not None else None,
+        )
+        for r in todo
+    ]
     check_budget(groups, budget, share_prompt)
     sizes = [layout_tokens(g, share_prompt) for g in groups]
     head = model.attributes
+    counter = progress.bar(len(groups), "score", unit="row")
     for mb in pack_bins(list(range(len(groups))), sizes, budget, window=max(len(groups), 1)):
         batch = collate([groups[i] for i in mb], pad_id=0, share_prompt=share_prompt).to(device)
         if every_token:
             values = model(batch, every_token=True).cpu()  # (T,); attribute heads (T, A)
-            outputs = values[batch.last_index.cpu()]
+            outputs = values[batch.read_index.cpu()]
             values = head.scalar(values) if head else values
             cu = batch.cu_seqlens.cpu().tolist()
             segs = [values[cu[j] : cu[j + 1]].numpy() for j in range(len(cu) - 1)]
         else:
             outputs, segs = model(batch).cpu(), None
-        rewards = head.scalar(outputs) if head else outputs  # (N,)
-        at = 0
+        # (N + P,) rewards, then values at step ends; attribute heads: (N, A) outputs, their scalar the reward
+        rewards = head.scalar(outputs) if head else outputs
+        at, step_at = 0, len(batch.last_index)
         for i in mb:
             k = len(groups[i].seqs)
             todo[i].rewards = rewards[at : at + k].tolist()
             todo[i].values = outputs[at : at + k].tolist() if head else None
             todo[i].token_values = segs[at : at + k] if segs else None
+            if groups[i].steps is not None:
+                todo[i].step_values = []
+                for ends in groups[i].steps:
+                    todo[i].step_values.append(rewards[step_at : step_at + len(ends)].tolist())
+                    step_at += len(ends)
             at += k
+        counter.update(len(mb))
+    counter.close()
 
 
 def segment_rewards(scored: Scored, values: np.ndarray, bounds: list[int], completion: str) -> list[float]:
@@ -219,6 +261,8 @@ def output_row(
     if result.error:
         row["error"] = result.error
         return row
+    if result.step_values is not None:
+        row["step_rewards"] = [torch.sigmoid(torch.tensor(v, dtype=torch.float64)).tolist() for v in result.step_values]
     if segments:
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in result.example.completions]
         row["segment_rewards"] = [
@@ -233,30 +277,63 @@ def output_row(
     return row
 
 
-def report(results: list[RowResult], cfg: LossConfig, head: attributes.AttributeHead | None = None) -> dict:
-    """`bigrm eval`'s metrics over the scored rows (see bigrm.diagnostics); the ranking ones of the scalar reward,
-    and for attribute heads the per-attribute ones of attributes.report."""
-    from bigrm.diagnostics import ranking_report
-
+def report(
+    results: list[RowResult],
+    cfg: LossConfig,
+    report_dir: Path | None = None,
+    head: attributes.AttributeHead | None = None,
+) -> dict:
+    """`bigrm eval`'s metrics over the scored rows (see bigrm.diagnostics): the ranking ones of the reward (attribute
+    heads: of the scalar reward, plus the per-attribute ones of attributes.report); with report_dir, also drawn
+    there (bigrm.eval_report), subsets by the rows' `subset`, else by their file. Stepwise files report step
+    metrics."""
     done = [r for r in results if r.rewards is not None]
     if not done:
         raise DataError("no row could be scored")
-    examples = [r.example for r in done]
-    labels = SegmentLabels.of([e.labels for e in examples], [len(e.completions) for e in examples], torch.float64)
-    subsets = [r.row.get("subset") for r in done]
-    out = ranking_report(
-        torch.tensor([x for r in done for x in r.rewards], dtype=torch.float64),
-        labels,
-        torch.tensor([len(s.ids) - s.completion_start for r in done for s in r.scored]),
-        cfg,
-        subsets=[str(s) for s in subsets] if any(s is not None for s in subsets) else None,
-    )
-    if head is not None and labels.seg_attributes is not None:
-        values = torch.tensor([v for r in done for v in r.values], dtype=torch.float64)
-        out.update(attributes.report(values, labels.seg_attributes, head))
+    if done[0].step_values is not None:  # a stepwise file: step metrics, no ranking
+        if report_dir is not None:
+            raise DataError("--report draws rankings; a stepwise file has none (its step metrics are printed)")
+        out, drawn = _step_report(done), None
+    else:
+        out, drawn = _ranking_report(done, cfg)
+        labels = drawn[1]
+        if head is not None and labels.seg_attributes is not None:
+            values = torch.tensor([v for r in done for v in r.values], dtype=torch.float64)
+            out.update(attributes.report(values, labels.seg_attributes, head))
     out["num_rows_skipped"] = len(results) - len(done)
     reasons = [r.error for r in results if r.rewards is None and r.error]
     out["skipped"] = reasons[:SKIPPED_LISTED] + (
         [f"... and {len(reasons) - SKIPPED_LISTED} more"] if len(reasons) > SKIPPED_LISTED else []
     )
+    if report_dir is not None:
+        from bigrm import eval_report
+
+        eval_report.write(report_dir, out, *drawn)
     return out
+
+
+def _step_report(done: list[RowResult]) -> dict:
+    from bigrm.step_loss import step_report
+
+    solutions = [v for r in done for v in r.step_values]
+    return step_report(
+        torch.tensor([x for v in solutions for x in v], dtype=torch.float64),
+        torch.tensor([y for r in done for s in r.example.labels.steps for y in s], dtype=torch.float64),
+        torch.repeat_interleave(torch.arange(len(solutions)), torch.tensor([len(v) for v in solutions])),
+    )
+
+
+def _ranking_report(done: list[RowResult], cfg: LossConfig) -> tuple[dict, tuple]:
+    """(metrics, what eval_report draws them from: rewards, labels, lengths and subset names)."""
+    from bigrm.diagnostics import ranking_report
+    from bigrm.eval_report import source_file
+
+    examples = [r.example for r in done]
+    labels = SegmentLabels.of([e.labels for e in examples], [len(e.completions) for e in examples], torch.float64)
+    subsets = [r.row.get("subset") for r in done]
+    rewards = torch.tensor([x for r in done for x in r.rewards], dtype=torch.float64)  # (N,)
+    lengths = torch.tensor([len(s.ids) - s.completion_start for r in done for s in r.scored])  # (N,)
+    named = any(s is not None for s in subsets)
+    out = ranking_report(rewards, labels, lengths, cfg, subsets=[str(s) for s in subsets] if named else None)
+    names = [str(s) if s is not None else source_file(e.source) for s, e in zip(subsets, examples, strict=True)]
+    return out, (rewards, labels, lengths, names)

@@ -19,14 +19,18 @@ sequence fits max_length; a completion that alone does not fit is an error or a 
 
 from __future__ import annotations
 
+import bisect
 import multiprocessing
 import os
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import NamedTuple
 
 import numpy as np
 
+from bigrm import progress
 from bigrm.config import DataConfig
 from bigrm.data import DataError, Example, Labels, Text, listed
 
@@ -38,6 +42,7 @@ class Group:
     seqs: tuple[np.ndarray, ...]  # K arrays of token ids (int64, or views of a token_store.TokenStore's int32)
     source: str
     labels: Labels = Labels()
+    steps: tuple[np.ndarray, ...] | None = None  # stepwise: per sequence, the index of each step's last token
 
     @property
     def num_tokens(self) -> int:
@@ -96,7 +101,8 @@ class Encoded(NamedTuple):
     ids: list[int]  # the scored sequence: its last token carries the reward
     n_lead: int  # leading special tokens (BOS...), never cut
     prompt_end: int  # index of the first token that is not wholly prompt
-    ends: list[int]  # character end of each token in the rendered text (EOS: the text's length)
+    ends: list[int] | None  # character end of each token in the rendered text (EOS: the text's length); None
+    # when encode_batch was asked not to read them (training reads them only to locate stepwise rows' steps)
 
 
 def encode(tokenizer, text: str, start: int, chat: bool, convention: str = DataConfig.reward_convention) -> Encoded:
@@ -107,7 +113,12 @@ def encode(tokenizer, text: str, start: int, chat: bool, convention: str = DataC
 
 
 def encode_batch(
-    tokenizer, texts: list[str], starts: list[int], chats: list[bool], convention: str = DataConfig.reward_convention
+    tokenizer,
+    texts: list[str],
+    starts: list[int],
+    chats: list[bool],
+    convention: str = DataConfig.reward_convention,
+    with_ends: bool = True,
 ) -> list[Encoded]:
     """`encode` of many texts, with one fast-tokenizer call per kind of text (chat renderings, plain text)."""
     if convention == "openrlhf":
@@ -124,33 +135,34 @@ def encode_batch(
         if not todo:
             continue
         add_special = convention == "trl" and not chat
-        for i, (ids, offsets) in zip(todo, _tokenize(tokenizer, [texts[i] for i in todo], add_special), strict=True):
+        for i, e in zip(todo, _tokenize(tokenizer, [texts[i] for i in todo], add_special), strict=True):
+            ids = e.ids
             n_lead = 0
             while n_lead < len(ids) and ids[n_lead] in special:
                 n_lead += 1
-            ends = [e for _, e in offsets]
             # Prompt tokens end before the completion starts; a token straddling the boundary belongs to the
-            # completion.
-            prompt_end = sum(1 for e in ends if e <= starts[i])
+            # completion. Reading every token's offsets costs more than the tokenising they come from (a Python
+            # tuple per token), so the token holding the completion's first character is asked for; only when
+            # no token holds it (an empty completion, whitespace a tokenizer drops) are the offsets counted.
+            first = e.char_to_token(starts[i]) if starts[i] < len(texts[i]) else None
+            ends = [end for _, end in e.offsets] if with_ends or first is None else None
+            prompt_end = first if first is not None else sum(1 for end in ends if end <= starts[i])
             if add_special and eos is not None and (not ids or ids[-1] != eos):
-                ids, ends = ids + [eos], ends + [len(texts[i])]
-            out[i] = Encoded(ids, n_lead, max(prompt_end, n_lead), ends)
+                ids = ids + [eos]
+                ends = ends + [len(texts[i])] if with_ends else None
+            out[i] = Encoded(ids, n_lead, max(prompt_end, n_lead), ends if with_ends else None)
     return out
 
 
-def _tokenize(tokenizer, texts: list[str], add_special: bool) -> list[tuple[list[int], list[tuple[int, int]]]]:
-    """(ids, character offsets) of each text: straight from a fast tokenizer's backend when it would neither
+def _tokenize(tokenizer, texts: list[str], add_special: bool) -> list:
+    """The fast tokenizer's `tokenizers.Encoding` of each text: straight from its backend when it would neither
     truncate nor pad (what `tokenizer(...)` then does too, without building a dict per text), else through it."""
-    if (
-        tokenizer.is_fast
-        and tokenizer.backend_tokenizer.truncation is None
-        and tokenizer.backend_tokenizer.padding is None
-    ):
-        return [
-            (e.ids, e.offsets) for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=add_special)
-        ]
-    enc = tokenizer(texts, add_special_tokens=add_special, return_offsets_mapping=True)
-    return list(zip(enc["input_ids"], enc["offset_mapping"], strict=True))
+    if not tokenizer.is_fast:
+        raise DataError(f"bigrm needs a fast tokenizer (tokenizer.json); {type(tokenizer).__name__} is not one")
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation is None and backend.padding is None:
+        return backend.encode_batch(texts, add_special_tokens=add_special)
+    return tokenizer(texts, add_special_tokens=add_special).encodings
 
 
 def truncate(ids: list[int], n_lead: int, prompt_end: int, max_length: int) -> tuple[list[int], int] | None:
@@ -189,6 +201,36 @@ def scored_sequence(
     return Scored(ids, enc.prompt_end - cut, cut, ends, text, start)
 
 
+def step_positions(
+    ends: list[int],
+    prompt_end: int,
+    text: str,
+    start: int,
+    completion: str,
+    step_ends: tuple[int, ...],
+    cut: int,
+    convention: str,
+) -> np.ndarray | str:
+    """Where each step of a stepwise completion ends in its scored sequence: the token whose text ends exactly at
+    the step's end (its separator's last token), or why there is none. `ends` and `prompt_end` are Encoded's (or,
+    with cut=0, a Scored's), `cut` the prompt tokens truncate removed after them."""
+    if convention == "openrlhf":
+        return "stepwise rows need data.reward_convention trl or grpo (openrlhf strips the final separator)"
+    base = text.find(completion, start)  # chat templates render the completion somewhere after the prompt
+    if base < 0:
+        return "the chat template changes the completion's text, so its steps cannot be found in the rendering"
+    out = []
+    for k, end in enumerate(step_ends):
+        i = bisect.bisect_left(ends, base + end)  # the first token ending there: an appended EOS ends there too
+        if i < prompt_end or i == len(ends) or ends[i] != base + end or (out and i <= out[-1]):
+            return (
+                f"step {k} does not end at a token boundary (the tokenizer merges data.step_separator with the "
+                "text around it); choose a separator it keeps apart"
+            )
+        out.append(i)
+    return np.asarray(out, dtype=np.int64) - cut
+
+
 @dataclass
 class Tokenized:
     """Examples' scored sequences laid flat: what a token store is built from."""
@@ -198,6 +240,10 @@ class Tokenized:
     kept: np.ndarray  # (G,) int64, index among the inputs of each kept example, whose K sequences are consecutive
     report: EncodeReport
     overlong: list[str]  # "source: completion k: n tokens" of each example with a completion that cannot fit
+    # stepwise: per kept sequence its number of steps (0 for others), and every step's end token index, end to end
+    step_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    step_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    step_errors: list[str] = field(default_factory=list)  # "source: completion k: reason"
 
 
 def tokenize_chunk(examples: list[Example], tokenizer, max_length: int, convention: str) -> Tokenized:
@@ -211,17 +257,35 @@ def tokenize_chunk(examples: list[Example], tokenizer, max_length: int, conventi
             texts.append(text)
             starts.append(start)
             chats.append(chat)
-    encoded = iter(encode_batch(tokenizer, texts, starts, chats, convention))
-    report, tokens, lengths, kept, overlong = EncodeReport(), [], [], [], []
+    stepwise = any(ex.step_ends is not None for ex in examples)  # locating steps needs every token's end
+    encoded = iter(encode_batch(tokenizer, texts, starts, chats, convention, with_ends=stepwise))
+    report, kept_seqs, kept, overlong = EncodeReport(), [], [], []
+    step_counts, step_index, step_errors, at = [], [], [], 0
     reason = f"completion alone longer than data.max_length={max_length}"
     for i, ex in enumerate(examples):
-        seqs, cut, cut_tokens, bad = [], 0, 0, None
+        seqs, cut, cut_tokens, bad, steps = [], 0, 0, None, []
         for k in range(len(ex.completions)):
             enc = next(encoded)
+            at += 1
             fitted = truncate(enc.ids, enc.n_lead, enc.prompt_end, max_length)
             if fitted is None:
                 bad = bad or (k, len(enc.ids) - enc.prompt_end + enc.n_lead)
                 continue
+            if ex.step_ends is not None:
+                where = step_positions(
+                    enc.ends,
+                    enc.prompt_end,
+                    texts[at - 1],
+                    starts[at - 1],
+                    ex.completions[k],
+                    ex.step_ends[k],
+                    fitted[1],
+                    convention,
+                )
+                if isinstance(where, str):
+                    step_errors.append(f"{ex.source}: completion {k}: {where}")
+                    where = np.zeros(0, dtype=np.int64)
+                steps.append(where)
             seqs.append(fitted[0])
             cut += fitted[1] > 0
             cut_tokens += fitted[1]
@@ -232,25 +296,35 @@ def tokenize_chunk(examples: list[Example], tokenizer, max_length: int, conventi
         report.prompts_cut += cut
         report.prompt_tokens_cut += cut_tokens
         kept.append(i)
-        for seq in seqs:
-            lengths.append(len(seq))
-            tokens.extend(seq)
+        kept_seqs += seqs
+        step_counts += [len(s) for s in steps] if steps else [0] * len(seqs)
+        step_index += steps
+    lengths = np.fromiter(map(len, kept_seqs), dtype=np.int64, count=len(kept_seqs))
     return Tokenized(
-        np.asarray(tokens, dtype=np.uint32),  # token ids are below 2**32: half the bytes workers send back
-        np.asarray(lengths, dtype=np.int64),
+        # token ids are below 2**32: half the bytes workers send back
+        np.fromiter(chain.from_iterable(kept_seqs), dtype=np.uint32, count=int(lengths.sum())),
+        lengths,
         np.asarray(kept, dtype=np.int64),
         report,
         overlong,
+        np.asarray(step_counts, dtype=np.int64),
+        np.concatenate(step_index) if step_index else np.zeros(0, dtype=np.int64),
+        step_errors,
     )
 
 
 CHUNK = 256  # examples per batched tokenizer call (and per task of the worker processes)
+TOKENISE = ("tokenise", f"x{CHUNK} prompts")  # the progress counter's name and unit
 _forked: tuple = ()  # (examples, tokenizer, max_length, convention): what forked workers inherit, never pickled
 
 
 def _init_worker() -> None:
     # the workers are the parallelism: a tokenizer's own thread pool in each would only oversubscribe the cores
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # forked with the trainer's handlers (bigrm.preemption), a worker would raise on the SIGTERM that ends the pool,
+    # possibly holding the task queue's lock, and leave the parent waiting for ever; an interrupt is the parent's
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _tokenize_in_worker(lo: int) -> Tokenized:
@@ -281,11 +355,12 @@ def encode_examples(
         _forked = (examples, tokenizer, max_length, convention)
         try:
             with multiprocessing.get_context("fork").Pool(min(num_proc, len(chunks)), _init_worker) as pool:
-                parts = pool.map(_tokenize_in_worker, range(0, len(examples), CHUNK), chunksize=1)
+                done = pool.imap(_tokenize_in_worker, range(0, len(examples), CHUNK), chunksize=1)
+                parts = list(progress.each(done, *TOKENISE, total=len(chunks)))
         finally:
             _forked = ()
     else:
-        parts = [tokenize_chunk(c, tokenizer, max_length, convention) for c in chunks]
+        parts = [tokenize_chunk(c, tokenizer, max_length, convention) for c in progress.each(chunks, *TOKENISE)]
     report, errors, offset = EncodeReport(), [], 0
     for part, chunk in zip(parts, chunks, strict=True):
         report.prompts_cut += part.report.prompts_cut
@@ -300,13 +375,20 @@ def encode_examples(
             f"{len(errors)} row(s) have a completion that cannot fit (set data.overlong: skip to drop them, or raise "
             f"data.max_length):{listed([f'{e}, {reason}' for e in errors], max_errors)}"
         )
+    step_errors = [e for p in parts for e in p.step_errors]
+    if step_errors:
+        raise DataError(
+            f"{len(step_errors)} stepwise completion(s) cannot be trained:{listed(step_errors, max_errors)}"
+        )
     lengths = np.concatenate([p.lengths for p in parts]) if parts else np.zeros(0, dtype=np.int64)
     tokens = np.concatenate([p.tokens for p in parts]) if parts else np.zeros(0, dtype=np.uint32)
     report.groups = sum(len(p.kept) for p in parts)
     report.sequences = len(lengths)
     report.tokens = len(tokens)
     kept = np.concatenate([p.kept for p in parts]) if parts else np.zeros(0, dtype=np.int64)
-    return Tokenized(tokens, lengths, kept, report, errors)
+    step_counts = np.concatenate([np.zeros(0, dtype=np.int64)] + [p.step_counts for p in parts])
+    step_index = np.concatenate([np.zeros(0, dtype=np.int64)] + [p.step_index for p in parts])
+    return Tokenized(tokens, lengths, kept, report, errors, step_counts, step_index)
 
 
 def tokenize_examples(
@@ -321,11 +403,16 @@ def tokenize_examples(
     """encode_examples as Groups, whose int64 sequences are views of one flat array."""
     done = encode_examples(examples, tokenizer, max_length, overlong, convention, max_errors, num_proc)
     bounds = np.concatenate([[0], np.cumsum(done.lengths)])
+    step_bounds = np.concatenate([[0], np.cumsum(done.step_counts)])
     tokens = done.tokens.astype(np.int64)
     groups, s = [], 0
     for i in done.kept:
         ex = examples[i]
         k = len(ex.completions)
-        groups.append(Group(tuple(tokens[bounds[j] : bounds[j + 1]] for j in range(s, s + k)), ex.source, ex.labels))
+        steps = None
+        if ex.step_ends is not None:
+            steps = tuple(done.step_index[step_bounds[j] : step_bounds[j + 1]] for j in range(s, s + k))
+        seqs = tuple(tokens[bounds[j] : bounds[j + 1]] for j in range(s, s + k))
+        groups.append(Group(seqs, ex.source, ex.labels, steps))
         s += k
     return groups, done.report

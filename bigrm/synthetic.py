@@ -3,6 +3,11 @@
 A prompt asks for a positive or a negative review; each completion is 8 words mixing wanted-polarity, opposite
 and neutral words. Quality = (#wanted − #opposite), distinct within a prompt, so the ranking is strict and the
 model must read the prompt to know which words count.
+
+The stepwise task (`make_step_rows`, for process reward models) asks for positive reviews written in steps of
+STEP_WORDS words; a step is correct while no step so far has used a negative word (a solution is right up to its
+first error, as in Math-Shepherd). The rule does not depend on the prompt: a tiny model learns it in a few hundred
+CPU steps, where one that swapped the error words with the prompt's sentiment stays near chance as long.
 """
 
 from __future__ import annotations
@@ -46,4 +51,28 @@ def make_rows(n: int, min_k: int, max_k: int, seed: int) -> list[dict]:
             continue
         prompt = f"write a {'positive' if positive else 'negative'} review of the {rng.choice(ITEMS)}:"
         rows.append({"prompt": prompt, "ranked_outputs": outputs})
+    return rows
+
+
+STEP_WORDS = 3
+
+
+def _step(rng: random.Random, error: bool) -> str:
+    words = [rng.choice(NEGATIVE if error else POSITIVE)] + rng.choices(NEUTRAL, k=STEP_WORDS - 1)
+    rng.shuffle(words)
+    return " " + " ".join(words)
+
+
+def make_step_rows(n: int, min_k: int, max_k: int, seed: int, min_steps: int = 2, max_steps: int = 5) -> list[dict]:
+    """`n` stepwise rows {prompt, completions: [step, ...], labels: [bool, ...]}: prompts with min_k..max_k
+    solutions each (one row per solution, consecutive); about half the solutions make an error at a random step."""
+    rng = random.Random(seed)
+    rows: list[dict] = []
+    while len(rows) < n:
+        prompt = f"write a positive review of the {rng.choice(ITEMS)} in steps:"
+        for _ in range(min(rng.randint(min_k, max_k), n - len(rows))):
+            length = rng.randint(min_steps, max_steps)
+            first_error = rng.randrange(length) if rng.random() < 0.5 else length
+            steps = [_step(rng, k == first_error) for k in range(length)]
+            rows.append({"prompt": prompt, "completions": steps, "labels": [k < first_error for k in range(length)]})
     return rows

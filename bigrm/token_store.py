@@ -9,6 +9,11 @@ A store is a directory of .npy arrays (written by `save`, opened by `TokenStore.
   margin, weight                  (G,) float64
   attributes                      (S, A) float64: data.Labels.attributes, NaN where missing (A = 0 without them)
   source_bytes, source_offsets    every group's source ("file:line N") as UTF-8, end to end
+  step_offsets   (S + 1,) int64: sequence s's steps are step_index[step_offsets[s]:step_offsets[s + 1]] (stepwise)
+  step_index     (P,) int64: each step's last token, an index into its sequence
+  step_labels    (P,) float64: each step's label in [0, 1]
+  step_weights   (S,) float64: the row weight of each stepwise sequence (NaN for others)
+  has_steps      (G,) bool
 Indexing a store gives a sequences.Group whose sequences are views of `tokens`, so packing, planning, evaluation
 and fingerprints read it as they read any list of groups.
 """
@@ -37,6 +42,11 @@ ARRAYS = (
     "source_bytes",
     "source_offsets",
     "attributes",
+    "step_offsets",
+    "step_index",
+    "step_labels",
+    "step_weights",
+    "has_steps",
 )
 
 
@@ -80,6 +90,11 @@ class TokenStore(Sequence[Group]):
                 "attributes": np.array(
                     [r for e in kept for r in (e.labels.attributes or ())], dtype=np.float64
                 ).reshape(len(done.lengths), num_attributes),
+                "step_offsets": _offsets(done.step_counts),
+                "step_index": done.step_index.astype(np.int64),
+                "step_labels": np.array([v for e in kept for s in e.labels.steps or () for v in s], np.float64),
+                "step_weights": per_seq(lambda e: e.labels.step_weights, lambda k: [np.nan] * k),
+                "has_steps": np.array([e.labels.steps is not None for e in kept], dtype=bool),
             }
         )
 
@@ -102,6 +117,13 @@ class TokenStore(Sequence[Group]):
         lo, hi = int(a["group_offsets"][g]), int(a["group_offsets"][g + 1])
         bounds = a["seq_offsets"][lo : hi + 1].tolist()
         seqs = tuple(a["tokens"][b:e] for b, e in zip(bounds[:-1], bounds[1:], strict=True))
+        steps = labels_of_steps = weights = None
+        if a["has_steps"][g]:
+            cuts = a["step_offsets"][lo : hi + 1].tolist()
+            pieces = list(zip(cuts[:-1], cuts[1:], strict=True))
+            steps = tuple(a["step_index"][b:e] for b, e in pieces)
+            labels_of_steps = tuple(tuple(a["step_labels"][b:e].tolist()) for b, e in pieces)
+            weights = tuple(a["step_weights"][lo:hi].tolist())
         labels = Labels(
             ranks=tuple(a["ranks"][lo:hi].tolist()),
             scores=tuple(a["scores"][lo:hi].tolist()) if a["has_scores"][g] else None,
@@ -109,9 +131,11 @@ class TokenStore(Sequence[Group]):
             margin=float(a["margin"][g]),
             weight=float(a["weight"][g]),
             attributes=tuple(map(tuple, a["attributes"][lo:hi].tolist())) if a["attributes"].shape[1] else None,
+            steps=labels_of_steps,
+            step_weights=weights,
         )
         s, e = int(a["source_offsets"][g]), int(a["source_offsets"][g + 1])
-        return Group(seqs, bytes(a["source_bytes"][s:e]).decode(), labels)
+        return Group(seqs, bytes(a["source_bytes"][s:e]).decode(), labels, steps)
 
     def __getitem__(self, index):
         if isinstance(index, slice):
@@ -147,6 +171,7 @@ def concat(stores: list[TokenStore]) -> TokenStore:
     arrays["seq_offsets"] = joined("seq_offsets", "tokens")
     arrays["group_offsets"] = joined("group_offsets", "ranks")
     arrays["source_offsets"] = joined("source_offsets", "source_bytes")
+    arrays["step_offsets"] = joined("step_offsets", "step_index")
     if arrays["tokens"].dtype != np.uint32 and any(s.a["tokens"].dtype == np.uint32 for s in stores):
         arrays["tokens"] = arrays["tokens"].astype(np.uint32)
     return TokenStore(arrays)

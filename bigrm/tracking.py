@@ -1,30 +1,21 @@
-"""Rank-0 logging: console lines, a progress bar, <output_dir>/log.jsonl and TensorBoard scalars."""
+"""Rank-0 logging: console lines, the training progress bar, <output_dir>/log.jsonl, and every row fanned out to the
+sinks of train.report_to (bigrm.sinks)."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from bigrm import dist
+from bigrm import dist, progress
 
 
 class Tracker:
-    def __init__(self, out_dir: Path, total_steps: int, tensorboard: bool):
+    def __init__(self, out_dir: Path, total_steps: int, sinks: list):
+        """sinks: rank 0's bigrm.sinks (closed with the tracker); other ranks pass none."""
         self.main = dist.is_main()
-        # in a batch log (no terminal) a redraw every 30 s instead of several a second
-        interval = 0.1 if sys.stderr.isatty() else 30.0
-        self.bar = tqdm(
-            total=total_steps, desc="train", dynamic_ncols=True, disable=not self.main, mininterval=interval
-        )
-        self.writer = None
+        self.bar = progress.bar(total_steps, "train", unit="step")
+        self.sinks = sinks
         self.jsonl = open(out_dir / "log.jsonl", "a") if self.main else None  # closed in close()
-        if self.main and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
 
     def print(self, text: str) -> None:
         if self.main:
@@ -38,19 +29,20 @@ class Tracker:
             return
         self.bar.write(f"[{prefix} step {step}] " + " ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
         if prefix == "train":
-            self.bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['pairwise_accuracy']:.3f}")
+            acc = values.get("pairwise_accuracy", values.get("step_accuracy", 0.0))  # stepwise-only runs: step accuracy
+            self.bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{acc:.3f}")
         self.jsonl.write(json.dumps({"split": prefix, "step": step, **values}) + "\n")
         self.jsonl.flush()
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(f"{prefix}/{key}", value, step)
-            self.writer.flush()
+        for sink in self.sinks:
+            sink.log(prefix, values, step)
 
     def record(self, kind: str, values: dict) -> None:
-        """A log.jsonl row that is not a metric series (the run's setup): no console line, no TensorBoard scalar."""
+        """A log.jsonl row that is not a metric series (the run's setup): no console line, no scalar series."""
         if self.main:
             self.jsonl.write(json.dumps({"split": kind, **values}) + "\n")
             self.jsonl.flush()
+            for sink in self.sinks:
+                sink.record(kind, values)
 
     def drop_after(self, step: int) -> None:
         """A resumed run retakes the steps after its checkpoint: the rows an interrupted run logged for them go, so
@@ -67,8 +59,8 @@ class Tracker:
         self.bar.close()
         if self.jsonl is not None:
             self.jsonl.close()
-        if self.writer is not None:
-            self.writer.close()
+        for sink in self.sinks:
+            sink.close()
 
 
 def _fmt(v: float) -> str:

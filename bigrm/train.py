@@ -18,8 +18,9 @@ from bigrm.attention import read_attention_needs, resolve_attn
 from bigrm.attributes import rating_sums, record_head
 from bigrm.config import Config
 from bigrm.divergence import Watch
-from bigrm.evaluate import evaluate
-from bigrm.loss import Stats, denominators, metrics, objective
+from bigrm.eval_report import write_for_groups
+from bigrm.evaluate import evaluate_rewards
+from bigrm.loss import Stats, denominators, metrics, total_loss
 from bigrm.meter import Meter
 from bigrm.model import (
     RewardModel,
@@ -32,6 +33,9 @@ from bigrm.model import (
 from bigrm.packing import Step, collate
 from bigrm.plan import check_resumable, plan, plan_fingerprint
 from bigrm.prepare import load_tokenizer
+from bigrm.progress import transformers_bars
+from bigrm.sinks import check_installed, open_sinks
+from bigrm.step_loss import step_denominator
 from bigrm.tracking import Tracker
 
 
@@ -84,7 +88,7 @@ class Trainer:
         # built by setup()
         self.resume_from: Path | None = None  # the checkpoint this run continues
         self.run_id = ""  # recorded in every checkpoint: pruning removes only this run's
-        self.tracker: Tracker | None = None  # rank 0's console lines, progress bar, log.jsonl, TensorBoard
+        self.tracker: Tracker | None = None  # rank 0's console lines, progress bar, log.jsonl, report_to sinks
         self.tokenizer = None
         self.data: pipeline.Dataset | None = None
         self.steps: list[Step] = []  # every optimizer step of the run, the same on every rank
@@ -93,7 +97,8 @@ class Trainer:
         self.hf_ds_config = None  # ZeRO-3: kept alive for the whole run (transformers holds it by weak reference)
         self.lora: adapters.Settings | None = None  # what a LoRA export rebuilds its base from
         self.verify: list = []  # held-out groups every checkpoint and export checks itself on
-        self.group_sums: list[tuple[float, float]] = []  # per training prompt: its share of the step's denominators
+        # per training prompt: its share of the step's denominators (ranking Σ w, Σ w·units; steps Σ w)
+        self.group_sums: list[tuple[float, float, float]] = []
         self.rating_sums: list = []  # attribute heads, per training prompt: its (A,) share of the rating denominators
         self.model_flops = None  # (real tokens, causal pairs) → model FLOPs of one forward + backward
         self.meter: Meter | None = None  # the current log window
@@ -107,6 +112,7 @@ class Trainer:
     def setup(self) -> None:
         from transformers import set_seed
 
+        check_installed(self.t.report_to)
         # another run's checkpoints in output_dir, or a damaged one to resume: refused before anything is written
         self.resume_from, self.run_id = dist.from_main(
             checkpoint.start, self.t.resume, self.out, self.t.overwrite_output_dir
@@ -134,7 +140,11 @@ class Trainer:
         # one process per machine tokenises into the token cache while the others poll its lock: no collective waits
         self.data = pipeline.build(self.cfg, self.tokenizer, self.out)
         self.steps = plan(self.cfg, self.data)
-        self.tracker = Tracker(self.out, len(self.steps), self.t.tensorboard)
+        opened = []
+        if dist.is_main():
+            config = options.to_dict(self.cfg)
+            opened = open_sinks(self.t.report_to, self.out, self.t.run_name, config, self.resume_from is not None)
+        self.tracker = Tracker(self.out, len(self.steps), opened)
         for line in self.data.log:
             self.tracker.print(line)
 
@@ -152,13 +162,16 @@ class Trainer:
         self.hf_ds_config = HfDeepSpeedConfig(ds) if ds["zero_optimization"]["stage"] == 3 else None
         head = self.data.attributes
         outputs = len(head.names) if head else 1
-        classifier = load_classifier(
-            path, self.dtype, attn, self.tokenizer, cfg.model.gradient_checkpointing, cfg.quantization, outputs
-        )
+        with transformers_bars():
+            classifier = load_classifier(
+                path, self.dtype, attn, self.tokenizer, cfg.model.gradient_checkpointing, cfg.quantization, outputs
+            )
         # checkpoints and exports carry the convention, so scoring reads the token the head was trained at
         setattr(classifier.config, export.CONVENTION_KEY, cfg.data.reward_convention)
         if head:  # and what each output means, so exports, scoring and merging read them back
             record_head(classifier.config, head)
+        if self.data.stepwise:  # a process reward model: exported as a token classifier (bigrm.export)
+            setattr(classifier.config, export.SEPARATOR_KEY, cfg.data.step_separator)
         if cfg.lora.r:
             adapters.add_lora(classifier, cfg.lora)
             base = str(Path(path).resolve()) if Path(path).is_dir() else path
@@ -207,13 +220,16 @@ class Trainer:
                 f"resumed from {path} at step {self.start} (epoch {saved['epoch']}, step {saved['index']})"
             )
         self.tracker.bar.update(self.start)
-        self.group_sums = [denominators([g], self.cfg.loss) for g in self.data.train]  # labels only: computed once
+        loss = self.cfg.loss  # labels only: computed once
+        self.group_sums = [(*denominators([g], loss), step_denominator(g, loss)) for g in self.data.train]
         if self.data.attributes:
             self.rating_sums = [rating_sums(g) for g in self.data.train]
         if self.start:
             self.epoch = self.steps[self.start - 1].epoch
             if dist.is_main():  # the resumed epoch's statistics so far (summed over ranks)
                 so_far = torch.tensor(saved["epoch_stats"], dtype=torch.float64, device=self.device)
+                # checkpoints from before the step statistics (the last fields of Stats) hold fewer values
+                so_far = torch.nn.functional.pad(so_far, (0, len(Stats.zeros().stack()) - len(so_far)))
                 self.epoch_stats += Stats.unstack(so_far)
         peak = flops.peak_tflops(self.t.peak_tflops, self.device, self.dtype == torch.bfloat16)
         self.meter = Meter(self.device, self.t.max_tokens_per_batch, peak, self.data.attributes)
@@ -232,7 +248,7 @@ class Trainer:
             self.epoch, self.epoch_stats = step.epoch, Stats.zeros(self.device)
         # the loss is normalised over the whole step's prompts, whatever rank or micro-batch holds them
         members = [i for rank in step.micro_batches for mb in rank for i in mb]
-        sums = (sum(self.group_sums[i][0] for i in members), sum(self.group_sums[i][1] for i in members))
+        sums = [sum(self.group_sums[i][j] for i in members) for j in range(3)]
         head, ratings = self.data.attributes, None
         if head:
             ratings = torch.tensor(sum(self.rating_sums[i] for i in members), device=self.device)
@@ -240,8 +256,8 @@ class Trainer:
             packed = collate([data.train[i] for i in mb], self.tokenizer.pad_token_id, share_prompt=t.share_prompt)
             pairs = flops.causal_pairs(packed.cu_seqlens, packed.seg_parent)  # on the CPU copy: no device sync
             batch = packed.to(self.device)
-            outputs = self.engine(batch)
-            loss, stats, rating_stats = objective(outputs, batch.labels, self.cfg.loss, *sums, head, ratings)
+            values = self.engine(batch)  # (N + P,) rewards, then values at step ends; attribute heads (N, A)
+            loss, stats, rating_stats = total_loss(values, batch.labels, self.cfg.loss, *sums, head, ratings)
             self.nonfinite |= ~torch.isfinite(loss.detach())  # stays on the device: no sync per micro-batch
             # DeepSpeed averages over ranks and micro-batches: undo that, the step normalises itself
             self.engine.backward(loss * dist.world() * t.micro_batches_per_step)
@@ -286,10 +302,11 @@ class Trainer:
 
     # evaluate, save, finish -------------------------------------------------------------------------------------
 
-    def evaluate(self, step: int) -> dict:
+    def evaluate(self, step: int) -> tuple[dict, torch.Tensor]:
+        """The eval metrics (logged) and every eval completion's reward (see evaluate_rewards)."""
         t = self.t
         self.engine.eval()
-        result = evaluate(
+        result, rewards = evaluate_rewards(
             self.engine,
             self.data.eval,
             budget=t.max_tokens_per_batch,
@@ -302,7 +319,7 @@ class Trainer:
         )
         self.engine.train()
         self.tracker.log("eval", result, step)
-        return result
+        return result, rewards
 
     def save(self, n: int) -> None:
         """Collective: a complete checkpoint after step n."""
@@ -330,14 +347,18 @@ class Trainer:
         self.tracker.print(f"checkpoint: {saved}")
 
     def finish(self) -> dict:
-        """The final eval (metrics.json) and, with train.export, the verified export (final/)."""
+        """The final eval (metrics.json, eval_report/) and, with train.export, the verified export (final/)."""
         out = self.out
-        final = self.evaluate(len(self.steps)) if self.data.eval else {"note": "no eval data configured"}
+        final, rewards = {"note": "no eval data configured"}, None
+        if self.data.eval:
+            final, rewards = self.evaluate(len(self.steps))
         if dist.is_main():
             (out / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
+            if rewards is not None:
+                self.tracker.print(write_for_groups(out / "eval_report", self.data.eval, rewards, self.cfg.loss))
         if self.t.export:
             running = metrics(Stats.unstack(dist.all_sum(self.epoch_stats.stack()).cpu()), self.cfg.loss)
-            stats = {"reward_mean": running["reward_mean"], "reward_std": running["reward_std"]}
+            stats = {k: running[k] for k in ("reward_mean", "reward_std") if k in running}  # none: stepwise only
             export.export_engine(
                 self.engine, self.tokenizer, out / "final", self.verify, self.device, self.dtype, self.lora, stats
             )

@@ -17,7 +17,7 @@ from bigrm import adapters, cli, export, options
 from bigrm.attributes import AttributeHead, merged_head, rating_sums, read_head, record_head, weights
 from bigrm.config import ConfigError, LoraConfig, LossConfig, QuantizationConfig
 from bigrm.data import Example, Labels
-from bigrm.loss import denominators, objective
+from bigrm.loss import denominators, total_loss
 from bigrm.model import RewardModel, load_classifier
 from bigrm.packing import SegmentLabels, collate
 from bigrm.sequences import Group
@@ -42,7 +42,7 @@ HEAD = AttributeHead(NAMES, (1.0, 0.5, -0.25), (2.0, 1.5, 2.5), (1.5, 0.5, 2.0))
 
 
 def reference_loss(values: torch.Tensor, labels: list[Labels], head: AttributeHead, coef: float) -> torch.Tensor:
-    """loss.objective's definition, one pair and one rating at a time (pairwise, per_prompt)."""
+    """loss.total_loss's definition, one pair and one rating at a time (pairwise, per_prompt)."""
     rows, at = [], 0
     for lab in labels:
         rows.append(list(range(at, at + len(lab.ranks))))
@@ -73,7 +73,7 @@ def test_loss_and_gradients_equal_a_python_loop_with_masked_ratings():
     cfg = LossConfig(attribute_coef=0.7)
     values = torch.randn(sum(ks), len(NAMES), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     got_v = values.clone().requires_grad_(True)
-    loss, _, sums = objective(got_v, SegmentLabels.of(labels, ks, torch.float64), cfg, head=HEAD)
+    loss, _, sums = total_loss(got_v, SegmentLabels.of(labels, ks, torch.float64), cfg, head=HEAD)
     loss.backward()
     ref_v = values.clone().requires_grad_(True)
     expected = reference_loss(ref_v, labels, HEAD, 0.7)
@@ -92,7 +92,7 @@ def test_step_denominators_make_micro_batches_add_up_to_the_step():
     labels, ks = make_labels()
     cfg = LossConfig()
     values = torch.randn(sum(ks), len(NAMES), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    whole, _, sums = objective(values, SegmentLabels.of(labels, ks, torch.float64), cfg, head=HEAD)
+    whole, _, sums = total_loss(values, SegmentLabels.of(labels, ks, torch.float64), cfg, head=HEAD)
     groups = [
         Group(tuple(np.zeros(2, np.int64) for _ in range(k)), "g", lab) for lab, k in zip(labels, ks, strict=True)
     ]
@@ -101,9 +101,9 @@ def test_step_denominators_make_micro_batches_add_up_to_the_step():
     parts = 0.0
     for lo, hi in ((0, 2), (2, 5)):
         seg = sum(ks[:lo]), sum(ks[:hi])
-        part, _, _ = objective(
-            values[seg[0] : seg[1]], SegmentLabels.of(labels[lo:hi], ks[lo:hi], torch.float64), cfg, *step[:2], HEAD,
-            step[2],
+        part, _, _ = total_loss(
+            values[seg[0] : seg[1]], SegmentLabels.of(labels[lo:hi], ks[lo:hi], torch.float64), cfg, *step[:2],
+            head=HEAD, rating_sums=step[2],
         )  # fmt: skip
         parts = parts + part
     torch.testing.assert_close(parts, whole, atol=1e-12, rtol=1e-12)
@@ -196,7 +196,7 @@ def test_lora_and_qlora_train_save_and_merge_n_heads(llama_dir, bits):
     batch = collate(groups, tok.pad_token_id)
     ks = [len(g.seqs) for g in groups]
     ratings = [Labels(tuple(range(k)), attributes=tuple((float(i), NAN, 1.0) for i in range(k))) for k in ks]
-    loss, _, _ = objective(model.train()(batch), SegmentLabels.of(ratings, ks), LossConfig(), head=HEAD)
+    loss, _, _ = total_loss(model.train()(batch), SegmentLabels.of(ratings, ks), LossConfig(), head=HEAD)
     loss.backward()
     assert classifier.score.weight.grad[[0, 2]].abs().sum(1).min() > 0  # every rated output's row trains
     assert any(

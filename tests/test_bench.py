@@ -171,3 +171,22 @@ def test_bench_data_compares_todays_data_phase_with_the_cached_one(tmp_path):
         assert positive(row[key]), key
     assert len(row["new_rank_rss_gb"]) == 2 and "today_first_step_s" not in row  # the two ranks, not the launcher
     assert stdout.splitlines()[-2].startswith("prompts  cold today")
+
+
+TRL_PRM = Path("/tmp/trl_prm")  # bench_prm.py's default side install of trl==1.13.0, the last with PRMTrainer
+
+
+@pytest.mark.slow  # two libraries training in child processes: ~15 s on 2 cores
+@pytest.mark.skipif(not (TRL_PRM / "trl" / "experimental" / "prm").is_dir(), reason="needs trl==1.13.0 in /tmp/trl_prm")
+def test_bench_prm_compares_with_trl_prm_trainer_on_cpu(tmp_path):
+    stdout, figures = bench("bench_prm.py", tmp_path, "--prompts", "4", "--solutions", "2", "--repeats", "1")
+    assert figures["counts"]["solutions"] == 8 and figures["counts"]["groups"] == 4
+    for name in ("bigrm", "trl"):
+        f = figures["figures"][name]
+        assert f"\n{name} " in stdout
+        for key in ("solutions_per_s", "steps_per_s", "tokens_per_s", "padding_efficiency", "peak_rss_mib"):
+            assert positive(f[key]), (name, key, f[key])
+    assert figures["figures"]["bigrm"]["padding_efficiency"] == 1.0
+    assert figures["ratio"] == pytest.approx(
+        figures["figures"]["trl"]["seconds"] / figures["figures"]["bigrm"]["seconds"]
+    )

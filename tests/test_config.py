@@ -44,6 +44,9 @@ def test_yaml_file_and_nested_sections(tmp_path):
         ("model:\n  attn_impl: magic\n", "model.attn_impl"),
         ("data:\n  overlong: cut\n", "data.overlong"),
         ("data:\n  num_proc: -1\n", "data.num_proc: must be >= 0"),
+        ("data:\n  step_group_size: 0\n", "data.step_group_size: must be > 0"),
+        ("data:\n  synthetic:\n    task: maths\n", "data.synthetic.task: 'maths' is not one of ranked, steps"),
+        ("loss:\n  step_coef: -1\n", "loss.step_coef: must be >= 0"),
         ("- a\n", "must be a mapping"),
     ],
 )
@@ -60,7 +63,7 @@ def test_bad_overrides():
     with pytest.raises(ConfigError, match="needs a value"):
         options.from_argv(["--lr"])
     with pytest.raises(ConfigError, match="expected bool"):
-        options.from_argv(["--tensorboard", "maybe"])
+        options.from_argv(["--export", "maybe"])
 
 
 def test_every_option_is_documented_once():

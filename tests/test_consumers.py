@@ -63,7 +63,7 @@ def trained(request, tmp_path_factory) -> dict:
     launch(
         2, out, "--model.path", str(base), "--data.train_files", f"[{files['chat']},{files['text']}]",
         "--data.eval_files", f"[{files['eval_chat']}]", "--data.max_length", "512", "--max_tokens_per_batch", "2048",
-        "--lr", "3e-3", "--epochs", "2", "--log_every", "5", "--tensorboard", "false",
+        "--lr", "3e-3", "--epochs", "2", "--log_every", "5", "--report_to", "none",
     )  # fmt: skip
     return {"family": request.param, "model": out / "final", **files}
 

@@ -178,9 +178,13 @@ def test_evaluate_sharded_over_fake_ranks(monkeypatch, world):
         calls.append(model.calls)
     assert len({len(c) for c in calls}) == 1
     assert sum(b.labels.num_groups for c in calls for b in c) == len(groups)
+    n = len(Stats.zeros(CPU).stack())
+    totals, rewards = [t[:n] for t in totals], sum(t[n:] for t in totals)  # each all_sum: stats, then rewards
     assert_metrics_close(metrics(Stats.unstack(sum(totals)), LossConfig()), direct_metrics(groups, 0.1))
     for t in totals:  # no rank saw every group
         assert 0 < metrics(Stats.unstack(t), LossConfig())["num_prompts"] < len(groups)
+    # every completion's reward, in group order, from the one rank that evaluated it (evaluate_rewards)
+    assert rewards.tolist() == [float(s.sum()) / 4.0 for g in groups for s in g.seqs]
 
 
 def test_evaluate_uses_collate_layout():

@@ -372,3 +372,25 @@ def test_every_convention_keeps_the_prompt_boundary_and_cuts_prompts_only(conven
     (cut,), report = tokenize_examples([example(LONG_PROMPT, " yes", " no")], tok, n - 5, "error", convention)
     assert cut.seqs[0].tolist()[-6:] == full.seqs[0].tolist()[-6:]  # the completion's end is never cut
     assert len(cut.seqs[0]) == n - 5 and report.prompt_tokens_cut >= 5
+
+
+def test_worker_processes_end_quietly_under_the_trainers_signal_handlers():
+    """Training installs SIGTERM/SIGINT handlers that raise; the tokenising pool's workers must not inherit them, or
+    the SIGTERM that ends the pool raises in a worker and the parent can wait for ever."""
+    import subprocess
+    import sys
+
+    script = """
+from bigrm import preemption
+from bigrm.data import Example
+from bigrm.sequences import CHUNK, encode_examples
+from bigrm.tiny import build_tokenizer
+preemption.terminate_on_signals()
+examples = [Example(f"p{i}", ("good", "bad"), "s") for i in range(4 * CHUNK)]
+for _ in range(5):
+    encode_examples(examples, build_tokenizer(), 64, "error", num_proc=2)
+print("done")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr[-2000:]
+    assert "Terminated" not in proc.stderr

@@ -197,15 +197,33 @@ def test_a_waiting_process_holds_no_collective_and_proceeds_when_the_lock_frees(
 @pytest.mark.skipif(not HH_DATA.exists(), reason="needs the HH data in ../shared/data")
 @pytest.mark.parametrize("family", ["qwen2", "llama2", "llama3"])
 def test_the_backend_call_equals_the_tokenizer_call(family):
-    """encode_batch reads ids and offsets from the fast backend: the same as `tokenizer(text, ...)` gives."""
+    """encode_batch reads the fast backend and asks for the completion's first token instead of every offset: the
+    ids `tokenizer(text, ...)` gives, and as prompt tokens those whose offsets end at or before the completion."""
     import real_tokenizers
 
-    from bigrm.sequences import _tokenize
+    from bigrm.sequences import _tokenize, encode_batch, render
 
     tokenizer = getattr(real_tokenizers, f"{family}_tokenizer")()
     (examples,), _ = load_examples([str(HH_DATA)], DataConfig(skip_invalid=True))
     texts = [e.prompt + c for e in examples[:100] for c in e.completions]
+    starts = [len(e.prompt) for e in examples[:100] for _ in e.completions]
+    texts.append(texts[0])  # an empty completion: no token holds its first character
+    starts.append(len(texts[0]))
+    for e in examples[:20]:  # chat renderings: the template's special tokens sit inside the text
+        prompt = [{"role": "user", "content": e.prompt.strip()}]
+        rendered = [render(tokenizer, prompt, c) for c in e.completions]
+        texts += [text for text, _ in rendered]
+        starts += [start for _, start in rendered]
     for add_special in (True, False):
         expected = [tokenizer(t, add_special_tokens=add_special, return_offsets_mapping=True) for t in texts]
         got = _tokenize(tokenizer, texts, add_special)
-        assert got == [(e["input_ids"], [tuple(o) for o in e["offset_mapping"]]) for e in expected]
+        assert [(e.ids, e.offsets) for e in got] == [
+            (e["input_ids"], [tuple(o) for o in e["offset_mapping"]]) for e in expected
+        ]
+        convention = "trl" if add_special else "grpo"
+        lean = encode_batch(tokenizer, texts, starts, [False] * len(texts), convention, with_ends=False)
+        full = encode_batch(tokenizer, texts, starts, [False] * len(texts), convention)
+        for e, s, a, b in zip(expected, starts, lean, full, strict=True):
+            reference = sum(1 for _, end in e["offset_mapping"] if end <= s)
+            assert a.prompt_end == b.prompt_end == max(reference, b.n_lead)
+            assert a.ids == b.ids and a.n_lead == b.n_lead and a.ends is None

@@ -9,13 +9,13 @@ from bigrm.tracking import Tracker
 
 def test_a_resume_drops_the_rows_of_the_steps_it_retakes(tmp_path):
     """Killed after logging steps 1-5 with a checkpoint at step 3: the resumed run logs 4 and 5 again."""
-    first = Tracker(tmp_path, 10, tensorboard=False)
+    first = Tracker(tmp_path, 10, sinks=[])
     first.record("setup", {"world": 1})
     for step in range(1, 6):
         first.log("train", {"loss": 1.0 / step, "pairwise_accuracy": 0.5}, step)
     first.log("eval", {"loss": 0.1}, 5)
     first.close()
-    resumed = Tracker(tmp_path, 10, tensorboard=False)
+    resumed = Tracker(tmp_path, 10, sinks=[])
     resumed.drop_after(3)
     for step in range(4, 7):
         resumed.log("train", {"loss": 2.0, "pairwise_accuracy": 0.5}, step)

@@ -25,7 +25,7 @@ from bigrm.sequences import Group, tokenize_examples
 pytestmark = pytest.mark.slow
 SMALL = [
     "--data.synthetic.num_train", "240", "--data.synthetic.num_eval", "48", "--epochs", "1",
-    "--max_tokens_per_batch", "400", "--log_every", "1", "--eval_every", "0", "--tensorboard", "false",
+    "--max_tokens_per_batch", "400", "--log_every", "1", "--eval_every", "0", "--report_to", "none",
 ]  # fmt: skip
 
 
@@ -70,7 +70,7 @@ def rewards_with_plain_transformers(model_dir: Path, groups) -> list[list[float]
 def test_zero3_two_ranks_end_to_end(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     # prompts encoded once per group: the trainer's eval must still equal per-sequence plain transformers below
-    proc = launch(2, out, *SMALL, "--lr", "3e-3", "--tensorboard", "true", "--share_prompt", "true")
+    proc = launch(2, out, *SMALL, "--lr", "3e-3", "--report_to", "tensorboard", "--share_prompt", "true")
     assert f"metrics: {out / 'metrics.json'}" in proc.stdout + proc.stderr
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     losses = train_losses(out)
@@ -95,6 +95,15 @@ def test_zero3_two_ranks_end_to_end(tmp_path, monkeypatch, capsys):
     pairs = [(r[i], r[j]) for r in rewards for i in range(len(r)) for j in range(i + 1, len(r))]
     accuracy = sum(a > b for a, b in pairs) / len(pairs)
     assert accuracy == pytest.approx(metrics["pairwise_accuracy"], abs=1e-12)
+    # the final eval drawn (eval_report/): every completion's reward gathered from both ranks
+    drawn = json.loads((out / "eval_report" / "report.json").read_text())
+    by_k = {}
+    for r in rewards:
+        wins = [r[i] > r[j] for i in range(len(r)) for j in range(i + 1, len(r))]
+        by_k.setdefault(str(len(r)), []).extend(wins)
+    assert drawn["accuracy"]["by_k"] == {k: sum(v) / len(v) for k, v in sorted(by_k.items())}
+    assert drawn["accuracy"]["prompts_by_subset"] == {"synthetic-eval.jsonl": 48}
+    assert sum(drawn["reward_histogram"]["counts"][0]) == 48 and (out / "eval_report" / "reliability.png").exists()
     loss = sum(
         sum(torch.nn.functional.softplus(torch.tensor(b - a)).item() for a, b in [(r[i], r[j])
             for i in range(len(r)) for j in range(i + 1, len(r))]) / (len(r) * (len(r) - 1) / 2)
@@ -172,7 +181,7 @@ def test_real_hh_data_trains_with_truncation(tmp_path):
         "--model.gradient_checkpointing", "true",
         "--data.train_files", f"[{HH_DATA}]", "--data.eval_fraction", "0.05", "--data.max_length", "384",
         "--data.skip_invalid", "true", "--data.overlong", "skip", "--max_tokens_per_batch", "2048",
-        "--max_steps", "3", "--log_every", "1", "--tensorboard", "false",
+        "--max_steps", "3", "--log_every", "1", "--report_to", "none",
     )  # fmt: skip
     log = proc.stdout + proc.stderr
     # four HH rows end in an empty chosen reply: skipped, counted and named
@@ -257,7 +266,7 @@ def test_mixed_label_kinds_train_in_one_run(tmp_path):
         1, out, "--data.train_files", json.dumps([str(f) for f in files]), "--data.eval_files", f"[{files[0]}]",
         "--data.max_length", "64", "--objective", "listmle", "--scores", "both", "--tie_coef", "0.1",
         "--l2_rewards_coef", "0.01", "--epochs", "2", "--max_tokens_per_batch", "600", "--lr", "3e-3",
-        "--log_every", "5", "--tensorboard", "false",
+        "--log_every", "5", "--report_to", "none",
     )  # fmt: skip
     losses = train_losses(out)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
