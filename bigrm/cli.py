@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from bigrm import config, dist, options, precision
+from bigrm.attributes import AttributeHead
 from bigrm.checkpoint import CheckpointError
 from bigrm.data import DataError
 from bigrm.divergence import Diverged
@@ -59,10 +60,15 @@ def train_main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _sections(extra: list[str], allowed: tuple[str, ...], convention: str | None) -> config.Config:
+def _sections(
+    extra: list[str], allowed: tuple[str, ...], convention: str | None, head: AttributeHead | None = None
+) -> config.Config:
     """`--data.x value` (and for eval `--loss.x value`) options, as in training; `data.reward_convention` defaults to
-    `convention`, the one the model records (it was trained to score that token)."""
+    `convention`, the one the model records (it was trained to score that token), and `data.attributes` to the
+    attribute head's names (`head`), so rated rows and rating lists are read."""
     values = options.parse_overrides(extra)
+    if head is not None:
+        values.setdefault("data.attributes", list(head.names))
     outside = [k for k in values if not k.startswith(allowed)]
     if outside:
         raise config.ConfigError(f"only {', '.join(a + '*' for a in allowed)} options apply here: {', '.join(outside)}")
@@ -142,7 +148,7 @@ def score_main(argv: list[str]) -> int:
         device = torch.device(args.device)
         model, tokenizer, convention = scoring.load_model(args.model, device, args.dtype, args.attn_impl)
         segments = args.segments or args.separator is not None
-        cfg = _sections(extra, ("data.",), convention)
+        cfg = _sections(extra, ("data.",), convention, model.attributes)
         results = scoring.prepare(args.data, cfg.data, tokenizer, segments, args.separator)
         print(f"prompt truncation (data.max_length={cfg.data.max_length}): {scoring.cut_summary(results)}")
         every = segments or args.per_token
@@ -150,7 +156,8 @@ def score_main(argv: list[str]) -> int:
         out = Path(args.out)
         with out.open("w") as fh:
             for r in results:
-                fh.write(json.dumps(scoring.output_row(r, segments, args.per_token), ensure_ascii=False) + "\n")
+                row = scoring.output_row(r, segments, args.per_token, model.attributes)
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         skipped = sum(r.rewards is None for r in results)
         print(f"scored {len(results) - skipped} rows, skipped {skipped} (with their reason in `error`) → {out}")
 
@@ -181,11 +188,11 @@ def eval_main(argv: list[str]) -> int:
         device = torch.device(args.device)
         model, tokenizer, convention = scoring.load_model(args.model, device, args.dtype, args.attn_impl)
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries the metrics JSON alone
-            cfg = _sections(extra, ("data.", "loss."), convention)
+            cfg = _sections(extra, ("data.", "loss."), convention, model.attributes)
             results = scoring.prepare(args.data, cfg.data, tokenizer)
             print(f"prompt truncation (data.max_length={cfg.data.max_length}): {scoring.cut_summary(results)}")
         scoring.score(model, results, args.max_tokens_per_batch, device, False, args.share_prompt)
-        metrics = scoring.report(results, cfg.loss, Path(args.report) if args.report else None)
+        metrics = scoring.report(results, cfg.loss, Path(args.report) if args.report else None, model.attributes)
         text = json.dumps(metrics, indent=2)
         print(text)
         if args.out:
@@ -201,12 +208,21 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("--checkpoint", required=True, help="a complete checkpoint directory (checkpoints/step-*)")
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--dtype", default="auto", choices=precision.CHOICES, help="auto: the training dtype")
+    p.add_argument(
+        "--merge-attributes",
+        dest="merge_attributes",
+        action="store_true",
+        help="attribute heads (data.attributes): write the 1-logit model whose logit is the scalar reward "
+        "Σ_a w_a v_a (loss.attribute_weights), the head's rows combined by the weights, for consumers that read one "
+        "score (RewardBench, TRL, OpenRLHF)",
+    )
     args = p.parse_args(argv)
 
     def do_export() -> None:
         from bigrm.export import export_checkpoint
 
-        rewards = export_checkpoint(Path(args.checkpoint), Path(args.out), precision.saved(args.dtype))
+        path, out, dtype = Path(args.checkpoint), Path(args.out), precision.saved(args.dtype)
+        rewards = export_checkpoint(path, out, dtype, args.merge_attributes)
         print(f"exported {args.checkpoint} → {args.out} (verified on {len(rewards)} held-out sequences)")
 
     return _run(do_export)

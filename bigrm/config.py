@@ -43,18 +43,26 @@ class SyntheticConfig:
         "ranked",
         "`ranked`: K reviews ranked by sentiment (bigrm.synthetic.make_rows). `steps`: stepwise rows for a process "
         "reward model, min_k..max_k solutions per prompt, each step correct until the first step with a word of the "
-        "unwanted sentiment (bigrm.synthetic.make_step_rows).",
+        "unwanted sentiment (bigrm.synthetic.make_step_rows). `attributes`: the multi-attribute task "
+        "(bigrm.synthetic_attributes): num_train rated single-completion rows (one column per data.attributes "
+        "name, some ratings missing) plus num_train / 4 K-ranked rows without ratings, ranked by the weighted sum of "
+        "the ratings (loss.attribute_weights); eval rows are K-ranked and rated. Needs 1 to 3 data.attributes "
+        "(any names).",
     )
 
     def __post_init__(self) -> None:
+        _choice(self.task, "data.synthetic.task", ("ranked", "steps", "attributes"))
         _positive(self.num_train, "data.synthetic.num_train")
         _positive(self.num_eval, "data.synthetic.num_eval", allow_zero=True)
         if not 2 <= self.min_k <= self.max_k:
             raise ConfigError(f"data.synthetic: need 2 <= min_k <= max_k, got {self.min_k}, {self.max_k}")
-        _choice(self.task, "data.synthetic.task", ("ranked", "steps"))
 
 
 REWARD_CONVENTIONS = ("trl", "grpo", "openrlhf")  # described in bigrm.sequences
+STEPS_WITH_ATTRIBUTES = (
+    "stepwise rows (process reward models) and data.attributes (several rating heads) cannot be trained in one run: "
+    "a step is rated by one value; train them as separate models"
+)
 
 
 @dataclass
@@ -92,6 +100,17 @@ class DataConfig:
         "order: train.share_prompt encodes the prompt once per group. They are never ranked against each other.",
     )
     weight_column: str = opt("weight", "Optional positive number per row scaling that prompt's share of the loss.")
+    attributes: list = opt(
+        [],
+        "Names of per-completion rating columns (e.g. HelpSteer2's [helpfulness, correctness, coherence, complexity, "
+        "verbosity]): the value head gets one output per name (bigrm.attributes). Rated rows {prompt, response, "
+        "<name>: number, ...} hold one completion; ranked, scored and pairwise rows may carry per-completion lists "
+        "aligned with their completions ({..., helpfulness: [3, 1, null]}). A null or absent rating is masked, never "
+        "read as 0. Empty: one scalar reward head.",
+    )
+    response_column: str = opt(
+        "response", "Rated rows (with data.attributes): the column of the row's single completion."
+    )
     assistant_marker: str = opt(
         "\n\nAssistant:",
         "Implicit-prompt text pairs: the prompt is the longest common prefix of chosen and rejected, cut just "
@@ -138,6 +157,17 @@ class DataConfig:
         _positive(self.max_errors, "data.max_errors")
         _positive(self.step_group_size, "data.step_group_size")
         _positive(self.num_proc, "data.num_proc", allow_zero=True)
+        names = self.attributes
+        if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+            raise ConfigError(f"data.attributes: expected distinct column names, got {names!r}")
+        columns = {getattr(self, f) for f in self.__dataclass_fields__ if f.endswith("_column")}
+        clash = sorted(columns & set(names))
+        if clash:
+            raise ConfigError(f"data.attributes: {clash} also name(s) a data.*_column")
+        if self.synthetic.task == "attributes" and not 1 <= len(names) <= 3 and not self.train_files:
+            raise ConfigError("data.synthetic.task=attributes: name 1 to 3 attributes in data.attributes")
+        if names and self.synthetic.task == "steps" and not self.train_files:
+            raise ConfigError(STEPS_WITH_ATTRIBUTES)
 
 
 ATTN_IMPLS = ("auto", "sdpa", "eager", "varlen", "flash_attn", "flex")
@@ -249,6 +279,25 @@ class LossConfig:
         "exactly TRL's term), keeping rewards centred on zero.",
     )
     l2_rewards_coef: float = opt(0.0, "Adds coef * mean over the prompt's completions of r^2.")
+    attribute_weights: list = opt(
+        [],
+        "With data.attributes: the weights w_a of the scalar reward r = sum_a w_a * v_a (v_a: the head's output for "
+        "attribute a, on the scale of loss.attribute_targets), one per attribute in data.attributes' order. The "
+        "ranking loss, ranking metrics and `bigrm export --merge-attributes` use r. Empty: 1 each, the sum. The "
+        "ranking loss sets the scale of r (a mean, with its smaller spread, pulls the outputs past their targets).",
+    )
+    attribute_targets: str = opt(
+        "standardised",
+        "With data.attributes: what each output regresses to. `standardised`: the rating minus the mean over the "
+        "training data's present ratings of that attribute, divided by their std (recorded in the export, so "
+        "`bigrm score` reports ratings on their own scale). `raw`: the rating as given.",
+    )
+    attribute_coef: float = opt(
+        1.0,
+        "With data.attributes: weight of the rating term, the mean over attributes of each attribute's masked squared "
+        "error, sum over present ratings of w_g (v - t)^2 / sum of w_g over them (w_g: the row's weight), both sums "
+        "over the optimizer step. It is added to the ranking loss.",
+    )
     step_coef: float = opt(
         1.0,
         "Stepwise rows (process reward models): the loss is ranking loss + step_coef * step loss, where the step loss "
@@ -260,6 +309,10 @@ class LossConfig:
     )
 
     def __post_init__(self) -> None:
+        _choice(self.attribute_targets, "loss.attribute_targets", ("standardised", "raw"))
+        _positive(self.attribute_coef, "loss.attribute_coef", allow_zero=True)
+        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in self.attribute_weights):
+            raise ConfigError(f"loss.attribute_weights: expected numbers, got {self.attribute_weights!r}")
         _choice(self.objective, "loss.objective", ("pairwise", "listmle"))
         _choice(self.pair_weighting, "loss.pair_weighting", ("per_prompt", "per_pair"))
         _choice(self.scores, "loss.scores", ("rank", "regress", "both"))
@@ -388,3 +441,9 @@ class Config:
     def __post_init__(self) -> None:
         if self.quantization.bits and not self.lora.r:
             raise ConfigError("quantization.bits: a quantised backbone cannot be trained; set lora.r > 0 (QLoRA)")
+        weights, names = self.loss.attribute_weights, self.data.attributes
+        if weights and len(weights) != len(names):
+            raise ConfigError(
+                f"loss.attribute_weights: {len(weights)} weight(s) for {len(names)} data.attributes; give one per "
+                "attribute, or none for their mean"
+            )

@@ -6,6 +6,9 @@ Files are read with `datasets`; each file's format is detected from its columns:
   implicit      {chosen, rejected}: the prompt is their shared prefix (see DataConfig.assistant_marker)
   stepwise      {prompt, completions: [step, ...], labels: [correct?, ...]}: one solution per row (TRL's stepwise
                 supervision); rows with the same prompt form unranked groups (DataConfig.step_group_size)
+  rated         {prompt, response, <attribute>: rating, ...}: one completion rated on data.attributes (HelpSteer2)
+Any format but stepwise may carry data.attributes ratings (rated rows: one number each; others: a list per attribute
+aligned with the completions); a null or absent rating is masked (NaN in Labels.attributes).
 A prompt may be text or a list of chat messages; completions are then assistant strings or message lists.
 Every problem is reported with file, line (JSON Lines) or row, and field before any compute is spent.
 """
@@ -24,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bigrm import progress
-from bigrm.config import DataConfig
+from bigrm.config import STEPS_WITH_ATTRIBUTES, DataConfig
 from bigrm.hashing import file_hash
 
 Text = str | list[dict]  # plain text, or chat messages [{"role", "content"}, ...]
@@ -40,6 +43,8 @@ class Labels:
     targets: tuple[float, ...] | None = None  # scored rows: scores standardised over their file
     margin: float = 0.0  # subtracted inside every pair's loss
     weight: float = 1.0  # the prompt's share of the loss
+    # with data.attributes: per completion, its rating of each attribute in data.attributes' order, NaN = missing
+    attributes: tuple[tuple[float, ...], ...] | None = None
     # stepwise groups (ranks all -1): per completion, each step's label in [0, 1] and the row's weight
     steps: tuple[tuple[float, ...], ...] | None = None
     step_weights: tuple[float, ...] | None = None
@@ -265,15 +270,24 @@ def detect_format(columns: set[str], cfg: DataConfig, path: str) -> str:
     if cfg.completions_column in columns and cfg.scores_column in columns:
         return "scored"
     if cfg.completions_column in columns and cfg.labels_column in columns:
+        if cfg.attributes:
+            raise DataError(f"{path}: {STEPS_WITH_ATTRIBUTES}")
         return "stepwise"
     if cfg.chosen_column in columns and cfg.rejected_column in columns:
         return "pairwise" if cfg.prompt_column in columns else "implicit"
+    if cfg.response_column in columns and cfg.prompt_column in columns:
+        if not cfg.attributes:
+            raise DataError(
+                f"{path}: rows of {cfg.prompt_column!r} and {cfg.response_column!r} are rated completions: name their "
+                "rating columns in data.attributes"
+            )
+        return "rated"
     raise DataError(
         f"{path}: cannot tell the format from columns {sorted(columns)}: expected {cfg.ranked_column!r} "
         f"(ranked), {cfg.completions_column!r} and {cfg.scores_column!r} (scored), {cfg.completions_column!r} and "
-        f"{cfg.labels_column!r} (stepwise), or {cfg.chosen_column!r} and "
-        f"{cfg.rejected_column!r} (pairwise, with or without {cfg.prompt_column!r}); column names are set with "
-        "data.*_column"
+        f"{cfg.labels_column!r} (stepwise), {cfg.chosen_column!r} and {cfg.rejected_column!r} (pairwise, with or "
+        f"without {cfg.prompt_column!r}), or {cfg.prompt_column!r} and {cfg.response_column!r} (rated, with "
+        "data.attributes); column names are set with data.*_column"
     )
 
 
@@ -329,6 +343,10 @@ def parse_row(row: Any, fmt: str, cfg: DataConfig, where: str) -> Example | RowE
                     ranks.append(i)
             if len(raw) < 2:
                 return RowError(where, col, f"needs at least 2 completions, got {len(raw)}")
+        elif fmt == "rated":
+            raw, fields = [row.get(cfg.response_column)], [cfg.response_column]
+            if raw[0] is None:
+                return RowError(where, cfg.response_column, "missing")
         else:
             raw, fields = [], [cfg.chosen_column, cfg.rejected_column]
             for col in fields:
@@ -354,6 +372,11 @@ def parse_row(row: Any, fmt: str, cfg: DataConfig, where: str) -> Example | RowE
     if isinstance(weight, RowError):
         return replace(weight, where=where)
     labels = Labels(tuple(range(len(completions))), margin=float(margin), weight=float(weight))
+    if cfg.attributes:
+        ratings = attribute_ratings(row, cfg.attributes, len(completions), fmt == "rated", where)
+        if isinstance(ratings, RowError):
+            return ratings
+        labels = replace(labels, attributes=ratings)
     if fmt == "ranked":
         labels = replace(labels, ranks=tuple(ranks))
     if fmt != "scored":
@@ -438,6 +461,35 @@ FLOAT32_MAX = 3.4028234663852886e38  # labels are float32 tensors (packing.Segme
 def _finite_number(value: Any) -> bool:
     """A JSON number (not a numeric string: "1.5" is rejected, not converted) that float32 holds as a finite value."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= FLOAT32_MAX
+
+
+def attribute_ratings(
+    row: dict, names: list[str], k: int, single: bool, where: str
+) -> tuple[tuple[float, ...], ...] | RowError:
+    """Per completion, its rating of each attribute (NaN where null or absent). A rated row (`single`) holds one
+    number per attribute; other rows a list of k numbers or nulls per attribute, aligned with their completions."""
+    columns = []
+    for name in names:
+        value = row.get(name)
+        if value is None:
+            columns.append([math.nan] * k)
+            continue
+        if single:
+            if not _finite_number(value):
+                return RowError(where, name, f"must be a number within float32's range or null, got {value!r}")
+            columns.append([float(value)])
+            continue
+        if not isinstance(value, list) or len(value) != k:
+            return RowError(where, name, f"needs a list of one rating (a number or null) per completion ({k})")
+        bad = next((i for i, v in enumerate(value) if v is not None and not _finite_number(v)), None)
+        if bad is not None:
+            return RowError(
+                where, f"{name}[{bad}]", f"must be a number within float32's range or null, got {value[bad]!r}"
+            )
+        columns.append([math.nan if v is None else float(v) for v in value])
+    if single and all(math.isnan(c[0]) for c in columns):
+        return RowError(where, "/".join(names), "every rating is missing: the row has nothing to train")
+    return tuple(zip(*columns, strict=True))
 
 
 def standardise_scores(examples: list[Example]) -> list[Example]:

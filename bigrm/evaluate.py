@@ -7,7 +7,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from bigrm import dist
+from bigrm import attributes, dist
+from bigrm.attributes import AttributeHead
 from bigrm.config import LossConfig
 from bigrm.loss import Stats, metrics, total_loss
 from bigrm.packing import PackedBatch, collate, layout_tokens, pack_bins
@@ -36,9 +37,18 @@ def evaluate(
     device: torch.device,
     cfg: LossConfig,
     share_prompt: bool = False,
+    head: AttributeHead | None = None,
 ) -> dict[str, float]:
     return evaluate_rewards(
-        model, groups, budget=budget, window=window, pad_id=pad_id, device=device, cfg=cfg, share_prompt=share_prompt
+        model,
+        groups,
+        budget=budget,
+        window=window,
+        pad_id=pad_id,
+        device=device,
+        cfg=cfg,
+        share_prompt=share_prompt,
+        head=head,
     )[0]
 
 
@@ -53,19 +63,28 @@ def evaluate_rewards(
     device: torch.device,
     cfg: LossConfig,
     share_prompt: bool = False,
+    head: AttributeHead | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """evaluate's metrics and, on every rank, every completion's reward: (N,) float64 on the CPU, the completions of
-    groups[0], then groups[1], ... in their order."""
+    """Ranking metrics of the rewards (attribute heads: of the scalar reward), step metrics of stepwise prompts,
+    with `head` per-attribute metrics (bigrm.attributes.report) over every rank's completions; and, on every rank,
+    every completion's reward (the scalar): (N,) float64 on the CPU, the completions of groups[0], then groups[1],
+    ... in their order."""
     total, steps = Stats.zeros(device), []
+    values_a, ratings = [], []  # attribute heads: (N, A) outputs and ratings of this rank's micro-batches
     starts = np.cumsum([0] + [len(g.seqs) for g in groups])  # (G + 1,) first completion of each group
     every = torch.zeros(int(starts[-1]), dtype=torch.float64, device=device)  # (N,) this rank's groups filled in
     for mb in shard(groups, budget, window, dist.world(), dist.rank(), share_prompt):
         batch = collate([groups[i] for i in mb], pad_id, share_prompt=share_prompt).to(device)
         values = model(batch)  # (n + P,) the completions of mb's groups, group after group, then the step ends
-        _, stats = total_loss(values, batch.labels, cfg)
+        _, stats, _ = total_loss(values, batch.labels, cfg, head=head)
         total += stats
         lab = batch.labels
         n = len(lab.seg_group)
+        if head is not None:  # (n, A) outputs
+            if lab.num_groups:
+                values_a.append(values.cpu())
+                ratings.append(lab.seg_attributes.cpu())
+            values = head.scalar(values)
         at = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in mb] + [np.zeros(0, dtype=np.int64)])
         every[torch.from_numpy(at).to(device)] = values[:n].double()
         if lab.num_steps:
@@ -84,4 +103,10 @@ def evaluate_rewards(
                 torch.cat([seg + o for (_, _, seg), o in zip(gathered, offsets, strict=False)]),
             )
         )
+    if head is not None:  # rank correlations need every completion: gathered, not summed
+        width = len(head.names)
+        everyone = [p for rank in dist.gather_objects((values_a, ratings)) for p in zip(*rank, strict=True)]
+        v = torch.cat([p[0] for p in everyone]) if everyone else torch.zeros(0, width)
+        r = torch.cat([p[1].double() for p in everyone]) if everyone else torch.zeros(0, width)
+        out.update(attributes.report(v, r, head))
     return out, every.cpu()

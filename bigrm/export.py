@@ -24,6 +24,7 @@ from torch import nn
 
 from bigrm import adapters, checkpoint, dist, progress
 from bigrm.attention import attention_needs, hf_attn_implementation, read_attention_needs, resolve_attn
+from bigrm.attributes import CONFIG_KEY, AttributeHead, merged_head, read_head, record_head
 from bigrm.model import RewardModel, load_classifier
 from bigrm.packing import collate
 from bigrm.sequences import Group
@@ -31,6 +32,8 @@ from bigrm.sequences import Group
 PREFIX = "classifier."
 # config.json key of the reward convention (bigrm.sequences) the model was trained with: scoring reads it back
 CONVENTION_KEY = "bigrm_reward_convention"
+# config.json key of a merged attribute export: the AttributeHead (names, weights, scale) its one logit combines
+MERGED_KEY = "bigrm_merged_attributes"
 # config.json key of data.step_separator, set when the model was trained on stepwise rows: the export is a PRM
 SEPARATOR_KEY = "bigrm_step_separator"
 EXPORT_STAGES = ("consolidate shards", "write", "verify")  # what the export's progress counts
@@ -129,16 +132,19 @@ def is_token_export(path: Path) -> bool:
 
 
 def plain_rewards(dest: Path, seqs: list[list[int]], device: torch.device, steps: list | None = None) -> torch.Tensor:
-    """(S,) rewards from the exported directory, each sequence forwarded alone as any transformers user would; for a
-    token-classifier export (S + P,): the value logits[1] - logits[0] at each final token, then at each step end
-    (`steps`: per sequence its step-end indices)."""
+    """(S,) rewards ((S, A) logits of an A-output head) from the exported directory, each sequence forwarded alone
+    as any transformers user would; for a token-classifier export (S + P,): the value logits[1] - logits[0] at each
+    final token, then at each step end (`steps`: per sequence its step-end indices)."""
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     if not is_token_export(dest):
         model = AutoModelForSequenceClassification.from_pretrained(dest).to(device).eval()
         with torch.no_grad():
-            out = [model(input_ids=torch.tensor([s], device=device)).logits[0, 0].float() for s in seqs]
-        return torch.stack(out).cpu() if out else torch.zeros(0)
+            out = [model(input_ids=torch.tensor([s], device=device)).logits[0].float() for s in seqs]
+        if not out:
+            return torch.zeros(0)
+        logits = torch.stack(out).cpu()  # (S, num_labels)
+        return logits if model.config.num_labels > 1 else logits[:, 0]
     model = AutoModelForTokenClassification.from_pretrained(dest).to(device).eval()
     last, at_steps = [], []
     with torch.no_grad():
@@ -157,7 +163,7 @@ def tolerance(dtype: torch.dtype, quant_bits: int = 0) -> float:
 
 def check(expected: torch.Tensor, got: torch.Tensor, tol: float, dest: Path) -> str | None:
     """A message when the export's rewards differ from the training-time model's beyond tolerance."""
-    worst = (expected - got).abs().max().item() if len(got) else 0.0
+    worst = (expected - got.reshape(expected.shape)).abs().max().item() if len(got) else 0.0
     if worst > tol * max(1.0, expected.abs().max().item() if len(got) else 1.0):
         return (
             f"export {dest} does not reproduce the trained model: max reward difference {worst:.3g} over "
@@ -172,7 +178,8 @@ def adapted_classifier(
     """A LoRA run's classifier, from its base directory and its trained weights: as trained (adapters beside the
     base, quantised if it was) or merged (adapters added into the de-quantised base: a plain classifier)."""
     attn = resolve_attn("auto", cuda=False, needs=read_attention_needs(settings.base))
-    classifier = load_classifier(settings.base, dtype, attn, tokenizer, quant=settings.quantization)
+    outputs = state["score.weight"].shape[0]  # the trained head's: attribute heads have one row per attribute
+    classifier = load_classifier(settings.base, dtype, attn, tokenizer, quant=settings.quantization, num_labels=outputs)
     if merged and settings.quantization.bits:
         classifier = classifier.dequantize()
     wrapped = adapters.add_lora(classifier, settings.lora)
@@ -233,6 +240,9 @@ def export_engine(
         state = {k.removeprefix(PREFIX): v.cpu() for k, v in state.items()}
         if lora:
             classifier = adapted_classifier(settings, state, dtype, tokenizer, merged=True)
+            head = read_head(engine.module.classifier.config)
+            if head:
+                record_head(classifier.config, head)
             state = classifier.state_dict()
         else:
             classifier = engine.module.classifier
@@ -260,7 +270,11 @@ class _Checkpoint:
     def classifier(self, merged: bool = False) -> nn.Module:
         """The model as trained, or with `merged` (LoRA only differs) the plain classifier it exports to."""
         if self.settings:
-            return adapted_classifier(self.settings, self.state, self.dtype, self.tokenizer, merged)
+            classifier = adapted_classifier(self.settings, self.state, self.dtype, self.tokenizer, merged)
+            head = read_head(self.config)
+            if head:
+                record_head(classifier.config, head)
+            return classifier
         from transformers import AutoModelForSequenceClassification
 
         classifier = AutoModelForSequenceClassification.from_config(self.config)
@@ -286,8 +300,30 @@ def classifier_from_checkpoint(path: Path, dtype: torch.dtype | None = None):
     return saved.classifier(), saved.tokenizer, getattr(saved.config, CONVENTION_KEY, None)
 
 
-def export_checkpoint(path: Path, dest: Path, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`bigrm export`: checkpoint → verified HF directory. Returns the verification rewards."""
+def merge_attributes(classifier: nn.Module) -> AttributeHead:
+    """Turn an attribute classifier (A outputs) into the plain 1-output one whose logit is the scalar Σ_a w_a v_a, in
+    place; returns the head it merged (recorded under MERGED_KEY)."""
+    head = read_head(classifier.config)
+    if head is None:
+        raise ExportError("--merge-attributes: the model has a scalar head, not attribute heads (data.attributes)")
+    old = classifier.score
+    weight, bias = merged_head(old.weight.data, None if old.bias is None else old.bias.data, head)
+    classifier.score = nn.Linear(old.in_features, 1, bias=bias is not None, dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        classifier.score.weight.copy_(weight)
+        if bias is not None:
+            classifier.score.bias.copy_(bias)
+    config = classifier.config
+    delattr(config, CONFIG_KEY)
+    config.id2label, config.label2id = {0: "LABEL_0"}, {"LABEL_0": 0}  # what num_labels=1 loads as
+    config.num_labels, config.problem_type = 1, "regression"
+    setattr(config, MERGED_KEY, head.to_dict())
+    return head
+
+
+def export_checkpoint(path: Path, dest: Path, dtype: torch.dtype | None = None, merge: bool = False) -> torch.Tensor:
+    """`bigrm export`: checkpoint → verified HF directory. Returns the verification rewards. With `merge`, an
+    attribute model is written as its 1-logit scalar model (merge_attributes), verified against the scalar."""
     stages = progress.Stages("export", EXPORT_STAGES)
     saved = _read_checkpoint(path, dtype)
     stages.advance()
@@ -299,8 +335,13 @@ def export_checkpoint(path: Path, dest: Path, dtype: torch.dtype | None = None) 
     attn = resolve_attn("auto", cuda=False, needs=attention_needs(trained.config))  # eager for soft-capped models
     trained.config._attn_implementation = hf_attn_implementation(attn)
     with torch.no_grad():
-        expected = RewardModel(trained, attn)(batch).float()
+        model = RewardModel(trained, attn)
+        expected = model(batch).float()
+    if merge and model.attributes:
+        expected = model.attributes.scalar(expected)
     classifier = saved.classifier(merged=True) if saved.settings else trained  # LoRA: rebuilt, then merged
+    if merge:
+        merge_attributes(classifier)
     convention, separator = (getattr(saved.config, key, None) for key in (CONVENTION_KEY, SEPARATOR_KEY))
     with progress.transformers_bars():
         save_classifier(

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bigrm import attributes
+from bigrm.attributes import AttributeHead
 from bigrm.config import LossConfig
 from bigrm.packing import SegmentLabels
 from bigrm.sequences import Group
@@ -262,16 +264,33 @@ def total_loss(
     weight_sum: float | None = None,
     unit_sum: float | None = None,
     step_weight_sum: float | None = None,
-) -> tuple[torch.Tensor, Stats]:
-    """The loss of a micro-batch from the model's (N + P,) values (rewards, then values at step ends): the ranking
-    loss plus loss.step_coef times the step loss, each with the optimizer step's denominators (`denominators`)."""
+    head: AttributeHead | None = None,
+    rating_sums: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Stats, torch.Tensor | None]:
+    """(loss, stats, rating sums): what training minimises, for a micro-batch, with the optimizer step's
+    denominators (`denominators`; default: this micro-batch's own).
+    Scalar heads, values (N + P,) (rewards, then values at step ends): the ranking loss plus loss.step_coef times the
+    step loss (bigrm.step_loss); rating sums None.
+    Attribute heads (`head`, values (N, A)): ranking_loss of the scalar head.scalar(values) plus loss.attribute_coef
+    times the rating term (bigrm.attributes; `rating_sums`: the step's (A,) denominators), and the (2, A) float64
+    sums that attributes.train_metrics logs. Stepwise rows never reach an attribute head
+    (config.STEPS_WITH_ATTRIBUTES)."""
+    if head is not None:
+        outputs = values.double() if values.dtype == torch.float64 else values.float()  # (N, A)
+        loss, stats = ranking_loss(head.scalar(outputs), labels, cfg, weight_sum, unit_sum)
+        if labels.num_groups == 0:  # placeholder micro-batch (see ranking_loss)
+            return loss, stats, torch.zeros(2, len(head.names), dtype=torch.float64, device=values.device)
+        sq_err, weights = attributes.rating_terms(outputs, labels, head)
+        denominator = weights if rating_sums is None else rating_sums.to(outputs)
+        loss = loss + cfg.attribute_coef * attributes.rating_loss(sq_err, denominator)
+        return loss, stats, torch.stack([sq_err, weights]).detach().double()
     n = len(labels.seg_group)
     loss, stats = ranking_loss(values[:n], labels, cfg, weight_sum, unit_sum)
     if labels.num_steps:
         step, sums = step_loss(values[n:], labels, cfg, step_weight_sum)
         loss = loss + cfg.step_coef * step
         stats = replace(stats, **sums)
-    return loss, stats
+    return loss, stats, None
 
 
 def metrics(stats: Stats, cfg: LossConfig) -> dict[str, float]:

@@ -13,7 +13,8 @@ from dataclasses import astuple, dataclass
 
 import torch
 
-from bigrm import dist
+from bigrm import attributes, dist
+from bigrm.attributes import AttributeHead
 from bigrm.config import LossConfig
 from bigrm.loss import Stats, metrics
 from bigrm.packing import PackedBatch
@@ -30,14 +31,22 @@ class Tokens:
 
 
 class Meter:
-    def __init__(self, device: torch.device, budget: int, peak_tflops: float | None):
-        self.device, self.budget, self.peak = device, budget, peak_tflops
+    def __init__(self, device: torch.device, budget: int, peak_tflops: float | None, head: AttributeHead | None = None):
+        self.device, self.budget, self.peak, self.head = device, budget, peak_tflops, head
         self.stats, self.tokens = Stats.zeros(device), Tokens()
+        self.ratings = self._no_ratings()  # (2, A) attribute heads' rating sums (bigrm.loss.total_loss), else None
         self.clock = time.perf_counter()
 
-    def add(self, stats: Stats, batch: PackedBatch, model_flops: float) -> None:
+    def _no_ratings(self) -> torch.Tensor | None:
+        if self.head is None:
+            return None
+        return torch.zeros(2, len(self.head.names), dtype=torch.float64, device=self.device)
+
+    def add(self, stats: Stats, batch: PackedBatch, model_flops: float, ratings: torch.Tensor | None = None) -> None:
         """One micro-batch of this rank."""
         self.stats += stats
+        if ratings is not None:
+            self.ratings += ratings
         t = self.tokens
         t.real, t.processed = t.real + batch.real_tokens, t.processed + batch.processed_tokens
         t.budget, t.model_flops = t.budget + self.budget, t.model_flops + model_flops
@@ -54,7 +63,8 @@ class Meter:
     def read(self, cfg: LossConfig, lr: float) -> dict[str, float]:
         """Collective: the window's figures over all ranks; the next window starts now."""
         local = torch.tensor(astuple(self.tokens), dtype=torch.float64, device=self.device)
-        stats, tokens = (x.cpu() for x in dist.all_sum_each(self.stats.stack(), local))
+        ratings = [] if self.ratings is None else [self.ratings.flatten()]
+        stats, tokens, *ratings = (x.cpu() for x in dist.all_sum_each(self.stats.stack(), local, *ratings))
         elapsed, world = time.perf_counter() - self.clock, dist.world()
         t = Tokens(*tokens.tolist())
         logged = metrics(Stats.unstack(stats), cfg)
@@ -66,10 +76,12 @@ class Meter:
             budget_fill=t.real / t.budget,
             tflops_per_gpu=t.model_flops / elapsed / world / 1e12,
         )
+        if ratings:
+            logged.update(attributes.train_metrics(ratings[0].reshape(2, -1), self.head))
         if self.peak:
             logged["mfu"] = logged["tflops_per_gpu"] / self.peak
         if self.device.type == "cuda":  # this rank's high-water mark since the start: what a larger run must fit in
             logged["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        self.stats, self.tokens = Stats.zeros(self.device), Tokens()
+        self.stats, self.tokens, self.ratings = Stats.zeros(self.device), Tokens(), self._no_ratings()
         self.clock = time.perf_counter()
         return logged

@@ -18,16 +18,19 @@ from transformers import AutoModelForSequenceClassification
 
 from bigrm.adapters import quantization_config
 from bigrm.attention import attention_needs, check_backend, hf_attn_implementation, packed_inputs
+from bigrm.attributes import read_head
 from bigrm.config import ConfigError, QuantizationConfig
 from bigrm.packing import PackedBatch
 
 
 class RewardModel(nn.Module):
-    """Wraps the HF classifier so DeepSpeed drives one forward: packed batch → (N,) rewards."""
+    """Wraps the HF classifier so DeepSpeed drives one forward: packed batch → (N,) rewards, or (N, A) head outputs
+    for a classifier whose config records attributes (bigrm.attributes)."""
 
     def __init__(self, classifier: nn.Module, attn: str):
         super().__init__()
         self.classifier = classifier
+        self.attributes = read_head(classifier.config)  # None: one scalar reward
         self.attn = attn
         self.needs = attention_needs(classifier.config)
         check_backend(attn, self.needs)
@@ -38,7 +41,8 @@ class RewardModel(nn.Module):
 
     def forward(self, batch: PackedBatch, every_token: bool = False) -> torch.Tensor:
         """(N,) one reward per scored segment, read at its final token, followed by (P,) the value at each step end
-        when the batch has stepwise segments (batch.read_index); or (T,) the value at every token."""
+        when the batch has stepwise segments (batch.read_index); or (T,) the value at every token. With attributes:
+        (N, A) / (T, A), every output of the head (stepwise rows never reach an attribute head)."""
         dtype = next(self.classifier.parameters()).dtype
         mask, extra = packed_inputs(batch, self.attn, self.needs, dtype)
         hidden = self.backbone(
@@ -48,7 +52,8 @@ class RewardModel(nn.Module):
         # the head runs in fp32 so rewards and the loss keep full precision under bf16 training
         head = self.classifier.score
         bias = None if head.bias is None else head.bias.float()
-        return nn.functional.linear(picked.float(), head.weight.float(), bias)[:, 0]
+        values = nn.functional.linear(picked.float(), head.weight.float(), bias)
+        return values if self.attributes else values[:, 0]
 
 
 def prepare_tokenizer(tokenizer) -> None:
@@ -74,17 +79,20 @@ def load_classifier(
     tokenizer,
     gradient_checkpointing: bool = False,
     quant: QuantizationConfig | None = None,
+    num_labels: int = 1,
 ) -> nn.Module:
-    """The HF classifier with one label, its pad token set (and embeddings grown if the tokenizer gained one);
-    with `quant`, its backbone's linear layers quantised by bitsandbytes (the value head is not)."""
+    """The HF classifier with `num_labels` outputs, its pad token set (and embeddings grown if the tokenizer gained
+    one); with `quant`, its backbone's linear layers quantised by bitsandbytes (the value head is not). More than one
+    label (attribute heads) replaces a saved head of another size with a fresh one."""
     if quant and quant.bits == 8:
         # the same function object each time: logging adds a filter once however often models are loaded
         logging.getLogger("bitsandbytes.autograd._functions").addFilter(_int8_cast_notice)
     model = AutoModelForSequenceClassification.from_pretrained(
         path,
-        num_labels=1,
+        num_labels=num_labels,
         dtype=dtype,
         attn_implementation=hf_attn_implementation(attn),
+        **({"ignore_mismatched_sizes": True} if num_labels != 1 else {}),
         quantization_config=quantization_config(quant, dtype) if quant else None,
     )
     for module in model.modules():
@@ -144,15 +152,15 @@ def parameter_counts(module: nn.Module, matmul_only: bool = False) -> tuple[int,
     return total, trainable
 
 
-def write_random_init(src: str, dest: str, seed: int, dtype: torch.dtype = torch.float32) -> None:
-    """Random weights for the architecture at `src`, saved (in `dtype`) with its tokenizer so `from_pretrained` can
-    load them.
+def write_random_init(src: str, dest: str, seed: int, dtype: torch.dtype = torch.float32, num_labels: int = 1) -> None:
+    """Random weights for the architecture at `src` with a `num_labels`-output head, saved (in `dtype`) with its
+    tokenizer so `from_pretrained` can load them.
 
     Built outside DeepSpeed on one process, then loaded by every rank like any checkpoint: constructing from a
     config inside zero.Init does not work with transformers' weight init."""
     from transformers import AutoConfig, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(src, num_labels=1)
+    config = AutoConfig.from_pretrained(src, num_labels=num_labels)
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
     model.save_pretrained(dest, safe_serialization=True)

@@ -111,6 +111,7 @@ class SegmentLabels:
     group_margin: torch.Tensor  # (G,)
     group_weight: torch.Tensor  # (G,) the prompt's share of the ranking loss; 0 for unranked (stepwise) prompts
     num_groups: int
+    seg_attributes: torch.Tensor | None = None  # (N, A) attribute ratings (bigrm.attributes), NaN where missing
     # stepwise segments: every step of the batch, segments in order, steps in order within a segment
     step_seg: torch.Tensor | None = None  # (P,) scored segment of each step, 0..N-1
     step_label: torch.Tensor | None = None  # (P,) in [0, 1]
@@ -133,6 +134,7 @@ class SegmentLabels:
             group_margin=torch.tensor([lab.margin for lab in labels], dtype=dtype),
             group_weight=torch.tensor([lab.weight * lab.ranked for lab in labels], dtype=dtype),
             num_groups=len(labels),
+            seg_attributes=_attributes(prompts, dtype),
             **step_labels(labels, ks, dtype),
         )
 
@@ -142,6 +144,15 @@ class SegmentLabels:
 
     def to(self, device: torch.device | str) -> SegmentLabels:
         return SegmentLabels(**{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
+
+
+def _attributes(prompts: list[tuple[Labels, int]], dtype: torch.dtype) -> torch.Tensor | None:
+    """(N, A) ratings of prompts that carry attributes (NaN rows for any that do not); None when none does."""
+    width = next((len(lab.attributes[0]) for lab, _ in prompts if lab.attributes), None)
+    if width is None:
+        return None
+    rows = [r for lab, k in prompts for r in (lab.attributes or [(nan,) * width] * k)]
+    return torch.tensor(rows, dtype=dtype).reshape(len(rows), width)
 
 
 def step_labels(labels: list[Labels], ks: list[int], dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bigrm import synthetic, token_cache
+from bigrm import attributes, synthetic, synthetic_attributes, token_cache
+from bigrm.attributes import AttributeHead
 from bigrm.config import Config
 from bigrm.data import DataError, file_specs, load_examples
 from bigrm.packing import check_budget
@@ -30,21 +31,40 @@ class Dataset:
     weights: list[float]
     eval: Sequence[Group]
     log: list[str] = field(default_factory=list)
+    attributes: AttributeHead | None = None  # with data.attributes: the head's meaning, scaled by the training data
     stepwise: bool = False  # some training prompts are stepwise (a process reward model)
 
 
-def synthetic_paths(out_dir: Path, cfg: Config) -> tuple[Path, Path | None]:
-    return out_dir / "synthetic-train.jsonl", out_dir / "synthetic-eval.jsonl" if cfg.data.synthetic.num_eval else None
+def synthetic_paths(out_dir: Path, cfg: Config) -> tuple[list[Path], Path | None]:
+    """(training files, eval file) of the built-in task: the attributes task adds a file of unrated ranked rows."""
+    train = [out_dir / "synthetic-train.jsonl"]
+    if cfg.data.synthetic.task == "attributes":
+        train.append(out_dir / "synthetic-train-ranked.jsonl")
+    return train, out_dir / "synthetic-eval.jsonl" if cfg.data.synthetic.num_eval else None
 
 
 def write_synthetic(cfg: Config, out_dir: Path) -> None:
     """The built-in task as JSON Lines files, so it takes the same path as user data."""
     s = cfg.data.synthetic
-    for path, n, seed in zip(synthetic_paths(out_dir, cfg), (s.num_train, s.num_eval), (0, 1), strict=True):
-        if path is not None:
-            make = synthetic.make_step_rows if s.task == "steps" else synthetic.make_rows
-            rows = make(n, s.min_k, s.max_k, cfg.train.seed + seed)
-            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, held = synthetic_paths(out_dir, cfg)
+    seed = cfg.train.seed
+    if s.task == "attributes":
+        names, w = cfg.data.attributes, list(attributes.weights(cfg))
+        files = [
+            (train[0], synthetic_attributes.rated_rows(s.num_train, names, synthetic_attributes.MISSING, seed)),
+            (train[1], synthetic_attributes.ranked_rows(s.num_train // 4, names, w, s.min_k, s.max_k, seed + 2, False)),
+        ]
+        if held:
+            files.append(
+                (held, synthetic_attributes.ranked_rows(s.num_eval, names, w, s.min_k, s.max_k, seed + 1, True))
+            )
+    else:
+        make = synthetic.make_step_rows if s.task == "steps" else synthetic.make_rows
+        files = [(train[0], make(s.num_train, s.min_k, s.max_k, seed))]
+        if held:
+            files.append((held, make(s.num_eval, s.min_k, s.max_k, seed + 1)))
+    for path, rows in files:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def sources(cfg: Config, synthetic_dir: Path) -> tuple[list[tuple[str, float]], list[str]]:
@@ -53,8 +73,8 @@ def sources(cfg: Config, synthetic_dir: Path) -> tuple[list[tuple[str, float]], 
     d = cfg.data
     if d.train_files:
         return file_specs(d.train_files), [str(p) for p in d.eval_files]
-    train_path, eval_path = synthetic_paths(synthetic_dir, cfg)
-    return [(str(train_path), 1.0)], [str(eval_path)] if eval_path else []
+    train_paths, eval_path = synthetic_paths(synthetic_dir, cfg)
+    return [(str(p), 1.0) for p in train_paths], [str(eval_path)] if eval_path else []
 
 
 def tokenise(cfg: Config, tokenizer, paths: list[str], eval_paths: list[str]) -> tuple[TokenStore, TokenStore, dict]:
@@ -88,7 +108,7 @@ def tokenise(cfg: Config, tokenizer, paths: list[str], eval_paths: list[str]) ->
         done = encode_examples(
             examples, tokenizer, d.max_length, d.overlong, d.reward_convention, d.max_errors, workers
         )
-        return TokenStore.of(done, examples), done.report.summary()
+        return TokenStore.of(done, examples, len(d.attributes)), done.report.summary()
 
     train = []
     for examples in per_file:
@@ -100,7 +120,10 @@ def tokenise(cfg: Config, tokenizer, paths: list[str], eval_paths: list[str]) ->
     evals, summary = encoded(eval_examples)
     if eval_examples:
         log.append(f"eval tokens: {summary}")
-    return concat(train), evals, {"train_file_groups": [len(s) for s in train], "log": log}
+    meta = {"train_file_groups": [len(s) for s in train], "log": log}
+    if d.attributes:  # the targets' scale: every training rating, before files are mixed by weight
+        meta["attribute_stats"] = attributes.rating_stats([e for f in per_file for e in f], len(d.attributes))
+    return concat(train), evals, meta
 
 
 def cache_key(cfg: Config, tokenizer, paths: list[str], eval_paths: list[str]) -> str:
@@ -124,7 +147,7 @@ def cache_key(cfg: Config, tokenizer, paths: list[str], eval_paths: list[str]) -
 
 
 CACHE_ENV = "BIGRM_CACHE_DIR"
-CACHE_FORMAT = 2  # raised whenever what a cache holds, or how it is tokenised, changes
+CACHE_FORMAT = 3  # raised whenever what a cache holds, or how it is tokenised, changes
 
 
 def cache_root(cfg: Config) -> Path:
@@ -158,5 +181,6 @@ def build(cfg: Config, tokenizer, synthetic_dir: Path) -> Dataset:
     train_files = [list(range(lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
     for name, groups in (("train", train), ("eval", evals)):
         check_budget(groups, cfg.train.max_tokens_per_batch, cfg.train.share_prompt, f"{name} ", "train.")
+    head = AttributeHead.of(cfg, meta["attribute_stats"]) if cfg.data.attributes else None
     stepwise = bool(train.a["has_steps"].any())
-    return Dataset(train, train_files, [w for _, w in specs], evals, log, stepwise)
+    return Dataset(train, train_files, [w for _, w in specs], evals, log, head, stepwise)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bigrm import checkpoint, export, precision, progress
+from bigrm import attributes, checkpoint, export, precision, progress
 from bigrm.attention import hf_attn_implementation, read_attention_needs, resolve_attn
 from bigrm.config import DataConfig, LossConfig
 from bigrm.data import DataError, Example, RowError, listed, parse_row, read_file, standardise_scores
@@ -43,13 +43,17 @@ def load_model(path: str, device: torch.device, dtype: str = "auto", attn: str =
         classifier, tokenizer, convention = export.classifier_from_checkpoint(p, torch_dtype)
         classifier.config._attn_implementation = hf_attn_implementation(attn)
     else:
+        from transformers import AutoConfig
+
         tokenizer = AutoTokenizer.from_pretrained(p)
         prepare_tokenizer(tokenizer)
         with progress.transformers_bars():
             if export.is_token_export(p):  # a process reward model's token classifier
                 classifier = export.value_classifier(str(p), torch_dtype or "auto", attn)
             else:
-                classifier = load_classifier(str(p), torch_dtype or "auto", attn, tokenizer)
+                head = attributes.read_head(AutoConfig.from_pretrained(p))
+                outputs = len(head.names) if head else 1
+                classifier = load_classifier(str(p), torch_dtype or "auto", attn, tokenizer, num_labels=outputs)
         convention = getattr(classifier.config, export.CONVENTION_KEY, None)
     return RewardModel(classifier.to(device).eval(), attn), tokenizer, convention
 
@@ -65,6 +69,7 @@ class RowResult:
     boundaries: list[list[int]] | None = None  # per completion, piece ends as character offsets in the completion
     error: str | None = None
     rewards: list[float] | None = None
+    values: list[list[float]] | None = None  # attribute heads: per completion, the head's A outputs
     token_values: list[np.ndarray] | None = None  # per completion, the value at every token of its sequence
     steps: list[np.ndarray] | None = None  # stepwise rows: per completion, its step ends' token indices
     step_values: list[list[float]] | None = None  # stepwise rows: per completion, the value at each step end
@@ -189,7 +194,8 @@ def score(
     every_token: bool,
     share_prompt: bool = False,
 ) -> None:
-    """Fill `rewards` (and `token_values`) of every scorable row, packed under a token budget."""
+    """Fill `rewards` (and `token_values`) of every scorable row, packed under a token budget. Attribute heads: the
+    rewards (and per-token values) are the scalar reward, `values` the head's outputs."""
     share_prompt = share_prompt and not every_token  # per-token values need every sequence laid out whole
     todo = [r for r in results if r.example is not None]
     groups = [
@@ -202,20 +208,25 @@ def score(
     ]
     check_budget(groups, budget, share_prompt)
     sizes = [layout_tokens(g, share_prompt) for g in groups]
+    head = model.attributes
     counter = progress.bar(len(groups), "score", unit="row")
     for mb in pack_bins(list(range(len(groups))), sizes, budget, window=max(len(groups), 1)):
         batch = collate([groups[i] for i in mb], pad_id=0, share_prompt=share_prompt).to(device)
         if every_token:
-            values = model(batch, every_token=True).cpu()  # (T,)
-            rewards = values[batch.read_index.cpu()]
+            values = model(batch, every_token=True).cpu()  # (T,); attribute heads (T, A)
+            outputs = values[batch.read_index.cpu()]
+            values = head.scalar(values) if head else values
             cu = batch.cu_seqlens.cpu().tolist()
             segs = [values[cu[j] : cu[j + 1]].numpy() for j in range(len(cu) - 1)]
         else:
-            rewards, segs = model(batch).cpu(), None  # (N + P,) rewards, then values at step ends
+            outputs, segs = model(batch).cpu(), None
+        # (N + P,) rewards, then values at step ends; attribute heads: (N, A) outputs, their scalar the reward
+        rewards = head.scalar(outputs) if head else outputs
         at, step_at = 0, len(batch.last_index)
         for i in mb:
             k = len(groups[i].seqs)
             todo[i].rewards = rewards[at : at + k].tolist()
+            todo[i].values = outputs[at : at + k].tolist() if head else None
             todo[i].token_values = segs[at : at + k] if segs else None
             if groups[i].steps is not None:
                 todo[i].step_values = []
@@ -237,9 +248,16 @@ def segment_rewards(scored: Scored, values: np.ndarray, bounds: list[int], compl
     return out + [float(values[len(scored.ids) - 1])]
 
 
-def output_row(result: RowResult, segments: bool, per_token: bool) -> dict:
+def output_row(
+    result: RowResult, segments: bool, per_token: bool, head: attributes.AttributeHead | None = None
+) -> dict:
+    """The input row with `rewards` (attribute heads: the scalar reward) and, for attribute heads, `attributes`:
+    {name: predicted rating per completion, on the ratings' own scale (AttributeHead.raw)}."""
     row = dict(result.row)
     row["rewards"] = result.rewards
+    if head is not None and result.values is not None:
+        raw = head.raw(torch.tensor(result.values, dtype=torch.float64)).T.tolist()
+        row["attributes"] = dict(zip(head.names, raw, strict=True))
     if result.error:
         row["error"] = result.error
         return row
@@ -259,9 +277,16 @@ def output_row(result: RowResult, segments: bool, per_token: bool) -> dict:
     return row
 
 
-def report(results: list[RowResult], cfg: LossConfig, report_dir: Path | None = None) -> dict:
-    """`bigrm eval`'s metrics over the scored rows (see bigrm.diagnostics); with report_dir, also drawn there
-    (bigrm.eval_report), subsets by the rows' `subset`, else by their file. Stepwise files report step metrics."""
+def report(
+    results: list[RowResult],
+    cfg: LossConfig,
+    report_dir: Path | None = None,
+    head: attributes.AttributeHead | None = None,
+) -> dict:
+    """`bigrm eval`'s metrics over the scored rows (see bigrm.diagnostics): the ranking ones of the reward (attribute
+    heads: of the scalar reward, plus the per-attribute ones of attributes.report); with report_dir, also drawn
+    there (bigrm.eval_report), subsets by the rows' `subset`, else by their file. Stepwise files report step
+    metrics."""
     done = [r for r in results if r.rewards is not None]
     if not done:
         raise DataError("no row could be scored")
@@ -271,6 +296,10 @@ def report(results: list[RowResult], cfg: LossConfig, report_dir: Path | None = 
         out, drawn = _step_report(done), None
     else:
         out, drawn = _ranking_report(done, cfg)
+        labels = drawn[1]
+        if head is not None and labels.seg_attributes is not None:
+            values = torch.tensor([v for r in done for v in r.values], dtype=torch.float64)
+            out.update(attributes.report(values, labels.seg_attributes, head))
     out["num_rows_skipped"] = len(results) - len(done)
     reasons = [r.error for r in results if r.rewards is None and r.error]
     out["skipped"] = reasons[:SKIPPED_LISTED] + (

@@ -7,6 +7,7 @@ A store is a directory of .npy arrays (written by `save`, opened by `TokenStore.
   ranks, scores, targets          (S,) per sequence: data.Labels' fields (NaN where a group has none)
   has_scores, has_targets         (G,) bool
   margin, weight                  (G,) float64
+  attributes                      (S, A) float64: data.Labels.attributes, NaN where missing (A = 0 without them)
   source_bytes, source_offsets    every group's source ("file:line N") as UTF-8, end to end
   step_offsets   (S + 1,) int64: sequence s's steps are step_index[step_offsets[s]:step_offsets[s + 1]] (stepwise)
   step_index     (P,) int64: each step's last token, an index into its sequence
@@ -40,6 +41,7 @@ ARRAYS = (
     "weight",
     "source_bytes",
     "source_offsets",
+    "attributes",
     "step_offsets",
     "step_index",
     "step_labels",
@@ -60,8 +62,9 @@ class TokenStore(Sequence[Group]):
         self.a = arrays
 
     @staticmethod
-    def of(done: Tokenized, examples: list[Example]) -> TokenStore:
-        """The store of encode_examples' result; labels and sources come from the kept examples."""
+    def of(done: Tokenized, examples: list[Example], num_attributes: int = 0) -> TokenStore:
+        """The store of encode_examples' result; labels and sources come from the kept examples (each with
+        `num_attributes` ratings per completion)."""
         kept = [examples[i] for i in done.kept]
         ks = [len(e.completions) for e in kept]
         dtype = np.int32 if not len(done.tokens) or done.tokens.max() <= np.iinfo(np.int32).max else np.uint32
@@ -84,6 +87,9 @@ class TokenStore(Sequence[Group]):
                 "weight": np.array([e.labels.weight for e in kept], dtype=np.float64),
                 "source_bytes": np.frombuffer(b"".join(sources), dtype=np.uint8),
                 "source_offsets": _offsets([len(s) for s in sources]),
+                "attributes": np.array(
+                    [r for e in kept for r in (e.labels.attributes or ())], dtype=np.float64
+                ).reshape(len(done.lengths), num_attributes),
                 "step_offsets": _offsets(done.step_counts),
                 "step_index": done.step_index.astype(np.int64),
                 "step_labels": np.array([v for e in kept for s in e.labels.steps or () for v in s], np.float64),
@@ -124,6 +130,7 @@ class TokenStore(Sequence[Group]):
             targets=tuple(a["targets"][lo:hi].tolist()) if a["has_targets"][g] else None,
             margin=float(a["margin"][g]),
             weight=float(a["weight"][g]),
+            attributes=tuple(map(tuple, a["attributes"][lo:hi].tolist())) if a["attributes"].shape[1] else None,
             steps=labels_of_steps,
             step_weights=weights,
         )

@@ -15,6 +15,7 @@ import torch
 
 from bigrm import adapters, checkpoint, dist, ds_config, export, flops, options, pipeline, precision, preemption, tiny
 from bigrm.attention import read_attention_needs, resolve_attn
+from bigrm.attributes import rating_sums, record_head
 from bigrm.config import Config
 from bigrm.divergence import Watch
 from bigrm.eval_report import write_for_groups
@@ -69,7 +70,9 @@ def model_dir(cfg: Config, out: Path, dtype: torch.dtype) -> str:
             if not path:
                 tiny.write_tiny(out / "tiny-llama")
             if not path or random_init:
-                write_random_init(path or str(out / "tiny-llama"), str(out / "random-init"), cfg.train.seed, dtype)
+                outputs = len(cfg.data.attributes) or 1
+                src = path or str(out / "tiny-llama")
+                write_random_init(src, str(out / "random-init"), cfg.train.seed, dtype, outputs)
     return str(out / "random-init") if (not path or random_init) else path
 
 
@@ -94,9 +97,9 @@ class Trainer:
         self.hf_ds_config = None  # ZeRO-3: kept alive for the whole run (transformers holds it by weak reference)
         self.lora: adapters.Settings | None = None  # what a LoRA export rebuilds its base from
         self.verify: list = []  # held-out groups every checkpoint and export checks itself on
-        self.group_sums: list[
-            tuple[float, float, float]
-        ] = []  # per training prompt: its share of the step's denominators
+        # per training prompt: its share of the step's denominators (ranking Σ w, Σ w·units; steps Σ w)
+        self.group_sums: list[tuple[float, float, float]] = []
+        self.rating_sums: list = []  # attribute heads, per training prompt: its (A,) share of the rating denominators
         self.model_flops = None  # (real tokens, causal pairs) → model FLOPs of one forward + backward
         self.meter: Meter | None = None  # the current log window
         # progress, moved by resume() and every step
@@ -157,12 +160,16 @@ class Trainer:
         )
         # while it lives, from_pretrained loads straight into ZeRO-3 shards
         self.hf_ds_config = HfDeepSpeedConfig(ds) if ds["zero_optimization"]["stage"] == 3 else None
+        head = self.data.attributes
+        outputs = len(head.names) if head else 1
         with transformers_bars():
             classifier = load_classifier(
-                path, self.dtype, attn, self.tokenizer, cfg.model.gradient_checkpointing, cfg.quantization
+                path, self.dtype, attn, self.tokenizer, cfg.model.gradient_checkpointing, cfg.quantization, outputs
             )
         # checkpoints and exports carry the convention, so scoring reads the token the head was trained at
         setattr(classifier.config, export.CONVENTION_KEY, cfg.data.reward_convention)
+        if head:  # and what each output means, so exports, scoring and merging read them back
+            record_head(classifier.config, head)
         if self.data.stepwise:  # a process reward model: exported as a token classifier (bigrm.export)
             setattr(classifier.config, export.SEPARATOR_KEY, cfg.data.step_separator)
         if cfg.lora.r:
@@ -215,6 +222,8 @@ class Trainer:
         self.tracker.bar.update(self.start)
         loss = self.cfg.loss  # labels only: computed once
         self.group_sums = [(*denominators([g], loss), step_denominator(g, loss)) for g in self.data.train]
+        if self.data.attributes:
+            self.rating_sums = [rating_sums(g) for g in self.data.train]
         if self.start:
             self.epoch = self.steps[self.start - 1].epoch
             if dist.is_main():  # the resumed epoch's statistics so far (summed over ranks)
@@ -223,7 +232,7 @@ class Trainer:
                 so_far = torch.nn.functional.pad(so_far, (0, len(Stats.zeros().stack()) - len(so_far)))
                 self.epoch_stats += Stats.unstack(so_far)
         peak = flops.peak_tflops(self.t.peak_tflops, self.device, self.dtype == torch.bfloat16)
-        self.meter = Meter(self.device, self.t.max_tokens_per_batch, peak)
+        self.meter = Meter(self.device, self.t.max_tokens_per_batch, peak, self.data.attributes)
         self.engine.train()
 
     def remaining(self) -> Iterator[tuple[int, Step]]:
@@ -240,17 +249,20 @@ class Trainer:
         # the loss is normalised over the whole step's prompts, whatever rank or micro-batch holds them
         members = [i for rank in step.micro_batches for mb in rank for i in mb]
         sums = [sum(self.group_sums[i][j] for i in members) for j in range(3)]
+        head, ratings = self.data.attributes, None
+        if head:
+            ratings = torch.tensor(sum(self.rating_sums[i] for i in members), device=self.device)
         for mb in step.micro_batches[dist.rank()]:
             packed = collate([data.train[i] for i in mb], self.tokenizer.pad_token_id, share_prompt=t.share_prompt)
             pairs = flops.causal_pairs(packed.cu_seqlens, packed.seg_parent)  # on the CPU copy: no device sync
             batch = packed.to(self.device)
-            values = self.engine(batch)  # (N + P,) rewards, then values at step ends
-            loss, stats = total_loss(values, batch.labels, self.cfg.loss, *sums)
+            values = self.engine(batch)  # (N + P,) rewards, then values at step ends; attribute heads (N, A)
+            loss, stats, rating_stats = total_loss(values, batch.labels, self.cfg.loss, *sums, head, ratings)
             self.nonfinite |= ~torch.isfinite(loss.detach())  # stays on the device: no sync per micro-batch
             # DeepSpeed averages over ranks and micro-batches: undo that, the step normalises itself
             self.engine.backward(loss * dist.world() * t.micro_batches_per_step)
             self.engine.step()
-            self.meter.add(stats, batch, self.model_flops(batch.real_tokens, pairs))
+            self.meter.add(stats, batch, self.model_flops(batch.real_tokens, pairs), rating_stats)
             self.epoch_stats += stats
         self.tracker.step()
 
@@ -303,6 +315,7 @@ class Trainer:
             device=self.device,
             cfg=self.cfg.loss,
             share_prompt=t.share_prompt,
+            head=self.data.attributes,
         )
         self.engine.train()
         self.tracker.log("eval", result, step)

@@ -865,6 +865,63 @@ def test_unknown_chat_roles_are_rejected(tmp_path):
     )
 
 
+# ---------------------------------------------------------------------------------------------- attribute ratings
+
+ATTRS = ["helpfulness", "verbosity"]
+
+
+def test_rated_rows_and_rating_lists_mask_missing_ratings(tmp_path):
+    """HelpSteer2-shaped rows hold one completion; other formats carry a list per attribute; null or absent is NaN."""
+    rated = write_lines(
+        tmp_path / "rated.jsonl",
+        [
+            {"prompt": "p", "response": " a", "helpfulness": 3, "verbosity": None},
+            {"prompt": "q", "response": " b", "helpfulness": 0.5},  # verbosity absent
+        ],
+    )
+    first, second = load_one(rated, attributes=ATTRS)
+    assert first.completions == (" a",) and first.labels.ranks == (0,)
+    assert first.labels.attributes[0][0] == 3.0 and math.isnan(first.labels.attributes[0][1])
+    assert second.labels.attributes[0][0] == 0.5 and math.isnan(second.labels.attributes[0][1])
+    ranked = write_lines(
+        tmp_path / "ranked.jsonl",
+        [{"prompt": "p", "ranked_outputs": [" a", [" b", " c"]], "helpfulness": [4, None, 1]}],
+    )
+    (example,) = load_one(ranked, attributes=ATTRS)
+    got = example.labels.attributes  # aligned with the completions in the row's order, tie blocks flattened
+    assert [r[0] for r in got][::2] == [4.0, 1.0] and math.isnan(got[1][0]) and all(math.isnan(r[1]) for r in got)
+    (pair,) = load_one(
+        write_lines(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": " a", "rejected": " b", "verbosity": [1, 2]}]),
+        attributes=ATTRS,
+    )
+    assert [r[1] for r in pair.labels.attributes] == [1.0, 2.0]
+    (plain,) = load_one(write_lines(tmp_path / "plain.jsonl", [{"prompt": "p", "ranked_outputs": [" a", " b"]}]))
+    assert plain.labels.attributes is None  # no data.attributes: no ratings read
+
+
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        ({"prompt": "p", "response": " a", "helpfulness": "3"}, "field 'helpfulness': must be a number"),
+        ({"prompt": "p", "response": " a", "helpfulness": True}, "field 'helpfulness': must be a number"),
+        ({"prompt": "p", "response": " a", "helpfulness": 1e39}, "field 'helpfulness': must be a number within"),
+        ({"prompt": "p", "response": " a"}, "field 'helpfulness/verbosity': every rating is missing"),
+        ({"prompt": "p", "response": " ", "helpfulness": 1}, "field 'response': empty completion"),
+        ({"prompt": "p", "ranked_outputs": [" a", " b"], "verbosity": [1]}, "field 'verbosity': needs a list of one"),
+        ({"prompt": "p", "ranked_outputs": [" a", " b"], "verbosity": 2}, "field 'verbosity': needs a list of one"),
+        ({"prompt": "p", "ranked_outputs": [" a", " b"], "verbosity": [1, "x"]}, "field 'verbosity[1]': must be"),
+    ],
+)
+def test_bad_ratings_name_file_line_and_field(tmp_path, row, expected):
+    path = write_lines(tmp_path / "bad.jsonl", [row])
+    assert f"{path}:line 1: {expected}" in load_error(path, attributes=ATTRS)
+
+
+def test_rated_rows_need_data_attributes(tmp_path):
+    path = write_lines(tmp_path / "rated.jsonl", [{"prompt": "p", "response": " a", "helpfulness": 3}])
+    assert "rated completions: name their rating columns in data.attributes" in load_error(path)
+
+
 # ---------------------------------------------------------------------------------------------------- stepwise rows
 
 
@@ -927,3 +984,8 @@ def test_every_bad_stepwise_row_is_listed_before_compute(tmp_path):
     assert "2 invalid row(s)" in message
     assert f"{path}:line 2: field 'labels': needs one label per step (2), got 1 labels" in message
     assert f"{path}:line 3: field 'completions[1]': empty step" in message
+
+
+def test_stepwise_rows_and_attributes_are_refused_together(tmp_path):
+    path = write_lines(tmp_path / "steps.jsonl", [step_row()])
+    assert f"{path}: stepwise rows (process reward models) and data.attributes" in load_error(path, attributes=ATTRS)

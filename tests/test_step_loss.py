@@ -78,7 +78,7 @@ def test_stepwise_solutions_are_never_ranked_and_the_step_loss_adds_with_its_coe
     n_steps = sum(len(s) for lab in steps for s in lab.steps)
     at_steps = torch.randn(n_steps, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 
-    got, stats = total_loss(torch.cat([rewards, at_steps]), SegmentLabels.of(mixed, ks, torch.float64), cfg)
+    got, stats, _ = total_loss(torch.cat([rewards, at_steps]), SegmentLabels.of(mixed, ks, torch.float64), cfg)
     ranked_rewards = torch.cat([rewards[3:7], rewards[8:10]])
     alone, _ = ranking_loss(ranked_rewards, SegmentLabels.of(ranked, [4, 2], torch.float64), cfg)
     assert got.item() == pytest.approx(alone.item() + 0.7 * reference(list(at_steps), steps, False).item(), abs=1e-12)
@@ -96,7 +96,7 @@ def test_stepwise_solutions_are_never_ranked_and_the_step_loss_adds_with_its_coe
 def test_stepwise_only_batches_have_no_ranking_figures():
     labels = [stepwise(random.Random(0), 2)]
     n = sum(len(s) for s in labels[0].steps)
-    loss, stats = total_loss(torch.zeros(2 + n, dtype=torch.float64), SegmentLabels.of(labels, [2]), LossConfig())
+    loss, stats, _ = total_loss(torch.zeros(2 + n, dtype=torch.float64), SegmentLabels.of(labels, [2]), LossConfig())
     assert loss.item() == pytest.approx(math.log(2))
     assert set(metrics(stats, LossConfig())) == {"loss", "step_loss", "step_accuracy", "num_steps"}
 
