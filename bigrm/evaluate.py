@@ -27,32 +27,6 @@ def shard(
 
 
 @torch.no_grad()
-def evaluate(
-    model: Callable[[PackedBatch], torch.Tensor],
-    groups: list[Group],
-    *,
-    budget: int,
-    window: int,
-    pad_id: int,
-    device: torch.device,
-    cfg: LossConfig,
-    share_prompt: bool = False,
-    head: AttributeHead | None = None,
-) -> dict[str, float]:
-    return evaluate_rewards(
-        model,
-        groups,
-        budget=budget,
-        window=window,
-        pad_id=pad_id,
-        device=device,
-        cfg=cfg,
-        share_prompt=share_prompt,
-        head=head,
-    )[0]
-
-
-@torch.no_grad()
 def evaluate_rewards(
     model: Callable[[PackedBatch], torch.Tensor],
     groups: list[Group],
@@ -65,10 +39,10 @@ def evaluate_rewards(
     share_prompt: bool = False,
     head: AttributeHead | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """Ranking metrics of the rewards (attribute heads: of the scalar reward), step metrics of stepwise prompts,
-    with `head` per-attribute metrics (bigrm.attributes.report) over every rank's completions; and, on every rank,
-    every completion's reward (the scalar): (N,) float64 on the CPU, the completions of groups[0], then groups[1],
-    ... in their order."""
+    """(metrics, rewards) of held-out groups. Metrics: ranking metrics of the rewards (attribute heads: of the scalar
+    reward), step metrics of stepwise prompts, with `head` per-attribute metrics (bigrm.attributes.report) over every
+    rank's completions. Rewards, on every rank: every completion's reward (the scalar), (N,) float64 on the CPU, the
+    completions of groups[0], then groups[1], ... in their order."""
     total, steps = Stats.zeros(device), []
     values_a, ratings = [], []  # attribute heads: (N, A) outputs and ratings of this rank's micro-batches
     starts = np.cumsum([0] + [len(g.seqs) for g in groups])  # (G + 1,) first completion of each group

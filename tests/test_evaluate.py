@@ -1,4 +1,4 @@
-"""evaluate() with a fake reward model, and the rank sharding of held-out groups."""
+"""evaluate_rewards() with a fake reward model, and the rank sharding of held-out groups."""
 
 from __future__ import annotations
 
@@ -13,13 +13,17 @@ import torch
 from bigrm import dist
 from bigrm.config import LossConfig
 from bigrm.data import Labels
-from bigrm.evaluate import evaluate, shard
+from bigrm.evaluate import evaluate_rewards, shard
 from bigrm.loss import Stats, metrics
 from bigrm.packing import PackedBatch
 from bigrm.sequences import Group
 
 CPU = torch.device("cpu")
 PAD = 0
+
+
+def evaluate(*args, **kwargs) -> dict[str, float]:
+    return evaluate_rewards(*args, **kwargs)[0]
 
 
 def make_groups(seed: int, n: int, max_k: int = 6) -> list[Group]:
