@@ -64,6 +64,8 @@ def test_bad_overrides():
         options.from_argv(["--lr"])
     with pytest.raises(ConfigError, match="expected bool"):
         options.from_argv(["--export", "maybe"])
+    with pytest.raises(ConfigError, match=r"stepwise rows .* and data.attributes .* cannot be trained in one run"):
+        options.from_argv(["--data.synthetic.task", "steps", "--data.attributes", "[a, b]"])
 
 
 def test_every_option_is_documented_once():
