@@ -55,7 +55,8 @@ TRAIN = [
     "--save_every",
     "0",
 ]
-TRAIN += ["--export", "false", "--eval_every", "0", "--report_to", "none", "--log_every", "1"]
+TRAIN += ["--export", "false", "--eval_every", "0", "--log_every", "1"]
+NO_TRACKERS = {"new": ["--report_to", "none"], "today": ["--tensorboard", "false"]}  # the baseline predates report_to
 
 
 def hh_parts() -> tuple[list[str], list[str]]:
@@ -104,14 +105,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_ranks(code: Path, model: Path, data: Path, out: Path, cache: Path) -> tuple[float, list[float], float]:
+def two_ranks(
+    code: Path, model: Path, data: Path, out: Path, cache: Path, flags: list[str]
+) -> tuple[float, list[float], float]:
     """(seconds from launch to the first logged optimizer step, peak RSS of each rank, peak RSS of any process a rank
     forked (the new path's builder and workers), both in GB) of a 2-rank run."""
     import psutil
 
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "BIGRM_CACHE_DIR": str(cache)}
     runner = Path(sys.executable).parent / "deepspeed"
-    args = ["--output_dir", str(out), "--model.path", str(model), "--train_files", f"[{data}]", *TRAIN]
+    args = ["--output_dir", str(out), "--model.path", str(model), "--train_files", f"[{data}]", *TRAIN, *flags]
     cmd = [str(runner), "--num_gpus", "2", "--master_port", str(free_port()), str(code / "launch/train.py"), *args]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -165,7 +168,7 @@ def main() -> None:
     small = write_rows(work / "rows-50.jsonl", 50)
     codes = {} if args.no_runs else {"new": REPO, **({"today": baseline} if baseline else {})}
     ref = {
-        name: two_ranks(code, model, small, work / f"ref-{name}", work / f"cache-ref-{name}")[1]
+        name: two_ranks(code, model, small, work / f"ref-{name}", work / f"cache-ref-{name}", NO_TRACKERS[name])[1]
         for name, code in codes.items()
     }
     figures = []
@@ -184,7 +187,7 @@ def main() -> None:
         for name, code in codes.items():
             if name == "new" or n <= args.today_max:
                 run, cache = work / f"run-{name}-{n}", work / f"cache-run-{name}-{n}"
-                first, rss, builder = two_ranks(code, model, path, run, cache)
+                first, rss, builder = two_ranks(code, model, path, run, cache, NO_TRACKERS[name])
                 row[f"{name}_first_step_s"] = first
                 row[f"{name}_rank_rss_gb"] = rss
                 row[f"{name}_builder_rss_gb"] = builder
