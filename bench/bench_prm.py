@@ -76,7 +76,7 @@ def bigrm_epoch(rows_path: str, model_dir: str, budget: int) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     start = time.perf_counter()
     for batch in batches:
-        loss, _ = total_loss(model(batch), batch.labels, LossConfig())
+        loss, _, _ = total_loss(model(batch), batch.labels, LossConfig())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

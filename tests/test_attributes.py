@@ -220,7 +220,7 @@ RUN = [
     "--data.synthetic.task", "attributes", "--data.attributes", "[helpfulness, correctness, verbosity]",
     "--loss.attribute_weights", json.dumps(WEIGHTS), "--data.synthetic.num_train", "300",
     "--data.synthetic.num_eval", "60", "--epochs", "8", "--max_tokens_per_batch", "400", "--log_every", "20",
-    "--eval_every", "0", "--tensorboard", "false",
+    "--eval_every", "0", "--report_to", "none",
     # tokenise in the builder itself: forked pool workers inherit the trainer's SIGTERM handler (bigrm.preemption),
     # which can leave one blocked on the pool's queue lock when the pool terminates them (seen hanging on main too)
     "--num_proc", "1",

@@ -105,13 +105,16 @@ def test_eval_and_score_with_shared_prompts_match(llama_dir, tmp_path):
 
     from bigrm import cli
     from bigrm.config import LossConfig
-    from bigrm.evaluate import evaluate
+    from bigrm.evaluate import evaluate_rewards
 
     tok = AutoTokenizer.from_pretrained(llama_dir)
     model = RewardModel(load_classifier(str(llama_dir), torch.float32, "sdpa", tok), "sdpa").eval()
     groups = shared_groups(2, ks=(2, 4, 7, 3))
     kw = dict(budget=400, window=8, pad_id=0, device=torch.device("cpu"), cfg=LossConfig())
-    assert evaluate(model, groups, **kw, share_prompt=True) == pytest.approx(evaluate(model, groups, **kw))
+    shared, shared_rewards = evaluate_rewards(model, groups, **kw, share_prompt=True)
+    alone, rewards = evaluate_rewards(model, groups, **kw)
+    assert shared == pytest.approx(alone)
+    torch.testing.assert_close(shared_rewards, rewards, atol=1e-5, rtol=0)
 
     rows = [{"prompt": "write a review:", "ranked_outputs": [" great superb", " awful", " the it was"]}]
     data = tmp_path / "rows.jsonl"
