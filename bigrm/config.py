@@ -74,7 +74,11 @@ class DataConfig:
         "a seeded sample). Empty: the built-in synthetic K-ranked task.",
     )
     eval_files: list = opt([], "Held-out files (same formats). Empty: see eval_fraction.")
-    eval_fraction: float = opt(0.0, "With no eval_files, the fraction of training prompts held out for eval.")
+    eval_fraction: float = opt(
+        0.0,
+        "With no eval_files, the fraction of each training file's distinct prompts held out for eval (a seeded "
+        "sample, train.seed): every row of a held-out prompt goes to eval, so no eval prompt is trained on.",
+    )
     prompt_column: str = opt("prompt", "Column holding the prompt (text, or a list of chat messages).")
     ranked_column: str = opt("ranked_outputs", "Column holding K >= 2 completions ordered best to worst.")
     chosen_column: str = opt("chosen", "Column of the preferred completion in pairwise rows.")

@@ -433,11 +433,16 @@ def parse_stepwise(row: dict, prompt: Text, cfg: DataConfig, where: str) -> Exam
     )
 
 
+def prompt_key(prompt: Text) -> str:
+    """What makes two rows' prompts the same prompt (text, or chat messages)."""
+    return json.dumps(prompt, sort_keys=True)
+
+
 def group_solutions(examples: list[Example], size: int) -> list[Example]:
     """Stepwise solutions of the same prompt as groups of up to `size`, in order of the prompt's first row."""
     by_prompt: dict[str, list[Example]] = {}
     for e in examples:
-        by_prompt.setdefault(json.dumps(e.prompt, sort_keys=True), []).append(e)
+        by_prompt.setdefault(prompt_key(e.prompt), []).append(e)
     groups = []
     for same in by_prompt.values():
         for lo in range(0, len(same), size):

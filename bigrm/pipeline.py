@@ -18,7 +18,7 @@ import numpy as np
 from bigrm import attributes, synthetic, synthetic_attributes, token_cache
 from bigrm.attributes import AttributeHead
 from bigrm.config import Config
-from bigrm.data import DataError, file_specs, load_examples
+from bigrm.data import DataError, file_specs, load_examples, prompt_key
 from bigrm.packing import check_budget
 from bigrm.sequences import Group, default_workers, encode_examples
 from bigrm.token_store import TokenStore, concat
@@ -89,15 +89,22 @@ def tokenise(cfg: Config, tokenizer, paths: list[str], eval_paths: list[str]) ->
         log.append(f"eval data: {eval_report.summary()}")
     elif d.eval_fraction > 0:
         rng = random.Random(cfg.train.seed)
-        eval_examples = []
+        eval_examples, held_prompts = [], 0
         for i, examples in enumerate(per_file):
-            order = list(range(len(examples)))
+            # the unit held out is a prompt: its rows (several pairs, or a PRM's solutions split into groups) all
+            # go to one side, so no eval prompt is trained on
+            keys = [prompt_key(e.prompt) for e in examples]
+            prompts = list(dict.fromkeys(keys))
+            order = list(range(len(prompts)))
             rng.shuffle(order)
-            n_eval = round(d.eval_fraction * len(examples))
-            held = set(order[:n_eval])
-            eval_examples += [examples[j] for j in sorted(held)]
-            per_file[i] = [e for j, e in enumerate(examples) if j not in held]
-        log.append(f"eval data: {len(eval_examples)} prompts held out (data.eval_fraction={d.eval_fraction})")
+            held = {prompts[j] for j in order[: round(d.eval_fraction * len(prompts))]}
+            held_prompts += len(held)
+            eval_examples += [e for e, k in zip(examples, keys, strict=True) if k in held]
+            per_file[i] = [e for e, k in zip(examples, keys, strict=True) if k not in held]
+        log.append(
+            f"eval data: {held_prompts} prompts held out ({len(eval_examples)} groups; "
+            f"data.eval_fraction={d.eval_fraction})"
+        )
     else:
         eval_examples = []
         log.append("eval data: none (set data.eval_files or data.eval_fraction)")

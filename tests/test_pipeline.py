@@ -12,6 +12,7 @@ from bigrm import pipeline
 from bigrm.config import Config
 from bigrm.data import DataError
 from bigrm.model import prepare_tokenizer
+from bigrm.packing import shared_prefix
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,30 @@ def test_eval_fraction_holds_out_prompts_of_every_file_by_seed(tmp_path, tok):
     assert {g.source for g in pipeline.build(cfg, tok, tmp_path).eval} == held  # the same hold-out every run
     reseeded = replace(cfg, train=replace(cfg.train, seed=1))
     assert {g.source for g in pipeline.build(reseeded, tok, tmp_path).eval} != held
+
+
+def test_eval_fraction_holds_out_whole_prompts(tmp_path, tok):
+    """Rows sharing a prompt (several pairs of one prompt; a PRM's solutions, split into groups of
+    data.step_group_size) all go to one side of the hold-out: no eval prompt is trained on."""
+    pairs = [{"prompt": f"q{i % 5}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(20)]
+    steps = [
+        {"prompt": f"s{i % 4}", "completions": [f"step {i}", "end"], "labels": [True, i % 2 == 0]} for i in range(24)
+    ]
+    paths = []
+    for name, rows in (("pairs.jsonl", pairs), ("steps.jsonl", steps)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(str(tmp_path / name))
+    cfg = config({"train_files": paths, "eval_fraction": 0.4, "step_group_size": 4})
+    data = pipeline.build(cfg, tok, tmp_path)
+
+    def prompts(groups) -> set[str]:
+        return {tok.decode(g.seqs[0][: shared_prefix(g.seqs) or len(g.seqs[0]) - 1]) for g in groups}
+
+    # pairs: 2 of 5 prompts (8 rows) held out; steps: 2 of 4 prompts, 6 solutions each in groups of 4 and 2
+    assert len(data.eval) == 8 + 4 and len(data.train) == 12 + 4
+    assert sum(g.labels.steps is not None for g in data.eval) == 4
+    assert "eval data: 4 prompts held out (12 groups; data.eval_fraction=0.4)" in data.log
+    assert not prompts(data.eval) & prompts(data.train)
 
 
 def test_a_prompt_over_the_token_budget_stops_before_training(tmp_path, tok):
