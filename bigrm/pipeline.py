@@ -154,7 +154,7 @@ def cache_key(cfg: Config, tokenizer, paths: list[str], eval_paths: list[str]) -
 
 
 CACHE_ENV = "BIGRM_CACHE_DIR"
-CACHE_FORMAT = 3  # raised whenever what a cache holds, or how it is tokenised, changes
+CACHE_FORMAT = 4  # raised whenever what a cache holds, or how it is tokenised, changes
 
 
 def cache_root(cfg: Config) -> Path:

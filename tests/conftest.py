@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,12 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 HH_DATA = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 
 
+# Every run's token cache (data.cache) in a directory of this test session, subprocesses included. Set when pytest
+# imports this file, before any test module copies os.environ for its subprocesses: a fixture would come too late,
+# and runs would share ~/.cache/bigrm/tokens with every earlier session.
+TOKEN_CACHE = Path(tempfile.mkdtemp(prefix="bigrm-tests-token-cache-"))
+os.environ["BIGRM_CACHE_DIR"] = str(TOKEN_CACHE)
+
+
 @pytest.fixture(autouse=True, scope="session")
-def token_cache_dir(tmp_path_factory) -> Path:
-    """Every run's token cache (data.cache) in this session's temporary directory, subprocesses included."""
-    path = tmp_path_factory.mktemp("token-cache")
-    os.environ["BIGRM_CACHE_DIR"] = str(path)
-    return path
+def token_cache_dir() -> Iterator[Path]:
+    yield TOKEN_CACHE
+    shutil.rmtree(TOKEN_CACHE, ignore_errors=True)
 
 
 def make_model_dir(root: Path, arch: str, seed: int = 0) -> Path:
