@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from bigrm.config import Config
+from bigrm.correlation import pearson, spearman
 from bigrm.data import Example
 from bigrm.packing import SegmentLabels
 from bigrm.sequences import Group
@@ -140,18 +141,10 @@ def train_metrics(sums: torch.Tensor, head: AttributeHead) -> dict[str, float]:
     return {f"{n}/mse": e / w for n, e, w in zip(head.names, sq_err, weights, strict=True) if w > 0}
 
 
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float | None:
-    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
-    denom = (a.square().sum() * b.square().sum()).sqrt()
-    return None if denom == 0 else float((a * b).sum() / denom)  # a constant side has no correlation
-
-
 def report(values: torch.Tensor, ratings: torch.Tensor, head: AttributeHead) -> dict[str, float]:
     """Per attribute over its present ratings: `<name>/mse` of the predicted raw-scale rating, `<name>/pearson` and
     `<name>/spearman` (ties share their average rank) of output and rating, `<name>/num_ratings`. A correlation with
     a constant side is left out."""
-    from bigrm.diagnostics import _ranks  # diagnostics reads bigrm.loss, which reads this module
-
     out: dict[str, float] = {}
     predicted = head.raw(values.double())
     for a, name in enumerate(head.names):
@@ -161,7 +154,7 @@ def report(values: torch.Tensor, ratings: torch.Tensor, head: AttributeHead) -> 
         if not len(r):
             continue
         out[f"{name}/mse"] = float((v - r).square().mean())
-        for key, value in (("pearson", pearson(v, r)), ("spearman", pearson(_ranks(v), _ranks(r)))):
+        for key, value in (("pearson", pearson(v, r)), ("spearman", spearman(v, r))):
             if value is not None and math.isfinite(value):
                 out[f"{name}/{key}"] = value
     return out

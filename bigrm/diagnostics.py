@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from bigrm.config import LossConfig
+from bigrm.correlation import spearman
 from bigrm.loss import metrics, pair_grid, ranking_loss
 from bigrm.packing import SegmentLabels
 
@@ -112,7 +113,7 @@ def ranking_report(
     wins = (grid.valid & (grid.diff > 0)).sum((1, 2))  # (G,) concordant pairs
     k = grid.filled.sum(1)  # (G,) completions per prompt
     report["accuracy_by_k"] = {str(int(kk)): _accuracy(wins[k == kk], pairs[k == kk]) for kk in torch.unique(k)}
-    report["length_correlation"] = _spearman(r, lengths.double())
+    report["length_correlation"] = spearman(r, lengths.double())
     report["ece"], report["ece_bins"] = _calibration(grid.diff[grid.valid], ece_bins)
     if subsets is not None:
         accuracy, counts = _by_name(wins, pairs, subsets)
@@ -142,20 +143,6 @@ def _by_name(wins: torch.Tensor, pairs: torch.Tensor, names: list[str]) -> tuple
 def _accuracy(wins: torch.Tensor, pairs: torch.Tensor) -> float | None:
     total = int(pairs.sum())
     return float(wins.sum()) / total if total else None
-
-
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    """(N,) ranks 1..N, tied values sharing their average rank."""
-    _, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
-    last = torch.cumsum(counts, 0).double()  # rank of the last copy of each distinct value
-    return ((last - counts + 1 + last) / 2)[inverse]
-
-
-def _spearman(a: torch.Tensor, b: torch.Tensor) -> float | None:
-    ra, rb = _ranks(a), _ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = (ra.square().sum() * rb.square().sum()).sqrt()
-    return None if denom == 0 else float((ra * rb).sum() / denom)  # constant side: all ranks equal, denom 0
 
 
 def _calibration(diff: torch.Tensor, bins: int) -> tuple[float | None, list[dict]]:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from bigrm.config import LossConfig
+from bigrm.correlation import average_ranks
 from bigrm.packing import SegmentLabels
 from bigrm.sequences import Group
 
@@ -68,15 +69,7 @@ def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     n_pos, n = int(positive.sum()), len(scores)
     if n_pos in (0, n):
         return float("nan")
-    order = torch.argsort(scores)
-    ranks = torch.empty(n, dtype=torch.float64)
-    ranks[order] = torch.arange(1, n + 1, dtype=torch.float64)
-    # tied scores share their average rank
-    uniq, inverse = torch.unique(scores, return_inverse=True)
-    mean_rank = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, ranks)
-    mean_rank /= torch.bincount(inverse, minlength=len(uniq)).double()
-    ranks = mean_rank[inverse]
-    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2
+    u = average_ranks(scores)[positive].sum() - n_pos * (n_pos + 1) / 2
     return float(u / (n_pos * (n - n_pos)))
 
 
