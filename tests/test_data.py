@@ -989,3 +989,10 @@ def test_every_bad_stepwise_row_is_listed_before_compute(tmp_path):
 def test_stepwise_rows_and_attributes_are_refused_together(tmp_path):
     path = write_lines(tmp_path / "steps.jsonl", [step_row()])
     assert f"{path}: stepwise rows (process reward models) and data.attributes" in load_error(path, attributes=ATTRS)
+
+
+def test_rated_rows_read_the_configured_response_column(tmp_path):
+    path = write_lines(tmp_path / "rated.jsonl", [{"prompt": "p", "answer": " a", "helpfulness": 2}])
+    assert "cannot tell the format" in load_error(path, attributes=ATTRS)
+    (example,) = load_one(path, attributes=ATTRS, response_column="answer")
+    assert example.completions == (" a",) and example.labels.attributes[0][0] == 2.0
