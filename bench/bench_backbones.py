@@ -21,13 +21,12 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import BACKBONES, write_backbone  # noqa: E402
-from test_sharing import shared_groups  # noqa: E402
-
-from bigrm.attention import SOFTCAP, read_attention_needs, resolve_attn  # noqa: E402
 from bigrm.config import ConfigError  # noqa: E402
-from bigrm.model import RewardModel, load_classifier  # noqa: E402
-from bigrm.packing import collate  # noqa: E402
+from bigrm.data.packing import collate  # noqa: E402
+from bigrm.model.attention import SOFTCAP, read_attention_needs, resolve_attn  # noqa: E402
+from bigrm.model.reward_model import RewardModel, load_classifier  # noqa: E402
+from tests.helpers.groups import shared_groups  # noqa: E402
+from tests.helpers.models import BACKBONES, write_backbone  # noqa: E402
 
 GROUPS = shared_groups(0, ks=(2, 3, 6, 4), prompt_len=(10, 40))
 
@@ -63,7 +62,7 @@ def ignored(path: Path, tok, want: torch.Tensor, feature: str) -> float:
     implementation, which takes a score_mod)."""
     if feature == SOFTCAP:
         model = RewardModel(load_classifier(str(path), torch.float32, "flex", tok), "flex").eval()
-        with warnings.catch_warnings(), unittest.mock.patch("bigrm.attention._softcap_score", lambda cap: None):
+        with warnings.catch_warnings(), unittest.mock.patch("bigrm.model.attention._softcap_score", lambda cap: None):
             warnings.simplefilter("ignore")  # flex's notice that uncompiled it is a slow reference: meant here
             return worst(model, want, False)
     model = RewardModel(load_classifier(str(path), torch.float32, "eager", tok), "eager").eval()

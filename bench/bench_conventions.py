@@ -21,8 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bigrm.builtin.synthetic import make_rows  # noqa: E402
 from bigrm.config import REWARD_CONVENTIONS  # noqa: E402
-from bigrm.synthetic import make_rows  # noqa: E402
 
 
 def write_rows(path: Path, rows: list[dict], chat: bool) -> Path:

@@ -35,12 +35,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import HH_DATA  # noqa: E402
-
 from bigrm import options, pipeline  # noqa: E402
-from bigrm.data import load_examples  # noqa: E402
-from bigrm.model import prepare_tokenizer  # noqa: E402
-from bigrm.sequences import Group, scored_sequence  # noqa: E402
+from bigrm.data.rows import load_examples  # noqa: E402
+from bigrm.data.sequences import Group, scored_sequence  # noqa: E402
+from bigrm.model.reward_model import prepare_tokenizer  # noqa: E402
+from tests.helpers.paths import HH_DATA  # noqa: E402
 
 K = 7
 TRAIN = [
@@ -150,7 +149,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="working directory (default: a temporary one)")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
-    from real_tokenizers import build_model_dir
+    from tests.helpers.real_tokenizers import build_model_dir
 
     work = Path(args.out or tempfile.mkdtemp(prefix="bench-data-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ directory (kept with --out) holds its log.jsonl and the trainer's output, train.
 Figures are the trainer's own log windows (D/log.jsonl, every --log_every steps; evaluation and saving excluded):
 the median over windows starting at step --warmup or later (earlier steps include compilation and allocator warm-up),
 peak memory the largest torch.cuda.max_memory_allocated logged. MFU uses the trainer's model FLOPs (no
-recomputation, no padding) over the GPU's dense bf16 peak (bigrm.flops).
+recomputation, no padding) over the GPU's dense bf16 peak (bigrm.model.flops).
 
 The optimizer is torch's fused AdamW under DeepSpeed (no CUDA toolkit needed). --size tiny --device cpu only
 smoke-tests this script on CPU (tests/test_bench.py): the figures mean nothing there (MFU against a nominal
@@ -70,8 +70,8 @@ def write_data(path: Path, model_dir: Path, steps: int, budget: int) -> int:
     them; returns how many rows. Groups larger than the budget are left out (the trainer would stop on them)."""
     from transformers import AutoTokenizer
 
-    from bigrm.packing import pack_bins
-    from bigrm.sequences import tokenize_examples
+    from bigrm.data.packing import pack_bins
+    from bigrm.data.sequences import tokenize_examples
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     n = 64

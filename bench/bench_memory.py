@@ -3,7 +3,7 @@
     python bench/bench_memory.py                   (both tables; the measured part takes a few minutes on 2 cores)
     python bench/bench_memory.py --computed-only   (the 7B / 70B table alone, instantly)
 
-Measured: the real trainer (`bigrm.train.run`, DeepSpeed ZeRO-3, one CPU rank, fp32, gradient checkpointing) runs
+Measured: the real trainer (`bigrm.training.trainer.run`, ZeRO-3, one CPU rank, fp32, gradient checkpointing) runs
 a few optimizer steps of the built-in synthetic task on a ~100M-parameter Llama built here; each setup runs alone in
 a child process, whose peak resident memory (VmHWM) is reported together with its resident memory before the model
 is loaded (imports), so the difference is what the setup itself costs.
@@ -55,7 +55,7 @@ def child(setup: str, model: str, out: str) -> None:
     import torch
 
     from bigrm import options
-    from bigrm.train import run
+    from bigrm.training.trainer import run
 
     torch.set_num_threads(2)
     before = status_kib("VmRSS")
@@ -97,8 +97,8 @@ def measure(setup: str, model: Path, work: Path) -> dict:
 
 
 def small_model(dest: Path) -> Path:
-    from bigrm.model import write_random_init
-    from bigrm.tiny import write_tiny
+    from bigrm.builtin.tiny import write_tiny
+    from bigrm.model.reward_model import write_random_init
 
     src = write_tiny(dest / "src")
     cfg = json.loads((src / "config.json").read_text())

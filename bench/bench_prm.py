@@ -13,7 +13,7 @@ HH harmless-base prompts (../shared/data), `--solutions` solutions per prompt of
 library trains one epoch on a fresh copy of the same random-initialised tiny Llama (bench/models.py), fp32, in its
 own child process (which also gives its peak RSS):
   bigrm   the rows grouped by prompt, packed under --budget tokens with share_prompt (the prompt once per group),
-          one forward per micro-batch reading the value head at every step end, step loss (bigrm.step_loss)
+          one forward per micro-batch reading the value head at every step end, step loss (bigrm.objectives.steps)
   trl     PRMTrainer: one padded row per solution, --trl-batch rows per step, a 2-label token classifier
 Both take one AdamW step per batch. The two alternate --repeats times (the machine's other load hits both alike) and
 the median epoch of each counts. Reported: solutions/s, labelled steps/s and tokens/s (the same numerators for
@@ -60,11 +60,11 @@ def bigrm_epoch(rows_path: str, model_dir: str, budget: int) -> dict:
     from transformers import AutoTokenizer
 
     from bigrm.config import DataConfig, LossConfig
-    from bigrm.data import load_examples
-    from bigrm.loss import total_loss
-    from bigrm.model import RewardModel, load_classifier
-    from bigrm.packing import collate, layout_tokens, pack_bins
-    from bigrm.sequences import tokenize_examples
+    from bigrm.data.packing import collate, layout_tokens, pack_bins
+    from bigrm.data.rows import load_examples
+    from bigrm.data.sequences import tokenize_examples
+    from bigrm.model.reward_model import RewardModel, load_classifier
+    from bigrm.objectives.total import total_loss
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     (examples,), _ = load_examples([rows_path], DataConfig(max_length=MAX_LENGTH))
@@ -153,8 +153,8 @@ def counts(rows_path: str, model_dir: str) -> dict:
     from transformers import AutoTokenizer
 
     from bigrm.config import DataConfig
-    from bigrm.data import load_examples
-    from bigrm.sequences import tokenize_examples
+    from bigrm.data.rows import load_examples
+    from bigrm.data.sequences import tokenize_examples
 
     (examples,), _ = load_examples([rows_path], DataConfig(max_length=MAX_LENGTH))
     groups, _ = tokenize_examples(examples, AutoTokenizer.from_pretrained(model_dir), MAX_LENGTH, "error")
@@ -187,7 +187,7 @@ def main() -> None:
         raise SystemExit(f"no PRMTrainer under {args.trl_dir}: pip install --no-deps --target {args.trl_dir} "
                          f"trl=={TRL_VERSION}")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bigrm-bench-prm-") as tmp:
-        from bigrm.model import write_random_init
+        from bigrm.model.reward_model import write_random_init
 
         model_dir = str(Path(tmp) / "model")
         write_random_init(str(write_config("tiny", Path(tmp) / "tiny")), model_dir, seed=0)

@@ -45,13 +45,13 @@ import torch
 from models import write_config
 
 from bigrm import precision
-from bigrm.attention import read_attention_needs, resolve_attn
 from bigrm.config import ATTN_IMPLS, LossConfig
-from bigrm.data import Example, Labels, split_implicit
-from bigrm.loss import ranking_loss
-from bigrm.model import RewardModel, load_classifier, write_random_init
-from bigrm.packing import collate, layout_tokens, pack_bins
-from bigrm.sequences import tokenize_examples
+from bigrm.data.packing import collate, layout_tokens, pack_bins
+from bigrm.data.rows import Example, Labels, split_implicit
+from bigrm.data.sequences import tokenize_examples
+from bigrm.model.attention import read_attention_needs, resolve_attn
+from bigrm.model.reward_model import RewardModel, load_classifier, write_random_init
+from bigrm.objectives.ranking import ranking_loss
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 MAX_LENGTH = 1024

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from bench_memory import BIG
 
-from bigrm.tiny import write_tiny
+from bigrm.builtin.tiny import write_tiny
 
 # config.json overrides of bigrm/assets/tiny-llama.json; "tiny" is that file as shipped
 SHAPES = {

@@ -10,20 +10,15 @@ import sys
 from pathlib import Path
 
 from bigrm import config, dist, options, precision
-from bigrm.attributes import AttributeHead
-from bigrm.checkpoint import CheckpointError
-from bigrm.data import DataError
-from bigrm.divergence import Diverged
-from bigrm.export import ExportError
-from bigrm.preemption import EXIT_CODE, Preempted, Terminated
-
-USER_ERRORS = (config.ConfigError, DataError, CheckpointError, ExportError, Diverged)
+from bigrm.errors import BigrmError, ConfigError
+from bigrm.model.heads import AttributeHead
+from bigrm.training.preemption import EXIT_CODE, Preempted, Terminated
 
 
 def _run(fn, *args) -> int:
     try:
         fn(*args)
-    except USER_ERRORS as err:
+    except BigrmError as err:
         if dist.launched_rank() == 0:  # every rank meets the same bad input: one message, not one per rank
             print(f"error: {err}", file=sys.stderr)
         return 2
@@ -37,7 +32,7 @@ def train_main(argv: list[str] | None = None) -> int:
         return 0
 
     def train() -> None:
-        from bigrm.train import run
+        from bigrm.training.trainer import run
 
         run(options.from_argv(argv))
 
@@ -71,7 +66,7 @@ def _sections(
         values.setdefault("data.attributes", list(head.names))
     outside = [k for k in values if not k.startswith(allowed)]
     if outside:
-        raise config.ConfigError(f"only {', '.join(a + '*' for a in allowed)} options apply here: {', '.join(outside)}")
+        raise ConfigError(f"only {', '.join(a + '*' for a in allowed)} options apply here: {', '.join(outside)}")
     given = values.setdefault("data.reward_convention", convention or config.DataConfig.reward_convention)
     if convention and given != convention:
         print(f"warning: scoring with data.reward_convention={given}; the model was trained with {convention}")
@@ -84,25 +79,25 @@ def writable(path: str, flag: str) -> None:
     """An output file, checked before any scoring: its directory is created, and it must not be a directory."""
     p = Path(path)
     if p.is_dir():
-        raise config.ConfigError(f"{flag} {path}: is a directory; give a file name")
+        raise ConfigError(f"{flag} {path}: is a directory; give a file name")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise config.ConfigError(f"{flag} {path}: cannot create its directory ({err.strerror})") from err
+        raise ConfigError(f"{flag} {path}: cannot create its directory ({err.strerror})") from err
 
 
 def report_dir(path: str) -> None:
     """`bigrm eval --report DIR`, checked before any scoring: matplotlib present, DIR a directory it can create."""
-    from bigrm.eval_report import check_installed
+    from bigrm.evaluation.report import check_installed
 
     check_installed("--report")
     p = Path(path)
     if p.exists() and not p.is_dir():
-        raise config.ConfigError(f"--report {path}: is a file; give a directory")
+        raise ConfigError(f"--report {path}: is a file; give a directory")
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise config.ConfigError(f"--report {path}: cannot create it ({err.strerror})") from err
+        raise ConfigError(f"--report {path}: cannot create it ({err.strerror})") from err
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -142,7 +137,7 @@ def score_main(argv: list[str]) -> int:
     def score() -> None:
         import torch
 
-        from bigrm import scoring
+        from bigrm.inference import scoring
 
         writable(args.out, "--out")
         device = torch.device(args.device)
@@ -179,7 +174,7 @@ def eval_main(argv: list[str]) -> int:
     def evaluate() -> None:
         import torch
 
-        from bigrm import scoring
+        from bigrm.inference import scoring
 
         if args.out:
             writable(args.out, "--out")
@@ -219,7 +214,7 @@ def export_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     def do_export() -> None:
-        from bigrm.export import export_checkpoint
+        from bigrm.artifacts.export import export_checkpoint
 
         path, out, dtype = Path(args.checkpoint), Path(args.out), precision.saved(args.dtype)
         rewards = export_checkpoint(path, out, dtype, args.merge_attributes)
@@ -240,7 +235,7 @@ def prepare_main(argv: list[str]) -> int:
         return 0
 
     def prepare() -> None:
-        from bigrm.prepare import prepare
+        from bigrm.data.pipeline import prepare
 
         for line in prepare(options.from_argv(argv)).log:
             print(line)

@@ -11,16 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bigrm import precision
+from bigrm.errors import ConfigError
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
-
-
-class ConfigError(ValueError):
-    """A bad option: the message names the file (if any) and the key."""
 
 
 def _choice(value: Any, key: str, choices: tuple) -> None:
@@ -41,10 +38,11 @@ class SyntheticConfig:
     max_k: int = opt(6, "Most completions per synthetic prompt.")
     task: str = opt(
         "ranked",
-        "`ranked`: K reviews ranked by sentiment (bigrm.synthetic.make_rows). `steps`: stepwise rows for a process "
+        "`ranked`: K reviews ranked by sentiment (bigrm.builtin.synthetic.make_rows). `steps`: stepwise rows for a "
+        "process "
         "reward model, min_k..max_k solutions per prompt, each step correct until the first step with a word of the "
-        "unwanted sentiment (bigrm.synthetic.make_step_rows). `attributes`: the multi-attribute task "
-        "(bigrm.synthetic_attributes): num_train rated single-completion rows (one column per data.attributes "
+        "unwanted sentiment (bigrm.builtin.synthetic.make_step_rows). `attributes`: the multi-attribute task "
+        "(bigrm.builtin.synthetic_attributes): num_train rated single-completion rows (one column per data.attributes "
         "name, some ratings missing) plus num_train / 4 K-ranked rows without ratings, ranked by the weighted sum of "
         "the ratings (loss.attribute_weights); eval rows are K-ranked and rated. Needs 1 to 3 data.attributes "
         "(any names).",
@@ -58,7 +56,7 @@ class SyntheticConfig:
             raise ConfigError(f"data.synthetic: need 2 <= min_k <= max_k, got {self.min_k}, {self.max_k}")
 
 
-REWARD_CONVENTIONS = ("trl", "grpo", "openrlhf")  # described in bigrm.sequences
+REWARD_CONVENTIONS = ("trl", "grpo", "openrlhf")  # described in bigrm.data.sequences
 STEPS_WITH_ATTRIBUTES = (
     "stepwise rows (process reward models) and data.attributes (several rating heads) cannot be trained in one run: "
     "a step is rated by one value; train them as separate models"
@@ -107,7 +105,7 @@ class DataConfig:
     attributes: list = opt(
         [],
         "Names of per-completion rating columns (e.g. HelpSteer2's [helpfulness, correctness, coherence, complexity, "
-        "verbosity]): the value head gets one output per name (bigrm.attributes). Rated rows {prompt, response, "
+        "verbosity]): the value head gets one output per name (bigrm.model.heads). Rated rows {prompt, response, "
         "<name>: number, ...} hold one completion; ranked, scored and pairwise rows may carry per-completion lists "
         "aligned with their completions ({..., helpfulness: [3, 1, null]}). A null or absent rating is masked, never "
         "read as 0. Empty: one scalar reward head.",
@@ -306,7 +304,7 @@ class LossConfig:
         1.0,
         "Stepwise rows (process reward models): the loss is ranking loss + step_coef * step loss, where the step loss "
         "is the binary cross-entropy of σ(value at each step's end) against the step's label (soft labels exact), "
-        "weighted by its row's weight and averaged over the optimizer step's steps (see bigrm.step_loss).",
+        "weighted by its row's weight and averaged over the optimizer step's steps (see bigrm.objectives.steps).",
     )
     train_on_last_step_only: bool = opt(
         False, "Stepwise rows: train on each solution's last step only (TRL's option); eval still reads every step."
@@ -451,3 +449,8 @@ class Config:
                 f"loss.attribute_weights: {len(weights)} weight(s) for {len(names)} data.attributes; give one per "
                 "attribute, or none for their mean"
             )
+
+
+def attribute_weights(cfg: Config) -> tuple[float, ...]:
+    """The weights of the scalar reward of an attribute head: loss.attribute_weights, or 1 each (the sum) when empty."""
+    return tuple(float(w) for w in cfg.loss.attribute_weights) or (1.0,) * len(cfg.data.attributes)

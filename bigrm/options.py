@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from bigrm.config import Config, ConfigError
+from bigrm.config import Config
+from bigrm.errors import ConfigError
 
 RECIPES = Path(__file__).parent / "recipes"
 DEFAULT_RECIPE = RECIPES / "tiny.yaml"

@@ -1,0 +1,290 @@
+"""Scored token sequences → packed micro-batches.
+
+A micro-batch is one flat row: the K sequences of each of its prompts laid end to end, with `cu_seqlens`,
+per-segment `position_ids`, a segment→group index and each segment's rank (0 = best). All K completions of a
+prompt share a micro-batch. Pure functions of (group sizes, seed, epoch): every rank computes the same plan, so
+every rank runs the same number of micro-batches per optimizer step (ZeRO-3 would hang otherwise).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, fields
+from math import nan
+
+import numpy as np
+import torch
+
+from bigrm.data.rows import Labels
+from bigrm.data.sequences import Group
+from bigrm.errors import DataError
+
+
+@dataclass
+class Step:
+    """One optimizer step: micro_batches[rank][i] is a list of group indices (possibly empty)."""
+
+    micro_batches: list[list[list[int]]]
+    num_groups: int  # over all ranks: the loss is the mean of per-prompt losses over these
+    epoch: int
+    index: int  # within the epoch
+
+
+def first_fit_decreasing(items: list[int], sizes: list[int], budget: int) -> list[list[int]]:
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(items, key=lambda i: -sizes[i]):
+        for b, free in enumerate(room):
+            if sizes[i] <= free:
+                bins[b].append(i)
+                room[b] -= sizes[i]
+                break
+        else:
+            bins.append([i])
+            room.append(budget - sizes[i])
+    return bins
+
+
+def pack_bins(order: list[int], sizes: list[int], budget: int, window: int) -> list[list[int]]:
+    """First-fit decreasing inside consecutive windows of an already shuffled order."""
+    too_big = [i for i in order if sizes[i] > budget]
+    if too_big:
+        raise ValueError(f"{len(too_big)} prompt(s) exceed max_tokens_per_batch={budget}, e.g. index {too_big[0]}")
+    bins: list[list[int]] = []
+    for lo in range(0, len(order), window):
+        bins += first_fit_decreasing(order[lo : lo + window], sizes, budget)
+    return bins
+
+
+def _fill_last_step(bins: list[list[int]], sizes: list[int], per_step: int) -> list[list[int]]:
+    """Split the fullest multi-group bins until the final step has one bin per slot; leave the rest empty."""
+    bins = [list(b) for b in bins]
+    while len(bins) < per_step:
+        splittable = [b for b in bins if len(b) > 1]
+        if not splittable:
+            bins += [[] for _ in range(per_step - len(bins))]
+            break
+        big = max(splittable, key=lambda b: sum(sizes[i] for i in b))
+        bins.remove(big)
+        by_size = sorted(big, key=lambda i: -sizes[i])
+        bins += [by_size[0::2], by_size[1::2]]
+    return bins
+
+
+def _assign(bins: list[list[int]], sizes: list[int], world: int, accum: int) -> list[list[list[int]]]:
+    """Largest bin first to the rank with the fewest tokens that still has a free slot."""
+    ranks: list[list[list[int]]] = [[] for _ in range(world)]
+    load = [0] * world
+    for b in sorted(bins, key=lambda b: -sum(sizes[i] for i in b)):
+        r = min((r for r in range(world) if len(ranks[r]) < accum), key=lambda r: load[r])
+        ranks[r].append(b)
+        load[r] += sum(sizes[i] for i in b)
+    return ranks
+
+
+def plan_epoch(
+    items: list[int], sizes: list[int], *, budget: int, world: int, accum: int, window: int, seed: int, epoch: int
+) -> list[Step]:
+    """Shuffle `items` (group indices, repeats allowed), pack, and cut into optimizer steps."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(items)
+    rng.shuffle(order)
+    bins = pack_bins(order, sizes, budget, window)
+    rng.shuffle(bins)
+    per_step = world * accum
+    steps = []
+    for lo in range(0, len(bins), per_step):
+        chunk = bins[lo : lo + per_step]
+        if len(chunk) < per_step:
+            chunk = _fill_last_step(chunk, sizes, per_step)
+        steps.append(Step(_assign(chunk, sizes, world, accum), sum(len(b) for b in chunk), epoch, len(steps)))
+    return steps
+
+
+@dataclass
+class SegmentLabels:
+    """The labels (data.Labels) of a set of prompts laid out per scored segment and per prompt: what the loss reads."""
+
+    seg_group: torch.Tensor  # (N,) prompt of each scored segment, 0..G-1, segments grouped in prompt order
+    seg_rank: torch.Tensor  # (N,) 0 = best within its prompt, equal for ties
+    seg_score: torch.Tensor  # (N,) raw score of scored rows, NaN for others
+    seg_target: torch.Tensor  # (N,) standardised score of scored rows, NaN for others
+    group_margin: torch.Tensor  # (G,)
+    group_weight: torch.Tensor  # (G,) the prompt's share of the ranking loss; 0 for unranked (stepwise) prompts
+    num_groups: int
+    seg_attributes: torch.Tensor | None = None  # (N, A) attribute ratings (bigrm.model.heads), NaN where missing
+    # stepwise segments: every step of the batch, segments in order, steps in order within a segment
+    step_seg: torch.Tensor | None = None  # (P,) scored segment of each step, 0..N-1
+    step_label: torch.Tensor | None = None  # (P,) in [0, 1]
+    step_weight: torch.Tensor | None = None  # (P,) the weight of the step's row
+    step_last: torch.Tensor | None = None  # (P,) the step is its solution's last
+
+    @staticmethod
+    def of(labels: list[Labels], ks: list[int], dtype: torch.dtype = torch.float32) -> SegmentLabels:
+        """Prompt g has ks[g] completions; `dtype` is that of scores, targets, margins and weights."""
+        prompts = list(zip(labels, ks, strict=True))
+
+        def per_completion(values, kind: torch.dtype) -> torch.Tensor:
+            return torch.tensor([v for lab, k in prompts for v in values(lab, k)], dtype=kind)
+
+        return SegmentLabels(
+            seg_group=torch.repeat_interleave(torch.arange(len(ks)), torch.tensor(ks, dtype=torch.long)),
+            seg_rank=per_completion(lambda lab, k: lab.ranks or range(k), torch.long),
+            seg_score=per_completion(lambda lab, k: lab.scores or [nan] * k, dtype),
+            seg_target=per_completion(lambda lab, k: lab.targets or [nan] * k, dtype),
+            group_margin=torch.tensor([lab.margin for lab in labels], dtype=dtype),
+            group_weight=torch.tensor([lab.weight * lab.ranked for lab in labels], dtype=dtype),
+            num_groups=len(labels),
+            seg_attributes=_attributes(prompts, dtype),
+            **step_labels(labels, ks, dtype),
+        )
+
+    @property
+    def num_steps(self) -> int:
+        return 0 if self.step_seg is None else len(self.step_seg)
+
+    def to(self, device: torch.device | str) -> SegmentLabels:
+        return SegmentLabels(**{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
+
+
+def _attributes(prompts: list[tuple[Labels, int]], dtype: torch.dtype) -> torch.Tensor | None:
+    """(N, A) ratings of prompts that carry attributes (NaN rows for any that do not); None when none does."""
+    width = next((len(lab.attributes[0]) for lab, _ in prompts if lab.attributes), None)
+    if width is None:
+        return None
+    rows = [r for lab, k in prompts for r in (lab.attributes or [(nan,) * width] * k)]
+    return torch.tensor(rows, dtype=dtype).reshape(len(rows), width)
+
+
+def step_labels(labels: list[Labels], ks: list[int], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """SegmentLabels' step fields: empty when no prompt is stepwise."""
+    seg, label, weight, last, n = [], [], [], [], 0
+    for lab, k in zip(labels, ks, strict=True):
+        for j in range(k):
+            if lab.steps is not None:
+                steps = lab.steps[j]
+                seg += [n] * len(steps)
+                label += steps
+                weight += [lab.step_weights[j]] * len(steps)
+                last += [i == len(steps) - 1 for i in range(len(steps))]
+            n += 1
+    if not seg:
+        return {}
+    return {
+        "step_seg": torch.tensor(seg, dtype=torch.long),
+        "step_label": torch.tensor(label, dtype=dtype),
+        "step_weight": torch.tensor(weight, dtype=dtype),
+        "step_last": torch.tensor(last, dtype=torch.bool),
+    }
+
+
+def _to(value, device: torch.device | str):
+    return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # (1, T) all segments end to end
+    position_ids: torch.Tensor  # (1, T) restarting at 0 in every segment (a shared suffix continues its prefix)
+    cu_seqlens: torch.Tensor  # (S + 1,) int32 segment boundaries: shared prefixes, sequences, alignment padding
+    seg_parent: torch.Tensor  # (S,) the shared-prefix segment a segment continues, -1 for none
+    last_index: torch.Tensor  # (N,) position of each scored segment's final token
+    labels: SegmentLabels
+    max_seqlen: int
+    real_tokens: int
+    # varlen kernels with shared prefixes: each segment's keys are its prefix's tokens then its own
+    kv_index: torch.Tensor | None = None  # (T_k,) token positions gathered into the key/value stream
+    cu_seqlens_k: torch.Tensor | None = None  # (S + 1,) int32 boundaries of the key sequences
+    max_seqlen_k: int = 0
+    step_index: torch.Tensor | None = None  # (P,) position of each step's last token (labels.step_seg: its segment)
+
+    @property
+    def read_index(self) -> torch.Tensor:
+        """(N + P,) where the model reads the value head: each scored segment's final token, then each step end."""
+        return self.last_index if self.step_index is None else torch.cat([self.last_index, self.step_index])
+
+    def to(self, device: torch.device | str) -> PackedBatch:
+        moved = {f.name: _to(getattr(self, f.name), device) for f in fields(self)}
+        return PackedBatch(**{**moved, "labels": self.labels.to(device)})
+
+    @property
+    def processed_tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def shared_prefix(seqs: tuple[np.ndarray, ...]) -> int:
+    """Length of the longest common token prefix, leaving every sequence at least its final (scored) token."""
+    shortest = min(len(s) for s in seqs)
+    heads = np.stack([s[: shortest - 1] for s in seqs])  # (K, shortest - 1)
+    same = (heads == heads[0]).all(0)
+    return int(same.argmin()) if not same.all() else shortest - 1
+
+
+def layout_tokens(group: Group, share_prompt: bool) -> int:
+    """Tokens the group occupies in a packed row: its shared prefix counts once."""
+    if not share_prompt:
+        return group.num_tokens
+    return group.num_tokens - (len(group.seqs) - 1) * shared_prefix(group.seqs)
+
+
+def check_budget(groups: list[Group], budget: int, share_prompt: bool, what: str = "", option: str = "--") -> None:
+    """All K completions of a prompt share one micro-batch: a DataError when some prompt's cannot fit the budget
+    (`option` prefixes the budget's name in the message: "train." in training, "--" on the command line)."""
+    big = [g for g in groups if layout_tokens(g, share_prompt) > budget]
+    if big:
+        raise DataError(
+            f"{len(big)} {what}prompt(s) need more than {option}max_tokens_per_batch={budget} tokens for their K "
+            f"completions, e.g. {big[0].source} ({big[0].num_tokens} tokens); raise the budget or lower "
+            "data.max_length"
+        )
+
+
+def collate(groups: list[Group], pad_id: int, pad_to_multiple: int = 1, share_prompt: bool = False) -> PackedBatch:
+    """Lay groups end to end; with share_prompt each group's common token prefix is laid out once, followed by the
+    K suffixes, which attend to it and to themselves. An empty list gives a 1-token placeholder that carries no
+    loss (keeps ranks in step)."""
+    segs: list[tuple[np.ndarray, int, int, bool]] = []  # (tokens, first position, parent segment, scored)
+    step_at: list[tuple[int, int, np.ndarray]] = []  # stepwise: (segment, its parent, step end indices - prefix)
+    for g in groups:
+        p = shared_prefix(g.seqs) if share_prompt else 0
+        parent = -1
+        if p:
+            parent = len(segs)
+            segs.append((g.seqs[0][:p], 0, -1, False))
+        if g.steps is not None:
+            step_at += [(len(segs) + j, parent, np.asarray(ends, dtype=np.int64) - p) for j, ends in enumerate(g.steps)]
+        segs += [(s[p:], p, parent, True) for s in g.seqs]
+    real = sum(len(t) for t, *_ in segs)
+    total = -(-max(real, 1) // pad_to_multiple) * pad_to_multiple
+    if total > real:  # alignment padding forms its own segment, so no real token attends to it
+        segs.append((np.full(total - real, pad_id, dtype=np.int64), 0, -1, False))
+    lens = np.array([len(t) for t, *_ in segs], dtype=np.int64)
+    cu = np.concatenate([[0], np.cumsum(lens)])
+    starts = np.array([first for _, first, _, _ in segs], dtype=np.int64)
+    positions = np.arange(total) - np.repeat(cu[:-1] - starts, lens)
+    parents = np.array([parent for _, _, parent, _ in segs], dtype=np.int64)
+    scored = np.array([flag for *_, flag in segs], dtype=bool)
+    k_per_group = [len(g.seqs) for g in groups]
+    batch = PackedBatch(
+        input_ids=torch.from_numpy(np.concatenate([t for t, *_ in segs]).astype(np.int64, copy=False))[None],
+        position_ids=torch.from_numpy(positions)[None],
+        cu_seqlens=torch.from_numpy(cu).to(torch.int32),
+        seg_parent=torch.from_numpy(parents),
+        last_index=torch.from_numpy(cu[1:][scored] - 1),
+        labels=SegmentLabels.of([g.labels for g in groups], k_per_group),
+        max_seqlen=int(lens.max()),
+        real_tokens=real,
+    )
+    if step_at:
+        # a step that ends inside the shared prefix (solutions that begin alike) is read there: same tokens, same value
+        batch.step_index = torch.from_numpy(
+            np.concatenate([np.where(e >= 0, cu[s] + e, cu[max(q, 0)] + e + starts[s]) for s, q, e in step_at])
+        )
+    if (parents >= 0).any():
+        keys = [np.arange(cu[s], cu[s + 1]) for s in range(len(segs))]
+        keys = [np.concatenate([keys[p], k]) if p >= 0 else k for k, p in zip(keys, parents, strict=True)]
+        klens = np.array([len(k) for k in keys], dtype=np.int64)
+        batch.kv_index = torch.from_numpy(np.concatenate(keys))
+        batch.cu_seqlens_k = torch.from_numpy(np.concatenate([[0], np.cumsum(klens)])).to(torch.int32)
+        batch.max_seqlen_k = int(klens.max())
+    return batch

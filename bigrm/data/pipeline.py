@@ -1,0 +1,223 @@
+"""Config → tokenised train/eval groups: files (or the synthetic task), validation, hold-out, tokenisation.
+
+Runs entirely before the model is built, so bad data fails before any compute is spent. `bigrm prepare --config …`
+runs it ahead of training (`prepare`, e.g. on a CPU node before the GPU job): it fills the token cache (data.cache)
+that a training run with the same options then memory-maps, and prints the same report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bigrm.builtin import synthetic, synthetic_attributes
+from bigrm.config import Config, attribute_weights
+from bigrm.data import token_cache
+from bigrm.data.packing import check_budget
+from bigrm.data.rows import Example, file_specs, load_examples, prompt_key
+from bigrm.data.sequences import Group, default_workers, encode_examples
+from bigrm.data.token_store import TokenStore, concat
+from bigrm.data.tokenizer import load_tokenizer
+from bigrm.errors import ConfigError, DataError
+
+
+@dataclass
+class Dataset:
+    train: Sequence[Group]  # a TokenStore (memory-mapped when cached) or any list of groups
+    train_files: list[list[int]]  # group indices of each training file, for per-epoch mixing
+    weights: list[float]
+    eval: Sequence[Group]
+    log: list[str] = field(default_factory=list)
+    attribute_stats: dict | None = None  # with data.attributes: rating_stats of the training ratings
+    stepwise: bool = False  # some training prompts are stepwise (a process reward model)
+
+
+def synthetic_paths(out_dir: Path, cfg: Config) -> tuple[list[Path], Path | None]:
+    """(training files, eval file) of the built-in task: the attributes task adds a file of unrated ranked rows."""
+    train = [out_dir / "synthetic-train.jsonl"]
+    if cfg.data.synthetic.task == "attributes":
+        train.append(out_dir / "synthetic-train-ranked.jsonl")
+    return train, out_dir / "synthetic-eval.jsonl" if cfg.data.synthetic.num_eval else None
+
+
+def write_synthetic(cfg: Config, out_dir: Path) -> None:
+    """The built-in task as JSON Lines files, so it takes the same path as user data."""
+    s = cfg.data.synthetic
+    train, held = synthetic_paths(out_dir, cfg)
+    seed = cfg.train.seed
+    if s.task == "attributes":
+        names, w = cfg.data.attributes, list(attribute_weights(cfg))
+        files = [
+            (train[0], synthetic_attributes.rated_rows(s.num_train, names, synthetic_attributes.MISSING, seed)),
+            (train[1], synthetic_attributes.ranked_rows(s.num_train // 4, names, w, s.min_k, s.max_k, seed + 2, False)),
+        ]
+        if held:
+            files.append(
+                (held, synthetic_attributes.ranked_rows(s.num_eval, names, w, s.min_k, s.max_k, seed + 1, True))
+            )
+    else:
+        make = synthetic.make_step_rows if s.task == "steps" else synthetic.make_rows
+        files = [(train[0], make(s.num_train, s.min_k, s.max_k, seed))]
+        if held:
+            files.append((held, make(s.num_eval, s.min_k, s.max_k, seed + 1)))
+    for path, rows in files:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def sources(cfg: Config, synthetic_dir: Path) -> tuple[list[tuple[str, float]], list[str]]:
+    """(training files with their weights, eval files): data.train_files / eval_files, or the synthetic files that
+    write_synthetic put in synthetic_dir."""
+    d = cfg.data
+    if d.train_files:
+        return file_specs(d.train_files), [str(p) for p in d.eval_files]
+    train_paths, eval_path = synthetic_paths(synthetic_dir, cfg)
+    return [(str(p), 1.0) for p in train_paths], [str(eval_path)] if eval_path else []
+
+
+def tokenise(cfg: Config, tokenizer, paths: list[str], eval_paths: list[str]) -> tuple[TokenStore, TokenStore, dict]:
+    """Validation, hold-out and tokenisation: (train, eval, {"train_file_groups": groups per file, "log": report})."""
+    d = cfg.data
+    log = []
+    per_file, report = load_examples(paths, d)
+    log.append(f"train data: {report.summary()}")
+    if eval_paths:
+        eval_files, eval_report = load_examples(eval_paths, d)
+        eval_examples = [e for f in eval_files for e in f]
+        log.append(f"eval data: {eval_report.summary()}")
+    elif d.eval_fraction > 0:
+        rng = random.Random(cfg.train.seed)
+        eval_examples, held_prompts = [], 0
+        for i, examples in enumerate(per_file):
+            # the unit held out is a prompt: its rows (several pairs, or a PRM's solutions split into groups) all
+            # go to one side, so no eval prompt is trained on
+            keys = [prompt_key(e.prompt) for e in examples]
+            prompts = list(dict.fromkeys(keys))
+            order = list(range(len(prompts)))
+            rng.shuffle(order)
+            held = {prompts[j] for j in order[: round(d.eval_fraction * len(prompts))]}
+            held_prompts += len(held)
+            eval_examples += [e for e, k in zip(examples, keys, strict=True) if k in held]
+            per_file[i] = [e for e, k in zip(examples, keys, strict=True) if k not in held]
+        log.append(
+            f"eval data: {held_prompts} prompts held out ({len(eval_examples)} groups; "
+            f"data.eval_fraction={d.eval_fraction})"
+        )
+    else:
+        eval_examples = []
+        log.append("eval data: none (set data.eval_files or data.eval_fraction)")
+
+    workers = d.num_proc or default_workers()
+
+    def encoded(examples: list) -> tuple[TokenStore, str]:
+        done = encode_examples(
+            examples, tokenizer, d.max_length, d.overlong, d.reward_convention, d.max_errors, workers
+        )
+        return TokenStore.of(done, examples, len(d.attributes)), done.report.summary()
+
+    train = []
+    for examples in per_file:
+        store, summary = encoded(examples)
+        train.append(store)
+        log.append(f"train tokens: {summary}")
+    if not sum(len(s) for s in train):
+        raise DataError("no training prompts left after validation")
+    evals, summary = encoded(eval_examples)
+    if eval_examples:
+        log.append(f"eval tokens: {summary}")
+    meta = {"train_file_groups": [len(s) for s in train], "log": log}
+    if d.attributes:  # the targets' scale: every training rating, before files are mixed by weight
+        meta["attribute_stats"] = rating_stats([e for f in per_file for e in f], len(d.attributes))
+    return concat(train), evals, meta
+
+
+def cache_key(cfg: Config, tokenizer, paths: list[str], eval_paths: list[str]) -> str:
+    """Everything that decides the tokens: the files' contents and names (sources name them), the tokenizer, every
+    data option (those that only say how to build are left out) and the hold-out's seed when there is one."""
+    d = cfg.data
+    options = {k: v for k, v in asdict(d).items() if k not in ("cache", "cache_dir", "num_proc")}
+    for path in [*paths, *eval_paths]:
+        if not Path(path).exists():
+            raise DataError(f"{path}: no such file or directory")
+    return token_cache.key_of(
+        {
+            "format": CACHE_FORMAT,
+            "train": [(p, token_cache.digest_file(Path(p))) for p in paths],
+            "eval": [(p, token_cache.digest_file(Path(p))) for p in eval_paths],
+            "data": options,
+            "hold_out_seed": cfg.train.seed if d.eval_fraction > 0 and not eval_paths else None,
+            "tokenizer": token_cache.digest_tokenizer(tokenizer),
+        }
+    )
+
+
+CACHE_ENV = "BIGRM_CACHE_DIR"
+CACHE_FORMAT = 4  # raised whenever what a cache holds, or how it is tokenised, changes
+
+
+def cache_root(cfg: Config) -> Path:
+    return Path(os.path.expanduser(cfg.data.cache_dir or os.environ.get(CACHE_ENV, "~/.cache/bigrm/tokens")))
+
+
+def build(cfg: Config, tokenizer, synthetic_dir: Path) -> Dataset:
+    """The tokenised dataset: from the token cache (built by whichever process gets there first, see token_cache),
+    or, with data.cache off, tokenised here."""
+    specs, eval_paths = sources(cfg, synthetic_dir)
+    paths = [p for p, _ in specs]
+    if cfg.data.cache:
+        started = time.perf_counter()
+        key = cache_key(cfg, tokenizer, paths, eval_paths)
+
+        def write(tmp: Path) -> dict:
+            train, evals, meta = tokenise(cfg, tokenizer, paths, eval_paths)
+            train.save(tmp / "train")
+            evals.save(tmp / "eval")
+            return meta
+
+        directory, built = token_cache.get_or_build(cache_root(cfg), key, write)
+        meta = token_cache.read_complete(directory)["meta"]
+        train, evals = TokenStore.load(directory / "train"), TokenStore.load(directory / "eval")
+        how = "built" if built else "reused"
+        log = [*meta["log"], f"token cache: {directory} ({how} in {time.perf_counter() - started:.1f} s)"]
+    else:
+        train, evals, meta = tokenise(cfg, tokenizer, paths, eval_paths)
+        log = meta["log"]
+    bounds = np.cumsum([0, *meta["train_file_groups"]]).tolist()
+    train_files = [list(range(lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    for name, groups in (("train", train), ("eval", evals)):
+        check_budget(groups, cfg.train.max_tokens_per_batch, cfg.train.share_prompt, f"{name} ", "train.")
+    stepwise = bool(train.a["has_steps"].any())
+    return Dataset(train, train_files, [w for _, w in specs], evals, log, meta.get("attribute_stats"), stepwise)
+
+
+def rating_stats(examples: list[Example], num_attributes: int) -> dict:
+    """{"mean", "std"}: per attribute, over the examples' present ratings (std 1 where they are constant or absent,
+    mean 0 where absent, so targets stay finite)."""
+    ratings = np.array([r for e in examples for r in (e.labels.attributes or ())], dtype=np.float64).reshape(
+        -1, num_attributes
+    )
+    mean, std = [], []
+    for a in range(num_attributes):
+        present = ratings[~np.isnan(ratings[:, a]), a]
+        mean.append(float(present.mean()) if len(present) else 0.0)
+        spread = float(present.std()) if len(present) else 0.0
+        std.append(spread if spread > 0 else 1.0)
+    return {"mean": mean, "std": std}
+
+
+def prepare(cfg: Config) -> Dataset:
+    """Fill the token cache for `cfg` (the synthetic task's files are written to train.output_dir)."""
+    if not cfg.data.cache:
+        raise ConfigError("bigrm prepare fills the token cache: data.cache must be true")
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(cfg, out)
+    if not cfg.data.train_files:
+        write_synthetic(cfg, out)
+    return build(cfg, tokenizer, out)

@@ -1,0 +1,586 @@
+"""Rows → validated examples.
+
+Files are read with `datasets`; each file's format is detected from its columns:
+  ranked        {prompt, ranked_outputs: [best, ..., worst]}
+  pairwise      {prompt, chosen, rejected}
+  implicit      {chosen, rejected}: the prompt is their shared prefix (see DataConfig.assistant_marker)
+  stepwise      {prompt, completions: [step, ...], labels: [correct?, ...]}: one solution per row (TRL's stepwise
+                supervision); rows with the same prompt form unranked groups (DataConfig.step_group_size)
+  rated         {prompt, response, <attribute>: rating, ...}: one completion rated on data.attributes (HelpSteer2)
+Any format but stepwise may carry data.attributes ratings (rated rows: one number each; others: a list per attribute
+aligned with the completions); a null or absent rating is masked (NaN in Labels.attributes).
+A prompt may be text or a list of chat messages; completions are then assistant strings or message lists.
+Every problem is reported with file, line (JSON Lines) or row, and field before any compute is spent.
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import math
+import random
+import zlib
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bigrm import progress
+from bigrm.config import STEPS_WITH_ATTRIBUTES, DataConfig
+from bigrm.errors import DataError
+from bigrm.hashing import file_hash
+
+Text = str | list[dict]  # plain text, or chat messages [{"role", "content"}, ...]
+
+
+@dataclass(frozen=True)
+class Labels:
+    """What a prompt's completions are trained toward, declared once: Example and sequences.Group carry it, and
+    packing.collate lays it out per segment (packing.SegmentLabels) for the loss."""
+
+    ranks: tuple[int, ...] = ()  # per completion, 0 = best; equal ranks are ties; empty means 0..K-1; -1: unranked
+    scores: tuple[float, ...] | None = None  # scored rows: the raw scores
+    targets: tuple[float, ...] | None = None  # scored rows: scores standardised over their file
+    margin: float = 0.0  # subtracted inside every pair's loss
+    weight: float = 1.0  # the prompt's share of the loss
+    # with data.attributes: per completion, its rating of each attribute in data.attributes' order, NaN = missing
+    attributes: tuple[tuple[float, ...], ...] | None = None
+    # stepwise groups (ranks all -1): per completion, each step's label in [0, 1] and the row's weight
+    steps: tuple[tuple[float, ...], ...] | None = None
+    step_weights: tuple[float, ...] | None = None
+
+    @property
+    def ranked(self) -> bool:
+        """Whether the completions are compared with each other (stepwise solutions never are)."""
+        return not self.ranks or self.ranks[0] >= 0
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: Text
+    completions: tuple[Text, ...]  # best first (scored rows: in the row's order)
+    source: str  # "file:line N" / "file:row N", for error messages further down the chain
+    labels: Labels = Labels()
+    # stepwise: per completion, the character offset in its text where each step (with its separator) ends
+    step_ends: tuple[tuple[int, ...], ...] | None = None
+
+
+@dataclass
+class RowError:
+    where: str
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: field {self.field!r}: {self.reason}"
+
+
+@dataclass
+class LoadReport:
+    rows: int = 0
+    skipped: Counter | None = None
+
+    def summary(self) -> str:
+        skipped = sum(self.skipped.values()) if self.skipped else 0
+        text = f"{self.rows} rows read, {skipped} skipped"
+        if skipped:
+            text += " (" + "; ".join(f"{n} × {why}" for why, n in self.skipped.most_common()) + ")"
+        return text
+
+
+def read_rows(path: str) -> list[Any]:
+    """All rows of a file through `datasets`; JSON files whose rows Arrow cannot type are pinpointed by line."""
+    import datasets
+
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{path}: no such file or directory")
+    datasets.disable_progress_bars()
+    # reading a local file needs no network; without this, datasets pings the hub's download counter per file
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+    if p.is_dir():
+        try:
+            return datasets.load_from_disk(str(p)).to_list()
+        except FileNotFoundError as err:
+            raise DataError(f"{path}: a directory that is not a datasets save_to_disk directory ({err})") from err
+    if p.stat().st_size == 0:
+        raise DataError(f"{path}: empty file")
+    name = p.name.lower().removesuffix(".gz")
+    kind = "parquet" if name.endswith(".parquet") else "json" if name.endswith((".json", ".jsonl")) else None
+    if kind is None:
+        raise DataError(f"{path}: unknown file type (expected .json, .jsonl, .parquet, optionally .gz, or a dir)")
+    # datasets keys its cache by path and modification time: a file replaced with the same mtime (cp -p, rsync,
+    # an archive) would be read as its old rows. Naming the config by the content keys the cache by the bytes.
+    name = f"bigrm-{file_hash(p)}"
+    try:
+        return datasets.load_dataset(kind, name=name, data_files=str(p), split="train").to_list()
+    except Exception as err:
+        if kind == "json":
+            raise DataError(_pinpoint_json(p) or f"{path}: cannot be read as JSON: {err}") from err
+        raise DataError(f"{path}: cannot be read as Parquet: {err}") from err
+
+
+def _read_text(p: Path) -> str:
+    """The whole file as text; a corrupt .gz or bytes that are not UTF-8 are a DataError naming the file."""
+    try:
+        if p.name.endswith(".gz"):
+            with gzip.open(p, "rt", encoding="utf-8") as fh:
+                return fh.read()
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{p}: not UTF-8 text (byte {err.start} of the {'decompressed ' * p.name.endswith('.gz')}"
+            f"file: {err.reason})"
+        ) from err
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"{p}: not a readable gzip file ({err})") from err
+
+
+def _kind(value: Any) -> str:
+    return "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__
+
+
+def _json_rows(p: Path):
+    """(location, parsed row or a parse-error message) for a JSON array file or a JSON Lines file."""
+    text = _read_text(p)
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, list):
+        yield from ((f"{p}:row {i}", row) for i, row in enumerate(whole))
+        return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield f"{p}:line {lineno}", json.loads(line)
+            except json.JSONDecodeError as err:
+                yield f"{p}:line {lineno}", JsonProblem(f"not valid JSON ({err.msg})")
+
+
+class JsonProblem(str):
+    pass
+
+
+def _pinpoint_json(p: Path) -> str | None:
+    """Arrow reports type clashes without a line number; find the first row that breaks the file's schema."""
+    seen: dict[str, tuple[str, str]] = {}
+    for where, row in _json_rows(p):
+        if isinstance(row, JsonProblem):
+            return f"{where}: {row}"
+        if not isinstance(row, dict):
+            return f"{where}: the row is a {type(row).__name__}, not a JSON object"
+        for key, value in row.items():
+            if value is None:
+                continue
+            first = seen.setdefault(key, (_kind(value), where.rsplit(":", 1)[1]))
+            if first[0] != _kind(value):
+                return (
+                    f"{where}: field {key!r}: is a {_kind(value)} but was a {first[0]} on {first[1]}; "
+                    "every row must use the same type for a field"
+                )
+    return None
+
+
+def _line_numbers(p: Path) -> list[int]:
+    """Row index → physical line of a JSON Lines file (blank lines are not rows)."""
+    return [n for n, line in enumerate(_read_text(p).splitlines(), 1) if line.strip()]
+
+
+class Locator:
+    def __init__(self, path: str):
+        self.path = path
+        self._lines: list[int] | None = None
+        low = path.lower().removesuffix(".gz")
+        self._jsonl = low.endswith(".jsonl") and Path(path).is_file()
+
+    def __call__(self, index: int) -> str:
+        if self._jsonl:
+            if self._lines is None:
+                self._lines = _line_numbers(Path(self.path))
+            if index < len(self._lines):
+                return f"{self.path}:line {self._lines[index]}"
+        return f"{self.path}:row {index}"
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) for m in value) and len(value) > 0
+
+
+ROLES = ("system", "user", "assistant", "tool")  # what chat templates render; anything else is a typo or a dialect
+
+
+def _check_messages(value: list, field: str) -> str | None:
+    for i, m in enumerate(value):
+        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return f"message {i} needs string 'role' and 'content'"
+        if m["role"] not in ROLES:
+            return f"message {i} has role {m['role']!r}, not one of {', '.join(ROLES)}"
+        if not m["content"].strip():
+            return f"message {i} has empty content"
+    return None
+
+
+def _completion(value: Any, field: str) -> tuple[Text | None, str | None]:
+    """A completion is a non-empty string or a non-empty list of chat messages."""
+    if isinstance(value, str):
+        return (value, None) if value.strip() else (None, "empty completion")
+    if _is_messages(value):
+        problem = _check_messages(value, field)
+        return (value, None) if problem is None else (None, problem)
+    return None, f"must be a non-empty string or a list of chat messages, got {type(value).__name__}"
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def split_implicit(chosen: Text, rejected: Text, marker: str) -> tuple[Text, Text, Text] | str:
+    """(prompt, chosen completion, rejected completion) from two full texts/conversations, or a reason."""
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        if n == 0:
+            return "chosen and rejected conversations share no prompt messages"
+        if n == len(chosen) or n == len(rejected):
+            return "one conversation is a prefix of the other: nothing left to score"
+        return chosen[:n], chosen[n:], rejected[n:]
+    if isinstance(chosen, list) or isinstance(rejected, list):
+        return "chosen and rejected must both be text or both be chat messages"
+    n = _common_prefix(chosen, rejected)
+    cut = chosen.rfind(marker, 0, n) if marker else -1
+    n = cut + len(marker) if cut >= 0 else n
+    if n == 0:
+        return "chosen and rejected share no prefix to use as the prompt"
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def detect_format(columns: set[str], cfg: DataConfig, path: str) -> str:
+    if cfg.ranked_column in columns:
+        return "ranked"
+    if cfg.completions_column in columns and cfg.scores_column in columns:
+        return "scored"
+    if cfg.completions_column in columns and cfg.labels_column in columns:
+        if cfg.attributes:
+            raise DataError(f"{path}: {STEPS_WITH_ATTRIBUTES}")
+        return "stepwise"
+    if cfg.chosen_column in columns and cfg.rejected_column in columns:
+        return "pairwise" if cfg.prompt_column in columns else "implicit"
+    if cfg.response_column in columns and cfg.prompt_column in columns:
+        if not cfg.attributes:
+            raise DataError(
+                f"{path}: rows of {cfg.prompt_column!r} and {cfg.response_column!r} are rated completions: name their "
+                "rating columns in data.attributes"
+            )
+        return "rated"
+    raise DataError(
+        f"{path}: cannot tell the format from columns {sorted(columns)}: expected {cfg.ranked_column!r} "
+        f"(ranked), {cfg.completions_column!r} and {cfg.scores_column!r} (scored), {cfg.completions_column!r} and "
+        f"{cfg.labels_column!r} (stepwise), {cfg.chosen_column!r} and {cfg.rejected_column!r} (pairwise, with or "
+        f"without {cfg.prompt_column!r}), or {cfg.prompt_column!r} and {cfg.response_column!r} (rated, with "
+        "data.attributes); column names are set with data.*_column"
+    )
+
+
+def parse_row(row: Any, fmt: str, cfg: DataConfig, where: str) -> Example | RowError:
+    if not isinstance(row, dict):
+        return RowError(where, "<row>", f"the row is a {type(row).__name__}, not an object")
+    margin = row.get(cfg.margin_column)
+    if margin is None:
+        margin = 0.0
+    elif not _finite_number(margin):
+        return RowError(where, cfg.margin_column, f"must be a number within float32's range, got {margin!r}")
+
+    if fmt == "implicit":
+        for col in (cfg.chosen_column, cfg.rejected_column):
+            if row.get(col) is None:
+                return RowError(where, col, "missing")
+            _, problem = _completion(row[col], col)
+            if problem:
+                return RowError(where, col, problem)
+        split = split_implicit(row[cfg.chosen_column], row[cfg.rejected_column], cfg.assistant_marker)
+        if isinstance(split, str):
+            return RowError(where, f"{cfg.chosen_column}/{cfg.rejected_column}", split)
+        prompt, *raw = split
+        fields = [cfg.chosen_column, cfg.rejected_column]
+    else:
+        prompt = row.get(cfg.prompt_column)
+        if prompt is None:
+            return RowError(where, cfg.prompt_column, "missing")
+        if _is_messages(prompt):
+            problem = _check_messages(prompt, cfg.prompt_column)
+            if problem:
+                return RowError(where, cfg.prompt_column, problem)
+        elif not isinstance(prompt, str):
+            return RowError(where, cfg.prompt_column, f"must be text or chat messages, got {type(prompt).__name__}")
+        if fmt == "stepwise":
+            return parse_stepwise(row, prompt, cfg, where)
+        if fmt in ("ranked", "scored"):
+            col = cfg.ranked_column if fmt == "ranked" else cfg.completions_column
+            listed = row.get(col)
+            if listed is None:
+                return RowError(where, col, "missing")
+            if not isinstance(listed, list):
+                return RowError(where, col, f"must be a list, got {type(listed).__name__}")
+            raw, fields, ranks = [], [], []
+            for i, entry in enumerate(listed):
+                # a list that is not one chat conversation is a block of completions tied at this rank
+                block = fmt == "ranked" and isinstance(entry, list) and not _is_messages(entry)
+                if block and not entry:
+                    return RowError(where, f"{col}[{i}]", "an empty list of tied completions")
+                for j, value in enumerate(entry if block else [entry]):
+                    raw.append(value)
+                    fields.append(f"{col}[{i}][{j}]" if block else f"{col}[{i}]")
+                    ranks.append(i)
+            if len(raw) < 2:
+                return RowError(where, col, f"needs at least 2 completions, got {len(raw)}")
+        elif fmt == "rated":
+            raw, fields = [row.get(cfg.response_column)], [cfg.response_column]
+            if raw[0] is None:
+                return RowError(where, cfg.response_column, "missing")
+        else:
+            raw, fields = [], [cfg.chosen_column, cfg.rejected_column]
+            for col in fields:
+                if row.get(col) is None:
+                    return RowError(where, col, "missing")
+                raw.append(row[col])
+
+    completions = []
+    for value, name in zip(raw, fields, strict=True):
+        text, problem = _completion(value, name)
+        if problem:
+            return RowError(where, name, problem)
+        if isinstance(text, list) and not isinstance(prompt, list):
+            return RowError(where, name, "chat-message completions need a chat-message prompt")
+        completions.append(text)
+    seen: dict[str, str] = {}
+    for text, name in zip(completions, fields, strict=True):
+        key = json.dumps(text, sort_keys=True)
+        if key in seen:
+            return RowError(where, name, f"duplicate of {seen[key]} under the same prompt")
+        seen[key] = name
+    weight = _row_weight(row, cfg)
+    if isinstance(weight, RowError):
+        return replace(weight, where=where)
+    labels = Labels(tuple(range(len(completions))), margin=float(margin), weight=float(weight))
+    if cfg.attributes:
+        ratings = attribute_ratings(row, cfg.attributes, len(completions), fmt == "rated", where)
+        if isinstance(ratings, RowError):
+            return ratings
+        labels = replace(labels, attributes=ratings)
+    if fmt == "ranked":
+        labels = replace(labels, ranks=tuple(ranks))
+    if fmt != "scored":
+        return Example(prompt, tuple(completions), where, labels)
+    scores = row.get(cfg.scores_column)
+    if not isinstance(scores, list) or len(scores) != len(completions):
+        return RowError(where, cfg.scores_column, f"needs one number per completion ({len(completions)})")
+    bad = next((i for i, v in enumerate(scores) if not _finite_number(v)), None)
+    if bad is not None:
+        return RowError(
+            where, f"{cfg.scores_column}[{bad}]", f"must be a finite number within float32's range, got {scores[bad]!r}"
+        )
+    distinct = sorted(set(scores), reverse=True)  # equal scores share a rank: ties
+    labels = replace(labels, ranks=tuple(distinct.index(v) for v in scores), scores=tuple(map(float, scores)))
+    return Example(prompt, tuple(completions), where, labels)
+
+
+def _row_weight(row: dict, cfg: DataConfig) -> float | RowError:
+    weight = row.get(cfg.weight_column)
+    weight = 1.0 if weight is None else weight
+    if not _finite_number(weight) or weight <= 0:
+        return RowError("", cfg.weight_column, f"must be a positive number within float32's range, got {weight!r}")
+    return float(weight)
+
+
+def parse_stepwise(row: dict, prompt: Text, cfg: DataConfig, where: str) -> Example | RowError:
+    """One solution: its steps joined, each followed by data.step_separator, with one label per step."""
+    col, lab = cfg.completions_column, cfg.labels_column
+    steps, labels = row.get(col), row.get(lab)
+    if not isinstance(steps, list) or not steps:
+        return RowError(where, col, f"must be a non-empty list of steps, got {steps!r:.60}")
+    for i, step in enumerate(steps):
+        if not isinstance(step, str):
+            return RowError(where, f"{col}[{i}]", f"a step must be text, got {type(step).__name__}")
+        if not step.strip():
+            return RowError(where, f"{col}[{i}]", "empty step")
+    if not isinstance(labels, list) or len(labels) != len(steps):
+        got = f"{len(labels)} labels" if isinstance(labels, list) else repr(labels)
+        return RowError(where, lab, f"needs one label per step ({len(steps)}), got {got}")
+    for i, v in enumerate(labels):
+        if not (isinstance(v, bool) or (_finite_number(v) and 0 <= v <= 1)):
+            return RowError(where, f"{lab}[{i}]", f"must be a boolean or a probability in [0, 1], got {v!r}")
+    weight = _row_weight(row, cfg)
+    if isinstance(weight, RowError):
+        return replace(weight, where=where)
+    pieces = [step + cfg.step_separator for step in steps]
+    ends = tuple(int(e) for e in itertools.accumulate(len(p) for p in pieces))
+    return Example(
+        prompt,
+        ("".join(pieces),),
+        where,
+        Labels((-1,), steps=(tuple(float(v) for v in labels),), step_weights=(weight,)),
+        step_ends=(ends,),
+    )
+
+
+def prompt_key(prompt: Text) -> str:
+    """What makes two rows' prompts the same prompt (text, or chat messages)."""
+    return json.dumps(prompt, sort_keys=True)
+
+
+def group_solutions(examples: list[Example], size: int) -> list[Example]:
+    """Stepwise solutions of the same prompt as groups of up to `size`, in order of the prompt's first row."""
+    by_prompt: dict[str, list[Example]] = {}
+    for e in examples:
+        by_prompt.setdefault(prompt_key(e.prompt), []).append(e)
+    groups = []
+    for same in by_prompt.values():
+        for lo in range(0, len(same), size):
+            part = same[lo : lo + size]
+            labels = Labels(
+                (-1,) * len(part),
+                steps=tuple(s for e in part for s in e.labels.steps),
+                step_weights=tuple(w for e in part for w in e.labels.step_weights),
+            )
+            source = part[0].source + (f" (+{len(part) - 1} rows with the same prompt)" if len(part) > 1 else "")
+            completions = tuple(c for e in part for c in e.completions)
+            groups.append(
+                Example(part[0].prompt, completions, source, labels, tuple(s for e in part for s in e.step_ends))
+            )
+    return groups
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # labels are float32 tensors (packing.SegmentLabels): larger becomes inf
+
+
+def _finite_number(value: Any) -> bool:
+    """A JSON number (not a numeric string: "1.5" is rejected, not converted) that float32 holds as a finite value."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= FLOAT32_MAX
+
+
+def attribute_ratings(
+    row: dict, names: list[str], k: int, single: bool, where: str
+) -> tuple[tuple[float, ...], ...] | RowError:
+    """Per completion, its rating of each attribute (NaN where null or absent). A rated row (`single`) holds one
+    number per attribute; other rows a list of k numbers or nulls per attribute, aligned with their completions."""
+    columns = []
+    for name in names:
+        value = row.get(name)
+        if value is None:
+            columns.append([math.nan] * k)
+            continue
+        if single:
+            if not _finite_number(value):
+                return RowError(where, name, f"must be a number within float32's range or null, got {value!r}")
+            columns.append([float(value)])
+            continue
+        if not isinstance(value, list) or len(value) != k:
+            return RowError(where, name, f"needs a list of one rating (a number or null) per completion ({k})")
+        bad = next((i for i, v in enumerate(value) if v is not None and not _finite_number(v)), None)
+        if bad is not None:
+            return RowError(
+                where, f"{name}[{bad}]", f"must be a number within float32's range or null, got {value[bad]!r}"
+            )
+        columns.append([math.nan if v is None else float(v) for v in value])
+    if single and all(math.isnan(c[0]) for c in columns):
+        return RowError(where, "/".join(names), "every rating is missing: the row has nothing to train")
+    return tuple(zip(*columns, strict=True))
+
+
+def standardise_scores(examples: list[Example]) -> list[Example]:
+    """Regression targets: every scored example's scores, standardised over all scores of the file."""
+    values = [v for e in examples if e.labels.scores for v in e.labels.scores]
+    if not values:
+        return examples
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)) or 1.0
+    return [
+        replace(e, labels=replace(e.labels, targets=tuple((v - mean) / std for v in e.labels.scores)))
+        if e.labels.scores
+        else e
+        for e in examples
+    ]
+
+
+@dataclass
+class RowFile:
+    """A file's rows, read but not yet validated, with their format and how to name each row in an error."""
+
+    rows: list[Any]
+    fmt: str
+    locate: Locator
+
+
+def read_file(path: str, cfg: DataConfig) -> RowFile:
+    rows = read_rows(path)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    fmt = detect_format(set(rows[0]) if isinstance(rows[0], dict) else set(), cfg, path)
+    return RowFile(rows, fmt, Locator(path))
+
+
+def load_file(path: str, cfg: DataConfig) -> tuple[list[Example], list[RowError], int]:
+    file = read_file(path, cfg)
+    examples, errors = [], []
+    for i, row in enumerate(progress.each(file.rows, f"validate {Path(path).name}", unit="row")):
+        parsed = parse_row(row, file.fmt, cfg, file.locate(i))
+        (errors if isinstance(parsed, RowError) else examples).append(parsed)
+    if file.fmt == "stepwise":
+        examples = group_solutions(examples, cfg.step_group_size)
+    return standardise_scores(examples), errors, len(file.rows)
+
+
+def listed(errors: list, max_errors: int) -> str:
+    """Row errors as the indented lines of an error message: the first max_errors (data.max_errors), then a count."""
+    shown = "".join(f"\n  {e}" for e in errors[:max_errors])
+    return shown + (f"\n  ... and {len(errors) - max_errors} more" if len(errors) > max_errors else "")
+
+
+def load_examples(paths: list[str], cfg: DataConfig) -> tuple[list[list[Example]], LoadReport]:
+    """Examples per file, after validating every file; stops listing all errors unless skip_invalid."""
+    per_file, errors, report = [], [], LoadReport(skipped=Counter())
+    for path in paths:
+        examples, errs, n = load_file(path, cfg)
+        per_file.append(examples)
+        errors += errs
+        report.rows += n
+    if errors and not cfg.skip_invalid:
+        raise DataError(
+            f"{len(errors)} invalid row(s) (set data.skip_invalid: true to skip them):{listed(errors, cfg.max_errors)}"
+        )
+    report.skipped.update(f"{e.field}: {e.reason}" for e in errors)
+    return per_file, report
+
+
+def file_specs(entries: list) -> list[tuple[str, float]]:
+    """data.train_files entries as (path, weight)."""
+    specs = []
+    for entry in entries:
+        if isinstance(entry, str):
+            specs.append((entry, 1.0))
+        elif isinstance(entry, dict) and isinstance(entry.get("path"), str) and set(entry) <= {"path", "weight"}:
+            weight = entry.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+                raise DataError(f"data.train_files: weight of {entry['path']} must be a positive number")
+            specs.append((entry["path"], float(weight)))
+        else:
+            raise DataError(f"data.train_files: {entry!r} is neither a path nor a {{path, weight}} mapping")
+    return specs
+
+
+def mix(per_file: list[list[Any]], weights: list[float], seed: int) -> list[Any]:
+    """round(w * n) items of each file: floor(w) whole copies plus a seeded sample for the rest."""
+    rng = random.Random(seed)
+    out: list[Any] = []
+    for items, w in zip(per_file, weights, strict=True):
+        whole = int(w)
+        out += items * whole
+        out += rng.sample(items, round(w * len(items)) - whole * len(items))
+    return out

@@ -1,0 +1,422 @@
+"""Validated examples → scored token sequences.
+
+The scored sequence of a completion, and so the token whose value is the reward, is set by the reward convention
+(`data.reward_convention`), chosen to match how the RM's consumer tokenises what it scores:
+  trl       text rows: `tokenizer(prompt + completion)` with the tokenizer's special tokens, then EOS unless it is
+            already last (TRL RewardTrainer); chat rows: the chat template's rendering of the whole conversation
+            as is, nothing added or appended (TRL RewardTrainer and GRPO, RewardBench, apply_chat_template(...,
+            tokenize=True)). The default.
+  grpo      text rows: `prompt + completion` with no special tokens added and nothing appended (TRL GRPO's
+            reward-model path for text prompts); chat rows as `trl`.
+  openrlhf  the text (chat rows: their rendering) with trailing newlines stripped, then " " + EOS unless it already
+            ends in EOS, with no special tokens added (OpenRLHF's reward dataset).
+The reward is the value head's output at that sequence's final token. Training, evaluation, scoring and export all
+use this one definition (`render` and `encode` below); exports record the convention in their config.
+
+Over-long sequences: the prompt is cut from the left (leading special tokens such as BOS are kept) until the
+sequence fits max_length; a completion that alone does not fit is an error or a counted skip (data.overlong).
+"""
+
+from __future__ import annotations
+
+import bisect
+import multiprocessing
+import os
+import signal
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import NamedTuple
+
+import numpy as np
+
+from bigrm import progress
+from bigrm.config import DataConfig
+from bigrm.data.rows import Example, Labels, Text, listed
+from bigrm.errors import DataError
+
+
+@dataclass(frozen=True)
+class Group:
+    """One prompt's K scored sequences, in its example's completion order, with its labels."""
+
+    seqs: tuple[np.ndarray, ...]  # K arrays of token ids (int64, or views of a token_store.TokenStore's int32)
+    source: str
+    labels: Labels = Labels()
+    steps: tuple[np.ndarray, ...] | None = None  # stepwise: per sequence, the index of each step's last token
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s) for s in self.seqs)
+
+
+@dataclass
+class EncodeReport:
+    groups: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    prompts_cut: int = 0
+    prompt_tokens_cut: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def cut_summary(self) -> str:
+        return f"{self.prompts_cut} sequences had their prompt cut from the left ({self.prompt_tokens_cut} tokens)"
+
+    def summary(self) -> str:
+        text = f"{self.groups} prompts, {self.sequences} sequences, {self.tokens} tokens; {self.cut_summary()}"
+        if self.skipped:
+            text += "; skipped: " + "; ".join(f"{n} × {why}" for why, n in self.skipped.items())
+        return text
+
+
+def render(tokenizer, prompt: Text, completion: Text, heads: tuple[str, ...] | None = None) -> tuple[str, int]:
+    """(full text, character offset where the completion starts); `heads` is prompt_heads(tokenizer, prompt) when
+    the caller renders several completions of one chat prompt."""
+    if isinstance(prompt, str):
+        return prompt + completion, len(prompt)
+    reply = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
+    heads = heads or prompt_heads(tokenizer, prompt)
+    full = tokenizer.apply_chat_template(prompt + reply, tokenize=False)
+    # The prompt part is the prompt's own rendering, with the assistant header when the reply starts with one;
+    # if the template renders the prompt differently inside the whole conversation, only the shared text counts.
+    for head in heads:
+        if full.startswith(head):
+            return full, len(head)
+    n = 0
+    while n < min(len(full), len(head)) and full[n] == head[n]:
+        n += 1
+    return full, n
+
+
+def prompt_heads(tokenizer, prompt: list[dict]) -> tuple[str, str]:
+    """A chat prompt's own renderings: with the generation prompt (assistant header), then without."""
+    if tokenizer.chat_template is None:
+        raise DataError("chat-message rows need a tokenizer with a chat template")
+    return tuple(
+        tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=generation_prompt)
+        for generation_prompt in (True, False)
+    )
+
+
+class Encoded(NamedTuple):
+    ids: list[int]  # the scored sequence: its last token carries the reward
+    n_lead: int  # leading special tokens (BOS...), never cut
+    prompt_end: int  # index of the first token that is not wholly prompt
+    ends: list[int] | None  # character end of each token in the rendered text (EOS: the text's length); None
+    # when encode_batch was asked not to read them (training reads them only to locate stepwise rows' steps)
+
+
+def encode(tokenizer, text: str, start: int, chat: bool, convention: str = DataConfig.reward_convention) -> Encoded:
+    """One rendered text (completion starting at character `start`) as the scored token sequence of `convention`.
+
+    Chat renderings already hold the template's special tokens, so they are never added again."""
+    return encode_batch(tokenizer, [text], [start], [chat], convention)[0]
+
+
+def encode_batch(
+    tokenizer,
+    texts: list[str],
+    starts: list[int],
+    chats: list[bool],
+    convention: str = DataConfig.reward_convention,
+    with_ends: bool = True,
+) -> list[Encoded]:
+    """`encode` of many texts, with one fast-tokenizer call per kind of text (chat renderings, plain text)."""
+    if convention == "openrlhf":
+        eos_text = tokenizer.eos_token
+        if eos_text is None:
+            raise DataError("data.reward_convention=openrlhf needs a tokenizer with an EOS token")
+        texts = [t.rstrip("\n") for t in texts]
+        texts = [t if t.endswith(eos_text) else t + " " + eos_text for t in texts]
+    special = set(tokenizer.all_special_ids)
+    eos = tokenizer.eos_token_id
+    out: list[Encoded | None] = [None] * len(texts)
+    for chat in (False, True):
+        todo = [i for i, c in enumerate(chats) if c == chat]
+        if not todo:
+            continue
+        add_special = convention == "trl" and not chat
+        for i, e in zip(todo, _tokenize(tokenizer, [texts[i] for i in todo], add_special), strict=True):
+            ids = e.ids
+            n_lead = 0
+            while n_lead < len(ids) and ids[n_lead] in special:
+                n_lead += 1
+            # Prompt tokens end before the completion starts; a token straddling the boundary belongs to the
+            # completion. Reading every token's offsets costs more than the tokenising they come from (a Python
+            # tuple per token), so the token holding the completion's first character is asked for; only when
+            # no token holds it (an empty completion, whitespace a tokenizer drops) are the offsets counted.
+            first = e.char_to_token(starts[i]) if starts[i] < len(texts[i]) else None
+            ends = [end for _, end in e.offsets] if with_ends or first is None else None
+            prompt_end = first if first is not None else sum(1 for end in ends if end <= starts[i])
+            if add_special and eos is not None and (not ids or ids[-1] != eos):
+                ids = ids + [eos]
+                ends = ends + [len(texts[i])] if with_ends else None
+            out[i] = Encoded(ids, n_lead, max(prompt_end, n_lead), ends if with_ends else None)
+    return out
+
+
+def _tokenize(tokenizer, texts: list[str], add_special: bool) -> list:
+    """The fast tokenizer's `tokenizers.Encoding` of each text: straight from its backend when it would neither
+    truncate nor pad (what `tokenizer(...)` then does too, without building a dict per text), else through it."""
+    if not tokenizer.is_fast:
+        raise DataError(f"bigrm needs a fast tokenizer (tokenizer.json); {type(tokenizer).__name__} is not one")
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation is None and backend.padding is None:
+        return backend.encode_batch(texts, add_special_tokens=add_special)
+    return tokenizer(texts, add_special_tokens=add_special).encodings
+
+
+def truncate(ids: list[int], n_lead: int, prompt_end: int, max_length: int) -> tuple[list[int], int] | None:
+    """Cut prompt tokens from the left, after the leading specials; None if the completion alone is too long."""
+    excess = len(ids) - max_length
+    if excess <= 0:
+        return ids, 0
+    if excess > prompt_end - n_lead:
+        return None
+    return ids[:n_lead] + ids[n_lead + excess :], excess
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A completion's scored sequence, with what scoring parts of it needs."""
+
+    ids: list[int]
+    completion_start: int  # index of the first completion token
+    cut: int  # prompt tokens cut from the left
+    ends: list[int]  # character end of each token in `text`
+    text: str  # the rendered prompt + completion
+    char_start: int  # where the completion starts in `text`
+
+
+def scored_sequence(
+    tokenizer, prompt: Text, completion: Text, max_length: int, convention: str = DataConfig.reward_convention
+) -> Scored | int:
+    """The scored sequence, or the completion's token count when it alone exceeds max_length."""
+    text, start = render(tokenizer, prompt, completion)
+    enc = encode(tokenizer, text, start, chat=isinstance(prompt, list), convention=convention)
+    fitted = truncate(enc.ids, enc.n_lead, enc.prompt_end, max_length)
+    if fitted is None:
+        return len(enc.ids) - enc.prompt_end + enc.n_lead
+    ids, cut = fitted
+    ends = enc.ends[: enc.n_lead] + enc.ends[enc.n_lead + cut :]
+    return Scored(ids, enc.prompt_end - cut, cut, ends, text, start)
+
+
+def step_positions(
+    ends: list[int],
+    prompt_end: int,
+    text: str,
+    start: int,
+    completion: str,
+    step_ends: tuple[int, ...],
+    cut: int,
+    convention: str,
+) -> np.ndarray | str:
+    """Where each step of a stepwise completion ends in its scored sequence: the token whose text ends exactly at
+    the step's end (its separator's last token), or why there is none. `ends` and `prompt_end` are Encoded's (or,
+    with cut=0, a Scored's), `cut` the prompt tokens truncate removed after them."""
+    if convention == "openrlhf":
+        return "stepwise rows need data.reward_convention trl or grpo (openrlhf strips the final separator)"
+    base = text.find(completion, start)  # chat templates render the completion somewhere after the prompt
+    if base < 0:
+        return "the chat template changes the completion's text, so its steps cannot be found in the rendering"
+    out = []
+    for k, end in enumerate(step_ends):
+        i = bisect.bisect_left(ends, base + end)  # the first token ending there: an appended EOS ends there too
+        if i < prompt_end or i == len(ends) or ends[i] != base + end or (out and i <= out[-1]):
+            return (
+                f"step {k} does not end at a token boundary (the tokenizer merges data.step_separator with the "
+                "text around it); choose a separator it keeps apart"
+            )
+        out.append(i)
+    return np.asarray(out, dtype=np.int64) - cut
+
+
+@dataclass
+class Tokenized:
+    """Examples' scored sequences laid flat: what a token store is built from."""
+
+    tokens: np.ndarray  # (T,) uint32, every kept sequence end to end
+    lengths: np.ndarray  # (S,) int64, tokens of each kept sequence
+    kept: np.ndarray  # (G,) int64, index among the inputs of each kept example, whose K sequences are consecutive
+    report: EncodeReport
+    overlong: list[str]  # "source: completion k: n tokens" of each example with a completion that cannot fit
+    # stepwise: per kept sequence its number of steps (0 for others), and every step's end token index, end to end
+    step_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    step_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    step_errors: list[str] = field(default_factory=list)  # "source: completion k: reason"
+
+
+def tokenize_chunk(examples: list[Example], tokenizer, max_length: int, convention: str) -> Tokenized:
+    """Render every completion, tokenise them in one batch, then cut prompts to max_length."""
+    texts, starts, chats = [], [], []
+    for ex in examples:
+        chat = isinstance(ex.prompt, list)
+        heads = prompt_heads(tokenizer, ex.prompt) if chat else None
+        for completion in ex.completions:
+            text, start = render(tokenizer, ex.prompt, completion, heads)
+            texts.append(text)
+            starts.append(start)
+            chats.append(chat)
+    stepwise = any(ex.step_ends is not None for ex in examples)  # locating steps needs every token's end
+    encoded = iter(encode_batch(tokenizer, texts, starts, chats, convention, with_ends=stepwise))
+    report, kept_seqs, kept, overlong = EncodeReport(), [], [], []
+    step_counts, step_index, step_errors, at = [], [], [], 0
+    reason = f"completion alone longer than data.max_length={max_length}"
+    for i, ex in enumerate(examples):
+        seqs, cut, cut_tokens, bad, steps = [], 0, 0, None, []
+        for k in range(len(ex.completions)):
+            enc = next(encoded)
+            at += 1
+            fitted = truncate(enc.ids, enc.n_lead, enc.prompt_end, max_length)
+            if fitted is None:
+                bad = bad or (k, len(enc.ids) - enc.prompt_end + enc.n_lead)
+                continue
+            if ex.step_ends is not None:
+                where = step_positions(
+                    enc.ends,
+                    enc.prompt_end,
+                    texts[at - 1],
+                    starts[at - 1],
+                    ex.completions[k],
+                    ex.step_ends[k],
+                    fitted[1],
+                    convention,
+                )
+                if isinstance(where, str):
+                    step_errors.append(f"{ex.source}: completion {k}: {where}")
+                    where = np.zeros(0, dtype=np.int64)
+                steps.append(where)
+            seqs.append(fitted[0])
+            cut += fitted[1] > 0
+            cut_tokens += fitted[1]
+        if bad is not None:
+            overlong.append(f"{ex.source}: completion {bad[0]}: {bad[1]} tokens")
+            report.skipped[reason] += 1
+            continue
+        report.prompts_cut += cut
+        report.prompt_tokens_cut += cut_tokens
+        kept.append(i)
+        kept_seqs += seqs
+        step_counts += [len(s) for s in steps] if steps else [0] * len(seqs)
+        step_index += steps
+    lengths = np.fromiter(map(len, kept_seqs), dtype=np.int64, count=len(kept_seqs))
+    return Tokenized(
+        # token ids are below 2**32: half the bytes workers send back
+        np.fromiter(chain.from_iterable(kept_seqs), dtype=np.uint32, count=int(lengths.sum())),
+        lengths,
+        np.asarray(kept, dtype=np.int64),
+        report,
+        overlong,
+        np.asarray(step_counts, dtype=np.int64),
+        np.concatenate(step_index) if step_index else np.zeros(0, dtype=np.int64),
+        step_errors,
+    )
+
+
+CHUNK = 256  # examples per batched tokenizer call (and per task of the worker processes)
+TOKENISE = ("tokenise", f"x{CHUNK} prompts")  # the progress counter's name and unit
+_forked: tuple = ()  # (examples, tokenizer, max_length, convention): what forked workers inherit, never pickled
+
+
+def _init_worker() -> None:
+    # the workers are the parallelism: a tokenizer's own thread pool in each would only oversubscribe the cores
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # forked with the trainer's handlers (bigrm.training.preemption), a worker would raise on the SIGTERM that ends
+    # the pool,
+    # possibly holding the task queue's lock, and leave the parent waiting for ever; an interrupt is the parent's
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _tokenize_in_worker(lo: int) -> Tokenized:
+    examples, tokenizer, max_length, convention = _forked
+    return tokenize_chunk(examples[lo : lo + CHUNK], tokenizer, max_length, convention)
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def encode_examples(
+    examples: list[Example],
+    tokenizer,
+    max_length: int,
+    overlong: str,
+    convention: str = DataConfig.reward_convention,
+    max_errors: int = DataConfig.max_errors,
+    num_proc: int = 1,
+) -> Tokenized:
+    """Every example's scored sequences, tokenised in batches by `num_proc` processes (forked: they inherit the
+    tokenizer); the same sequences, counts and errors whatever `num_proc`."""
+    if tokenizer.eos_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise DataError(
+            "the tokenizer's pad token equals its EOS token; bigrm.data.tokenizer.prepare_tokenizer fixes that"
+        )
+    global _forked
+    chunks = [examples[lo : lo + CHUNK] for lo in range(0, len(examples), CHUNK)]
+    if num_proc > 1 and len(chunks) > 1:
+        _forked = (examples, tokenizer, max_length, convention)
+        try:
+            with multiprocessing.get_context("fork").Pool(min(num_proc, len(chunks)), _init_worker) as pool:
+                done = pool.imap(_tokenize_in_worker, range(0, len(examples), CHUNK), chunksize=1)
+                parts = list(progress.each(done, *TOKENISE, total=len(chunks)))
+        finally:
+            _forked = ()
+    else:
+        parts = [tokenize_chunk(c, tokenizer, max_length, convention) for c in progress.each(chunks, *TOKENISE)]
+    report, errors, offset = EncodeReport(), [], 0
+    for part, chunk in zip(parts, chunks, strict=True):
+        report.prompts_cut += part.report.prompts_cut
+        report.prompt_tokens_cut += part.report.prompt_tokens_cut
+        report.skipped.update(part.report.skipped)
+        errors += part.overlong
+        part.kept += offset
+        offset += len(chunk)
+    if errors and overlong == "error":
+        reason = f"completion alone longer than data.max_length={max_length}"
+        raise DataError(
+            f"{len(errors)} row(s) have a completion that cannot fit (set data.overlong: skip to drop them, or raise "
+            f"data.max_length):{listed([f'{e}, {reason}' for e in errors], max_errors)}"
+        )
+    step_errors = [e for p in parts for e in p.step_errors]
+    if step_errors:
+        raise DataError(
+            f"{len(step_errors)} stepwise completion(s) cannot be trained:{listed(step_errors, max_errors)}"
+        )
+    lengths = np.concatenate([p.lengths for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+    tokens = np.concatenate([p.tokens for p in parts]) if parts else np.zeros(0, dtype=np.uint32)
+    report.groups = sum(len(p.kept) for p in parts)
+    report.sequences = len(lengths)
+    report.tokens = len(tokens)
+    kept = np.concatenate([p.kept for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+    step_counts = np.concatenate([np.zeros(0, dtype=np.int64)] + [p.step_counts for p in parts])
+    step_index = np.concatenate([np.zeros(0, dtype=np.int64)] + [p.step_index for p in parts])
+    return Tokenized(tokens, lengths, kept, report, errors, step_counts, step_index)
+
+
+def tokenize_examples(
+    examples: list[Example],
+    tokenizer,
+    max_length: int,
+    overlong: str,
+    convention: str = DataConfig.reward_convention,
+    max_errors: int = DataConfig.max_errors,
+    num_proc: int = 1,
+) -> tuple[list[Group], EncodeReport]:
+    """encode_examples as Groups, whose int64 sequences are views of one flat array."""
+    done = encode_examples(examples, tokenizer, max_length, overlong, convention, max_errors, num_proc)
+    bounds = np.concatenate([[0], np.cumsum(done.lengths)])
+    step_bounds = np.concatenate([[0], np.cumsum(done.step_counts)])
+    tokens = done.tokens.astype(np.int64)
+    groups, s = [], 0
+    for i in done.kept:
+        ex = examples[i]
+        k = len(ex.completions)
+        steps = None
+        if ex.step_ends is not None:
+            steps = tuple(done.step_index[step_bounds[j] : step_bounds[j + 1]] for j in range(s, s + k))
+        seqs = tuple(tokens[bounds[j] : bounds[j + 1]] for j in range(s, s + k))
+        groups.append(Group(seqs, ex.source, ex.labels, steps))
+        s += k
+    return groups, done.report

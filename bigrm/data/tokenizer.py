@@ -1,0 +1,33 @@
+"""The tokenizer of a run: model.path's, or the built-in tiny model's, with a pad token distinct from EOS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bigrm.builtin import tiny
+from bigrm.config import Config
+
+
+def load_tokenizer(cfg: Config, out: Path):
+    """model.path's tokenizer, or the built-in tiny model's (written into `out` by the first process to need it)."""
+    from transformers import AutoTokenizer
+
+    path = cfg.model.path
+    if not path:
+        path = out / "tiny-llama"
+        if not (path / "tokenizer_config.json").exists():
+            tiny.write_tiny(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prepare_tokenizer(tokenizer)
+    return tokenizer
+
+
+def prepare_tokenizer(tokenizer) -> None:
+    """Give the tokenizer a pad token distinct from EOS (HF classifiers score the last non-pad token): the unknown
+    token when there is one, else a new token (load_classifier then grows the embeddings if needed)."""
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+        tokenizer.pad_token = tokenizer.unk_token
+        return
+    tokenizer.add_special_tokens({"pad_token": "<|bigrm_pad|>"})

@@ -1,0 +1,27 @@
+"""The one error hierarchy: every mistake a user can fix is a `BigrmError`, which the command line turns into one
+line (`error: ...`, printed once, by rank 0) and exit code 2. The subclasses say where the mistake lies; each also
+derives from the builtin exception it was before, so callers that catch ValueError or RuntimeError still do."""
+
+
+class BigrmError(Exception):
+    """A problem with the user's input, options or files: reported as one line, exit code 2."""
+
+
+class ConfigError(BigrmError, ValueError):
+    """A bad option: the message names the file (if any) and the key."""
+
+
+class DataError(BigrmError, ValueError):
+    """Invalid input data; the message lists every offending file, row and field."""
+
+
+class CheckpointError(BigrmError, RuntimeError):
+    """A checkpoint that cannot be resumed, loaded or pruned as asked."""
+
+
+class ExportError(BigrmError, RuntimeError):
+    """An export that cannot be written, or that does not reproduce the trained model."""
+
+
+class Diverged(BigrmError, RuntimeError):
+    """Raised on every rank at the same step: the run stops without exporting a diverged model."""

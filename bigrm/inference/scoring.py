@@ -1,0 +1,344 @@
+"""A trained reward model → rewards for the rows of a file (`bigrm score`, `bigrm eval`).
+
+Rows go through the same validation and the same scored-sequence definition as training, are packed under a token
+budget and forwarded without padding. Parts of a completion can be scored too:
+  segments   a completion given as a list of pieces (["step 1 ...", "step 2 ..."]) or split at a separator string
+             is rewarded at the end of every piece: the value at the last token that ends at or before the piece's
+             end (the final piece's value is the completion's reward, read at the scored sequence's last token);
+  per token  the value head's output at every completion token (with what the reward convention appends).
+Stepwise rows (a process reward model's data) get `step_rewards`: per completion, σ(value) at each step's end, the
+probability that the step is correct (what the export's token classifier gives as LABEL_1's score there).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bigrm import precision, progress
+from bigrm.artifacts import checkpoint, export
+from bigrm.config import DataConfig, LossConfig
+from bigrm.data.packing import SegmentLabels, check_budget, collate, layout_tokens, pack_bins
+from bigrm.data.rows import Example, RowError, listed, parse_row, read_file, standardise_scores
+from bigrm.data.sequences import EncodeReport, Group, Scored, scored_sequence, step_positions
+from bigrm.data.tokenizer import prepare_tokenizer
+from bigrm.errors import DataError
+from bigrm.evaluation import ratings
+from bigrm.model.attention import hf_attn_implementation, read_attention_needs, resolve_attn
+from bigrm.model.heads import AttributeHead, read_head
+from bigrm.model.reward_model import RewardModel, load_classifier
+
+
+def load_model(path: str, device: torch.device, dtype: str = "auto", attn: str = "auto"):
+    """(RewardModel in eval mode, tokenizer, the reward convention it was trained with or None if unrecorded) from an
+    exported directory or a bigrm training checkpoint."""
+    from transformers import AutoTokenizer
+
+    torch_dtype = precision.saved(dtype)
+    p = Path(path)
+    # a backend the model needs and the device lacks, or a model bigrm cannot run: refused before loading weights
+    from_checkpoint = checkpoint.is_complete(p)
+    config_dir = p / "hf" if from_checkpoint else p
+    attn = resolve_attn(attn, device.type == "cuda", read_attention_needs(str(config_dir)))
+    if from_checkpoint:
+        classifier, tokenizer, convention = export.classifier_from_checkpoint(p, torch_dtype)
+        classifier.config._attn_implementation = hf_attn_implementation(attn)
+    else:
+        from transformers import AutoConfig
+
+        tokenizer = AutoTokenizer.from_pretrained(p)
+        prepare_tokenizer(tokenizer)
+        with progress.transformers_bars():
+            if export.is_token_export(p):  # a process reward model's token classifier
+                classifier = export.value_classifier(str(p), torch_dtype or "auto", attn)
+            else:
+                head = read_head(AutoConfig.from_pretrained(p))
+                outputs = len(head.names) if head else 1
+                classifier = load_classifier(str(p), torch_dtype or "auto", attn, tokenizer, num_labels=outputs)
+        convention = getattr(classifier.config, export.CONVENTION_KEY, None)
+    return RewardModel(classifier.to(device).eval(), attn), tokenizer, convention
+
+
+SKIPPED_LISTED = 100  # rows skipped (data.skip_invalid, overlong: skip) listed with their reason in bigrm eval
+
+
+@dataclass
+class RowResult:
+    row: dict
+    example: Example | None = None
+    scored: list[Scored] = field(default_factory=list)
+    boundaries: list[list[int]] | None = None  # per completion, piece ends as character offsets in the completion
+    error: str | None = None
+    rewards: list[float] | None = None
+    values: list[list[float]] | None = None  # attribute heads: per completion, the head's A outputs
+    token_values: list[np.ndarray] | None = None  # per completion, the value at every token of its sequence
+    steps: list[np.ndarray] | None = None  # stepwise rows: per completion, its step ends' token indices
+    step_values: list[list[float]] | None = None  # stepwise rows: per completion, the value at each step end
+
+
+def _pieces(value, name: str) -> tuple[str, list[int]] | str:
+    if not (isinstance(value, list) and value and all(isinstance(p, str) and p for p in value)):
+        return f"field {name!r}: with --segments a completion is a non-empty list of non-empty text pieces"
+    return "".join(value), list(np.cumsum([len(p) for p in value]))
+
+
+def _split_pieces(row: dict, fmt: str, cfg: DataConfig) -> tuple[dict, list[list[int]]] | str:
+    """The row with each list-of-pieces completion joined, and the pieces' end offsets."""
+    if fmt == "implicit":
+        return "--segments with pieces needs an explicit prompt column (or use --separator)"
+    if fmt == "stepwise":
+        return "stepwise rows are scored at every step (step_rewards) without --segments"
+    cols = [cfg.ranked_column] if fmt == "ranked" else [cfg.chosen_column, cfg.rejected_column]
+    row, bounds = dict(row), []
+    for col in cols:
+        values = row.get(col) if fmt == "ranked" else [row.get(col)]
+        if not isinstance(values, list):
+            return f"field {col!r}: missing"
+        joined = []
+        for value in values:
+            piece = _pieces(value, col)
+            if isinstance(piece, str):
+                return piece
+            joined.append(piece[0])
+            bounds.append(piece[1])
+        row[col] = joined if fmt == "ranked" else joined[0]
+    return row, bounds
+
+
+def _separator_bounds(completion: str, separator: str) -> list[int]:
+    """Piece ends after each separator that closes a non-empty piece; the completion's end closes the last."""
+    ends, start, at = [], 0, completion.find(separator)
+    while at >= 0:
+        end = at + len(separator)
+        if at > start and end < len(completion):
+            ends.append(end)
+        start = end
+        at = completion.find(separator, end)
+    return ends + [len(completion)]
+
+
+def prepare(path: str, cfg: DataConfig, tokenizer, segments: bool = False, separator: str | None = None):
+    """Every row of the file with its validated example and scored sequences, or the reason it has none.
+
+    Invalid rows stop the run with all errors listed unless cfg.skip_invalid; over-long completions follow
+    cfg.overlong. Skipped rows stay in the output with their reason."""
+    file = read_file(path, cfg)
+    fmt, locate, results, errors = file.fmt, file.locate, [], []
+    for i, row in enumerate(progress.each(file.rows, f"read {Path(path).name}", unit="row")):
+        result = RowResult(row if isinstance(row, dict) else {"row": row})
+        results.append(result)
+        bounds = None
+        if segments and not separator and isinstance(row, dict):
+            split = _split_pieces(row, fmt, cfg)
+            if isinstance(split, str):
+                result.error = f"{locate(i)}: {split}"
+                errors.append(result.error)
+                continue
+            row, bounds = split
+        parsed = parse_row(row, fmt, cfg, locate(i))
+        if isinstance(parsed, RowError):
+            result.error = str(parsed)
+            errors.append(result.error)
+            continue
+        for k, completion in enumerate(parsed.completions):
+            scored = scored_sequence(tokenizer, parsed.prompt, completion, cfg.max_length, cfg.reward_convention)
+            if isinstance(scored, int):
+                result.error = f"{parsed.source}: completion {k}: {scored} tokens, longer than max_length"
+                break
+            result.scored.append(scored)
+            if parsed.step_ends is not None:
+                where = step_positions(
+                    scored.ends,
+                    scored.completion_start,
+                    scored.text,
+                    scored.char_start,
+                    completion,
+                    parsed.step_ends[k],
+                    0,
+                    cfg.reward_convention,
+                )
+                if isinstance(where, str):  # unusable steps: an invalid row, whatever data.overlong says
+                    result.error = f"{parsed.source}: completion {k}: {where}"
+                    errors.append(result.error)
+                    break
+                result.steps = [*(result.steps or []), where]
+        if result.error:
+            if cfg.overlong == "error" and result.error not in errors:
+                errors.append(result.error)
+            continue
+        result.example = parsed
+        if segments:
+            texts = [c if isinstance(c, str) else c[-1]["content"] for c in parsed.completions]
+            result.boundaries = bounds if bounds is not None else [_separator_bounds(t, separator) for t in texts]
+    done = [r for r in results if r.example is not None]
+    for r, example in zip(done, standardise_scores([r.example for r in done]), strict=True):
+        r.example = example  # regression targets over the file's scores, exactly as training computes them
+    if errors and not cfg.skip_invalid:
+        raise DataError(
+            f"{len(errors)} row(s) cannot be scored (see skip_invalid / overlong):{listed(errors, cfg.max_errors)}"
+        )
+    return results
+
+
+def cut_summary(results: list[RowResult]) -> str:
+    """How many scored sequences lost prompt tokens to data.max_length, as training reports it."""
+    cut = [s.cut for r in results if r.example is not None for s in r.scored]
+    return EncodeReport(prompts_cut=sum(c > 0 for c in cut), prompt_tokens_cut=sum(cut)).cut_summary()
+
+
+@torch.no_grad()
+def score(
+    model: RewardModel,
+    results: list[RowResult],
+    budget: int,
+    device: torch.device,
+    every_token: bool,
+    share_prompt: bool = False,
+) -> None:
+    """Fill `rewards` (and `token_values`) of every scorable row, packed under a token budget. Attribute heads: the
+    rewards (and per-token values) are the scalar reward, `values` the head's outputs."""
+    share_prompt = share_prompt and not every_token  # per-token values need every sequence laid out whole
+    todo = [r for r in results if r.example is not None]
+    groups = [
+        Group(
+            tuple(np.asarray(s.ids, dtype=np.int64) for s in r.scored),
+            r.example.source,
+            steps=tuple(r.steps) if r.steps is not None else None,
+        )
+        for r in todo
+    ]
+    check_budget(groups, budget, share_prompt)
+    sizes = [layout_tokens(g, share_prompt) for g in groups]
+    head = model.attributes
+    counter = progress.bar(len(groups), "score", unit="row")
+    for mb in pack_bins(list(range(len(groups))), sizes, budget, window=max(len(groups), 1)):
+        batch = collate([groups[i] for i in mb], pad_id=0, share_prompt=share_prompt).to(device)
+        if every_token:
+            values = model(batch, every_token=True).cpu()  # (T,); attribute heads (T, A)
+            outputs = values[batch.read_index.cpu()]
+            values = head.scalar(values) if head else values
+            cu = batch.cu_seqlens.cpu().tolist()
+            segs = [values[cu[j] : cu[j + 1]].numpy() for j in range(len(cu) - 1)]
+        else:
+            outputs, segs = model(batch).cpu(), None
+        # (N + P,) rewards, then values at step ends; attribute heads: (N, A) outputs, their scalar the reward
+        rewards = head.scalar(outputs) if head else outputs
+        at, step_at = 0, len(batch.last_index)
+        for i in mb:
+            k = len(groups[i].seqs)
+            todo[i].rewards = rewards[at : at + k].tolist()
+            todo[i].values = outputs[at : at + k].tolist() if head else None
+            todo[i].token_values = segs[at : at + k] if segs else None
+            if groups[i].steps is not None:
+                todo[i].step_values = []
+                for ends in groups[i].steps:
+                    todo[i].step_values.append(rewards[step_at : step_at + len(ends)].tolist())
+                    step_at += len(ends)
+            at += k
+        counter.update(len(mb))
+    counter.close()
+
+
+def segment_rewards(scored: Scored, values: np.ndarray, bounds: list[int], completion: str) -> list[float]:
+    """The value at the last token ending at or before each piece end; the last piece gets the reward."""
+    base = scored.text.find(completion, scored.char_start)
+    out = []
+    for b in bounds[:-1]:
+        idx = bisect.bisect_right(scored.ends, base + b) - 1
+        out.append(float(values[max(idx, scored.completion_start)]))
+    return out + [float(values[len(scored.ids) - 1])]
+
+
+def output_row(
+    result: RowResult, segments: bool, per_token: bool, head: AttributeHead | None = None
+) -> dict:
+    """The input row with `rewards` (attribute heads: the scalar reward) and, for attribute heads, `attributes`:
+    {name: predicted rating per completion, on the ratings' own scale (AttributeHead.raw)}."""
+    row = dict(result.row)
+    row["rewards"] = result.rewards
+    if head is not None and result.values is not None:
+        raw = head.raw(torch.tensor(result.values, dtype=torch.float64)).T.tolist()
+        row["attributes"] = dict(zip(head.names, raw, strict=True))
+    if result.error:
+        row["error"] = result.error
+        return row
+    if result.step_values is not None:
+        row["step_rewards"] = [torch.sigmoid(torch.tensor(v, dtype=torch.float64)).tolist() for v in result.step_values]
+    if segments:
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in result.example.completions]
+        row["segment_rewards"] = [
+            segment_rewards(s, v, b, t)
+            for s, v, b, t in zip(result.scored, result.token_values, result.boundaries, texts, strict=True)
+        ]
+    if per_token:
+        row["per_token_rewards"] = [
+            v[s.completion_start :].tolist() for s, v in zip(result.scored, result.token_values, strict=True)
+        ]
+        row["per_token_ids"] = [s.ids[s.completion_start :] for s in result.scored]
+    return row
+
+
+def report(
+    results: list[RowResult],
+    cfg: LossConfig,
+    report_dir: Path | None = None,
+    head: AttributeHead | None = None,
+) -> dict:
+    """`bigrm eval`'s metrics over the scored rows (see bigrm.evaluation.diagnostics): the ranking ones of the reward
+    (attribute heads: of the scalar reward, plus the per-attribute ones of bigrm.evaluation.ratings.report); with
+    report_dir, also drawn there (bigrm.evaluation.report), subsets by the rows' `subset`, else by their file.
+    Stepwise files report step metrics."""
+    done = [r for r in results if r.rewards is not None]
+    if not done:
+        raise DataError("no row could be scored")
+    if done[0].step_values is not None:  # a stepwise file: step metrics, no ranking
+        if report_dir is not None:
+            raise DataError("--report draws rankings; a stepwise file has none (its step metrics are printed)")
+        out, drawn = _step_report(done), None
+    else:
+        out, drawn = _ranking_report(done, cfg)
+        labels = drawn[1]
+        if head is not None and labels.seg_attributes is not None:
+            values = torch.tensor([v for r in done for v in r.values], dtype=torch.float64)
+            out.update(ratings.report(values, labels.seg_attributes, head))
+    out["num_rows_skipped"] = len(results) - len(done)
+    reasons = [r.error for r in results if r.rewards is None and r.error]
+    out["skipped"] = reasons[:SKIPPED_LISTED] + (
+        [f"... and {len(reasons) - SKIPPED_LISTED} more"] if len(reasons) > SKIPPED_LISTED else []
+    )
+    if report_dir is not None:
+        from bigrm.evaluation import report as eval_report
+
+        eval_report.write(report_dir, out, *drawn)
+    return out
+
+
+def _step_report(done: list[RowResult]) -> dict:
+    from bigrm.evaluation.steps import step_report
+
+    solutions = [v for r in done for v in r.step_values]
+    return step_report(
+        torch.tensor([x for v in solutions for x in v], dtype=torch.float64),
+        torch.tensor([y for r in done for s in r.example.labels.steps for y in s], dtype=torch.float64),
+        torch.repeat_interleave(torch.arange(len(solutions)), torch.tensor([len(v) for v in solutions])),
+    )
+
+
+def _ranking_report(done: list[RowResult], cfg: LossConfig) -> tuple[dict, tuple]:
+    """(metrics, what eval_report draws them from: rewards, labels, lengths and subset names)."""
+    from bigrm.evaluation.diagnostics import ranking_report
+    from bigrm.evaluation.report import source_file
+
+    examples = [r.example for r in done]
+    labels = SegmentLabels.of([e.labels for e in examples], [len(e.completions) for e in examples], torch.float64)
+    subsets = [r.row.get("subset") for r in done]
+    rewards = torch.tensor([x for r in done for x in r.rewards], dtype=torch.float64)  # (N,)
+    lengths = torch.tensor([len(s.ids) - s.completion_start for r in done for s in r.scored])  # (N,)
+    named = any(s is not None for s in subsets)
+    out = ranking_report(rewards, labels, lengths, cfg, subsets=[str(s) for s in subsets] if named else None)
+    names = [str(s) if s is not None else source_file(e.source) for s, e in zip(subsets, examples, strict=True)]
+    return out, (rewards, labels, lengths, names)

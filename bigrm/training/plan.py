@@ -1,0 +1,58 @@
+"""Config + dataset → every optimizer step of the run (the same on every rank), and the fingerprint of what fixes it,
+which a resume must find unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bigrm import dist
+from bigrm.config import Config
+from bigrm.data.packing import Step, layout_tokens, plan_epoch
+from bigrm.data.pipeline import Dataset
+from bigrm.data.rows import mix
+from bigrm.errors import CheckpointError
+
+
+def plan(cfg: Config, data: Dataset) -> list[Step]:
+    """Every optimizer step of the run; identical on every rank."""
+    t = cfg.train
+    sizes = [layout_tokens(g, t.share_prompt) for g in data.train]
+    steps = []
+    for epoch in range(t.epochs):
+        items = mix(data.train_files, data.weights, t.seed + epoch)
+        epoch_steps = plan_epoch(
+            items,
+            sizes,
+            budget=t.max_tokens_per_batch,
+            world=dist.world(),
+            accum=t.micro_batches_per_step,
+            window=t.packing_window,
+            seed=t.seed,
+            epoch=epoch,
+        )
+        steps += epoch_steps
+    return steps[: t.max_steps] if t.max_steps else steps
+
+
+def plan_fingerprint(cfg: Config, data: Dataset, steps: list[Step]) -> dict:
+    """What fixes the data order: a resume with any of it changed would silently train on other batches."""
+    t = cfg.train
+    return {
+        "seed": t.seed,
+        "epochs": t.epochs,
+        "steps": len(steps),
+        "max_tokens_per_batch": t.max_tokens_per_batch,
+        "micro_batches_per_step": t.micro_batches_per_step,
+        "packing_window": t.packing_window,
+        "share_prompt": t.share_prompt,
+        "train_prompts": len(data.train),
+        "train_tokens": sum(g.num_tokens for g in data.train),
+        "file_weights": data.weights,
+    }
+
+
+def check_resumable(saved: dict, fingerprint: dict, path: Path) -> None:
+    """A checkpoint's plan must be this run's: anything else would continue on other batches."""
+    if saved != fingerprint:
+        changed = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
+        raise CheckpointError(f"cannot resume {path}: the data plan changed {changed}")

@@ -1,0 +1,380 @@
+"""The trainer: the only module that drives DeepSpeed. setup → resume → steps (log, evaluate, save) → finish.
+
+`run` is the outline; `Trainer` holds the run's state, declared in its `__init__`, and one method per phase.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from bigrm import dist, options, precision
+from bigrm.artifacts import checkpoint, export
+from bigrm.builtin import tiny
+from bigrm.config import Config
+from bigrm.data import pipeline
+from bigrm.data.packing import Step, collate
+from bigrm.data.tokenizer import load_tokenizer
+from bigrm.evaluation.evaluate import evaluate_rewards
+from bigrm.evaluation.report import write_for_groups
+from bigrm.model import adapters, flops
+from bigrm.model.attention import read_attention_needs, resolve_attn
+from bigrm.model.heads import AttributeHead, record_head
+from bigrm.model.reward_model import (
+    RewardModel,
+    check_model_path,
+    compile_blocks,
+    load_classifier,
+    parameter_counts,
+    write_random_init,
+)
+from bigrm.objectives.ranking import Stats, denominators, metrics
+from bigrm.objectives.ratings import rating_sums
+from bigrm.objectives.steps import step_denominator
+from bigrm.objectives.total import total_loss
+from bigrm.progress import transformers_bars
+from bigrm.training import ds_config, preemption
+from bigrm.training.divergence import Watch
+from bigrm.training.meter import Meter
+from bigrm.training.plan import check_resumable, plan, plan_fingerprint
+from bigrm.training.sinks import check_installed, open_sinks
+from bigrm.training.tracking import Tracker
+
+
+def run(cfg: Config) -> dict:
+    """Train, evaluate and export; returns the final eval metrics. Whatever happens, the tracker is closed and the
+    process group left (with a barrier only when every rank got to the end together)."""
+    preemption.terminate_on_signals()
+    trainer = Trainer(cfg, dist.init())
+    together = False  # every rank reached the same end: leaving may synchronise
+    try:
+        trainer.setup()
+        trainer.resume()
+        for n, step in trainer.remaining():
+            trainer.train_step(step)
+            trainer.after_step(n)  # logs, evaluates and saves at their intervals; a stop request raises Preempted
+        result = trainer.finish()
+        together = True
+        return result
+    except preemption.Preempted:
+        together = True
+        raise
+    finally:
+        trainer.close()
+        dist.shutdown(failed=not together)
+
+
+def model_dir(cfg: Config, out: Path, dtype: torch.dtype) -> str:
+    """The directory every rank loads: the user's, or random weights (in the training dtype) written once by rank 0."""
+    path, random_init = cfg.model.path, cfg.model.random_init
+    with dist.main_first():
+        if dist.is_main():
+            if not path:
+                tiny.write_tiny(out / "tiny-llama")
+            if not path or random_init:
+                outputs = len(cfg.data.attributes) or 1
+                src = path or str(out / "tiny-llama")
+                write_random_init(src, str(out / "random-init"), cfg.train.seed, dtype, outputs)
+    return str(out / "random-init") if (not path or random_init) else path
+
+
+class Trainer:
+    def __init__(self, cfg: Config, device: torch.device):
+        t = cfg.train
+        self.cfg, self.t, self.device, self.out = cfg, t, device, Path(t.output_dir)
+        self.dtype = precision.training(cfg.model.dtype, device.type == "cuda")
+        self.stop = preemption.StopRequest(self.out, device)
+        self.watch = Watch(t.max_nonfinite_steps)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # this rank's step had a non-finite loss
+        self.skipped = 0  # DeepSpeed's skipped optimizer steps so far (overflow)
+        # built by setup()
+        self.resume_from: Path | None = None  # the checkpoint this run continues
+        self.run_id = ""  # recorded in every checkpoint: pruning removes only this run's
+        self.tracker: Tracker | None = None  # rank 0's console lines, progress bar, log.jsonl, report_to sinks
+        self.tokenizer = None
+        self.data: pipeline.Dataset | None = None
+        self.head: AttributeHead | None = None  # with data.attributes: what the head's outputs mean
+        self.steps: list[Step] = []  # every optimizer step of the run, the same on every rank
+        self.fingerprint: dict = {}  # what a resume must find unchanged (plan_fingerprint)
+        self.engine = None  # DeepSpeed around RewardModel
+        self.hf_ds_config = None  # ZeRO-3: kept alive for the whole run (transformers holds it by weak reference)
+        self.lora: adapters.Settings | None = None  # what a LoRA export rebuilds its base from
+        self.verify: list = []  # held-out groups every checkpoint and export checks itself on
+        # per training prompt: its share of the step's denominators (ranking Σ w, Σ w·units; steps Σ w)
+        self.group_sums: list[tuple[float, float, float]] = []
+        self.rating_sums: list = []  # attribute heads, per training prompt: its (A,) share of the rating denominators
+        self.model_flops = None  # (real tokens, causal pairs) → model FLOPs of one forward + backward
+        self.meter: Meter | None = None  # the current log window
+        # progress, moved by resume() and every step
+        self.start = 0  # steps already done
+        self.epoch = -1
+        self.epoch_stats = Stats.zeros(device)  # the current epoch's statistics: this rank's share
+
+    # setup ------------------------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        from transformers import set_seed
+
+        check_installed(self.t.report_to)
+        # another run's checkpoints in output_dir, or a damaged one to resume: refused before anything is written
+        self.resume_from, self.run_id = dist.from_main(
+            checkpoint.start, self.t.resume, self.out, self.t.overwrite_output_dir
+        )
+        if dist.is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            options.dump(self.cfg, self.out / "config.yaml")
+        dist.barrier()
+        set_seed(self.t.seed)
+        # an impossible choice, or a model bigrm cannot run, stops the run before any work
+        check_model_path(self.cfg.model.path, self.cfg.data.max_length)
+        ds_config.read(self.cfg, cpu=self.device.type != "cuda")
+        attn = resolve_attn(
+            self.cfg.model.attn_impl, self.device.type == "cuda", read_attention_needs(self.cfg.model.path)
+        )
+        path = model_dir(self.cfg, self.out, self.dtype)
+        self._load_data()
+        self._build_engine(path, attn)
+
+    def _load_data(self) -> None:
+        with dist.main_first():  # rank 0 writes the synthetic task's files before anyone reads them
+            if dist.is_main() and not self.cfg.data.train_files:
+                pipeline.write_synthetic(self.cfg, self.out)
+        self.tokenizer = load_tokenizer(self.cfg, self.out)
+        # one process per machine tokenises into the token cache while the others poll its lock: no collective waits
+        self.data = pipeline.build(self.cfg, self.tokenizer, self.out)
+        if self.cfg.data.attributes:  # the targets' scale: the training ratings'
+            self.head = AttributeHead.of(self.cfg, self.data.attribute_stats)
+        self.steps = plan(self.cfg, self.data)
+        opened = []
+        if dist.is_main():
+            config = options.to_dict(self.cfg)
+            opened = open_sinks(self.t.report_to, self.out, self.t.run_name, config, self.resume_from is not None)
+        self.tracker = Tracker(self.out, len(self.steps), opened)
+        for line in self.data.log:
+            self.tracker.print(line)
+
+    def _build_engine(self, path: str, attn: str) -> None:
+        import deepspeed
+        from transformers import AutoConfig
+        from transformers.integrations import HfDeepSpeedConfig
+
+        cfg, bf16 = self.cfg, self.dtype == torch.bfloat16
+        arch = AutoConfig.from_pretrained(path)
+        ds = ds_config.build(
+            cfg, len(self.steps), bf16=bf16, cpu=self.device.type != "cuda", hidden_size=arch.hidden_size
+        )
+        # while it lives, from_pretrained loads straight into ZeRO-3 shards
+        self.hf_ds_config = HfDeepSpeedConfig(ds) if ds["zero_optimization"]["stage"] == 3 else None
+        head = self.head
+        outputs = len(head.names) if head else 1
+        with transformers_bars():
+            classifier = load_classifier(
+                path, self.dtype, attn, self.tokenizer, cfg.model.gradient_checkpointing, cfg.quantization, outputs
+            )
+        # checkpoints and exports carry the convention, so scoring reads the token the head was trained at
+        setattr(classifier.config, export.CONVENTION_KEY, cfg.data.reward_convention)
+        if head:  # and what each output means, so exports, scoring and merging read them back
+            record_head(classifier.config, head)
+        if self.data.stepwise:  # a process reward model: exported as a token classifier (bigrm.artifacts.export)
+            setattr(classifier.config, export.SEPARATOR_KEY, cfg.data.step_separator)
+        if cfg.lora.r:
+            adapters.add_lora(classifier, cfg.lora)
+            base = str(Path(path).resolve()) if Path(path).is_dir() else path
+            self.lora = adapters.Settings(base, cfg.lora, cfg.quantization)
+        if cfg.model.compile:
+            compile_blocks(classifier)
+        model = RewardModel(classifier, attn)
+        self.verify = export.verification_groups(self.data.eval or self.data.train, model.needs.smallest_window)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trained, config=ds)
+        self.fingerprint = plan_fingerprint(cfg, self.data, self.steps)
+        matmul = parameter_counts(model, matmul_only=True)
+        self.model_flops = partial(
+            flops.model_flops, matmul=matmul, hidden=arch.hidden_size, layers=arch.num_hidden_layers
+        )
+        self._describe(path, attn, model)
+
+    def _describe(self, path: str, attn: str, model: RewardModel) -> None:
+        """The console banner, and the same figures as log.jsonl's `setup` row (what benchmarks read)."""
+        cfg, dtype = self.cfg, precision.name_of(self.dtype)
+        total, trainable = parameter_counts(model)
+        stage = self.engine.zero_optimization_stage()
+        self.tracker.print(
+            f"model {path}: attention {attn}, {dtype}, ZeRO stage {stage}"
+            + (", compiled blocks" if cfg.model.compile else "")
+            + f", world {dist.world()}, {len(self.steps)} optimizer steps"
+            f"\nparameters {total:,}, trainable {trainable:,} ({100 * trainable / total:.2f}%)"
+            + (f", LoRA r={cfg.lora.r}" if cfg.lora.r else "")
+            + (f" on a {cfg.quantization.bits}-bit base" if cfg.quantization.bits else "")
+        )
+        setup = {"model": path, "attention": attn, "dtype": dtype, "zero_stage": stage, "compiled": cfg.model.compile}
+        setup.update(world=dist.world(), steps=len(self.steps), parameters=total, trainable=trainable)
+        self.tracker.record("setup", setup)
+
+    # resume -----------------------------------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Continue from train.resume's checkpoint, if any: weights, optimizer, RNG, data position, epoch statistics."""
+        path, saved = self.resume_from, None
+        if path is not None:
+            saved = checkpoint.load(self.engine, path)
+            check_resumable(saved["plan"], self.fingerprint, path)
+            self.start = saved["step"]
+            self.tracker.drop_after(self.start)
+            self.tracker.print(
+                f"resumed from {path} at step {self.start} (epoch {saved['epoch']}, step {saved['index']})"
+            )
+        self.tracker.bar.update(self.start)
+        loss = self.cfg.loss  # labels only: computed once
+        self.group_sums = [(*denominators([g], loss), step_denominator(g, loss)) for g in self.data.train]
+        if self.head:
+            self.rating_sums = [rating_sums(g) for g in self.data.train]
+        if self.start:
+            self.epoch = self.steps[self.start - 1].epoch
+            if dist.is_main():  # the resumed epoch's statistics so far (summed over ranks)
+                so_far = torch.tensor(saved["epoch_stats"], dtype=torch.float64, device=self.device)
+                # checkpoints from before the step statistics (the last fields of Stats) hold fewer values
+                so_far = torch.nn.functional.pad(so_far, (0, len(Stats.zeros().stack()) - len(so_far)))
+                self.epoch_stats += Stats.unstack(so_far)
+        peak = flops.peak_tflops(self.t.peak_tflops, self.device, self.dtype == torch.bfloat16)
+        self.meter = Meter(self.device, self.t.max_tokens_per_batch, peak, self.head)
+        self.engine.train()
+
+    def remaining(self) -> Iterator[tuple[int, Step]]:
+        """(1-based step number, step) of the steps still to train."""
+        return enumerate(self.steps[self.start :], self.start + 1)
+
+    # one step ---------------------------------------------------------------------------------------------------
+
+    def train_step(self, step: Step) -> None:
+        """This rank's micro-batches of one optimizer step: forward, loss, backward, (at the last) optimizer step."""
+        t, data = self.t, self.data
+        if step.epoch != self.epoch:  # reward statistics for the export describe the final epoch
+            self.epoch, self.epoch_stats = step.epoch, Stats.zeros(self.device)
+        # the loss is normalised over the whole step's prompts, whatever rank or micro-batch holds them
+        members = [i for rank in step.micro_batches for mb in rank for i in mb]
+        sums = [sum(self.group_sums[i][j] for i in members) for j in range(3)]
+        head, ratings = self.head, None
+        if head:
+            ratings = torch.tensor(sum(self.rating_sums[i] for i in members), device=self.device)
+        for mb in step.micro_batches[dist.rank()]:
+            packed = collate([data.train[i] for i in mb], self.tokenizer.pad_token_id, share_prompt=t.share_prompt)
+            pairs = flops.causal_pairs(packed.cu_seqlens, packed.seg_parent)  # on the CPU copy: no device sync
+            batch = packed.to(self.device)
+            values = self.engine(batch)  # (N + P,) rewards, then values at step ends; attribute heads (N, A)
+            loss, stats, rating_stats = total_loss(values, batch.labels, self.cfg.loss, *sums, head, ratings)
+            self.nonfinite |= ~torch.isfinite(loss.detach())  # stays on the device: no sync per micro-batch
+            # DeepSpeed averages over ranks and micro-batches: undo that, the step normalises itself
+            self.engine.backward(loss * dist.world() * t.micro_batches_per_step)
+            self.engine.step()
+            self.meter.add(stats, batch, self.model_flops(batch.real_tokens, pairs), rating_stats)
+            self.epoch_stats += stats
+        self.tracker.step()
+
+    def after_step(self, n: int) -> None:
+        """Log, evaluate and save at their intervals; a stop request saves, then raises Preempted."""
+        t, last = self.t, n == len(self.steps)
+        # collective, every step; a stop still logs this step's window (the resumed run starts a new one) and saves
+        stopping = self.stop.requested()
+        if n % t.log_every == 0 or last or stopping:
+            logged = self.meter.read(self.cfg.loss, self.engine.get_lr()[0])
+            self.tracker.log("train", {**logged, "skipped_steps": self.engine.skipped_steps}, n)
+        unhealthy = self._diverging(n, last)
+        with self.meter.paused():  # evaluation and saving are not training throughput
+            if self.data.eval and t.eval_every and n % t.eval_every == 0 and not last:
+                self.evaluate(n)
+            if not unhealthy and (stopping or (t.save_every and n % t.save_every == 0) or last):
+                self.save(n)
+        if stopping:
+            self.stop.consume()
+            done = "with a complete checkpoint: continue with --resume auto"
+            self.tracker.print(f"stopped at step {n} on request {done}")
+            raise preemption.Preempted(f"stopped at step {n}")
+
+    def _diverging(self, n: int, last: bool) -> bool:
+        """Collective: whether step n was not finite on any rank (then it is not saved); raises Diverged (divergence)
+        when that has lasted train.max_nonfinite_steps steps. DeepSpeed's overflow skips are reported as they occur."""
+        skipped, self.skipped = self.engine.skipped_steps - self.skipped, self.engine.skipped_steps
+        norm = self.engine.get_global_grad_norm()
+        # under fp16 a skip lowers the loss scale; otherwise the gradients were not finite
+        bad_grads = (skipped and not self.engine.fp16_enabled()) or (norm is not None and not math.isfinite(norm))
+        nonfinite = dist.all_sum(self.nonfinite.double().reshape(1)).item() > 0 or bad_grads
+        self.nonfinite.zero_()
+        if skipped:
+            self.tracker.print(f"step {n}: DeepSpeed skipped the optimizer step (overflow; {self.skipped} so far)")
+        good = checkpoint.complete_checkpoints(self.out, self.run_id) if nonfinite else []  # saved while healthy
+        return self.watch.observe(n, nonfinite, last, str(good[-1]) if good else "none (no checkpoint was saved)")
+
+    # evaluate, save, finish -------------------------------------------------------------------------------------
+
+    def evaluate(self, step: int) -> tuple[dict, torch.Tensor]:
+        """The eval metrics (logged) and every eval completion's reward (see evaluate_rewards)."""
+        t = self.t
+        self.engine.eval()
+        result, rewards = evaluate_rewards(
+            self.engine,
+            self.data.eval,
+            budget=t.max_tokens_per_batch,
+            window=t.packing_window,
+            pad_id=self.tokenizer.pad_token_id,
+            device=self.device,
+            cfg=self.cfg.loss,
+            share_prompt=t.share_prompt,
+            head=self.head,
+        )
+        self.engine.train()
+        self.tracker.log("eval", result, step)
+        return result, rewards
+
+    def save(self, n: int) -> None:
+        """Collective: a complete checkpoint after step n."""
+        step = self.steps[n - 1]
+        epoch_sum = dist.all_sum(self.epoch_stats.stack()).tolist()
+        meta = {
+            "step": n,
+            "run": self.run_id,
+            "epoch": step.epoch,
+            "index": step.index,
+            "plan": self.fingerprint,
+            "epoch_stats": epoch_sum,
+        }
+
+        def hf_files(dest: Path) -> None:
+            self.engine.module.classifier.config.save_pretrained(dest)
+            self.tokenizer.save_pretrained(dest)
+            if self.lora:
+                self.lora.write(dest)
+
+        verify_ids = [[s.tolist() for s in g.seqs] for g in self.verify]
+        saved = checkpoint.save(
+            self.engine, self.out, meta, self.t.keep_checkpoints, hf_files, verify_ids, self.lora is not None
+        )
+        self.tracker.print(f"checkpoint: {saved}")
+
+    def finish(self) -> dict:
+        """The final eval (metrics.json, eval_report/) and, with train.export, the verified export (final/)."""
+        out = self.out
+        final, rewards = {"note": "no eval data configured"}, None
+        if self.data.eval:
+            final, rewards = self.evaluate(len(self.steps))
+        if dist.is_main():
+            (out / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
+            if rewards is not None:
+                self.tracker.print(write_for_groups(out / "eval_report", self.data.eval, rewards, self.cfg.loss))
+        if self.t.export:
+            running = metrics(Stats.unstack(dist.all_sum(self.epoch_stats.stack()).cpu()), self.cfg.loss)
+            stats = {k: running[k] for k in ("reward_mean", "reward_std") if k in running}  # none: stepwise only
+            export.export_engine(
+                self.engine, self.tokenizer, out / "final", self.verify, self.device, self.dtype, self.lora, stats
+            )
+        self.tracker.print(f"metrics: {out / 'metrics.json'}" + (f"\nmodel: {out / 'final'}" if self.t.export else ""))
+        return final
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
