@@ -21,8 +21,9 @@ from bigrm.errors import DataError
 
 
 @dataclass
-class Step:
-    """One optimizer step: micro_batches[rank][i] is a list of group indices (possibly empty)."""
+class Update:
+    """One optimizer update (what options and logs call an optimizer step; in the code "step" alone is a PRM
+    reasoning step): micro_batches[rank][i] is a list of group indices (possibly empty)."""
 
     micro_batches: list[list[list[int]]]
     num_groups: int  # over all ranks: the loss is the mean of per-prompt losses over these
@@ -56,13 +57,13 @@ def pack_bins(order: list[int], sizes: list[int], budget: int, window: int) -> l
     return bins
 
 
-def _fill_last_step(bins: list[list[int]], sizes: list[int], per_step: int) -> list[list[int]]:
-    """Split the fullest multi-group bins until the final step has one bin per slot; leave the rest empty."""
+def _fill_last_update(bins: list[list[int]], sizes: list[int], per_update: int) -> list[list[int]]:
+    """Split the fullest multi-group bins until the final update has one bin per slot; leave the rest empty."""
     bins = [list(b) for b in bins]
-    while len(bins) < per_step:
+    while len(bins) < per_update:
         splittable = [b for b in bins if len(b) > 1]
         if not splittable:
-            bins += [[] for _ in range(per_step - len(bins))]
+            bins += [[] for _ in range(per_update - len(bins))]
             break
         big = max(splittable, key=lambda b: sum(sizes[i] for i in b))
         bins.remove(big)
@@ -84,21 +85,21 @@ def _assign(bins: list[list[int]], sizes: list[int], world: int, accum: int) -> 
 
 def plan_epoch(
     items: list[int], sizes: list[int], *, budget: int, world: int, accum: int, window: int, seed: int, epoch: int
-) -> list[Step]:
-    """Shuffle `items` (group indices, repeats allowed), pack, and cut into optimizer steps."""
+) -> list[Update]:
+    """Shuffle `items` (group indices, repeats allowed), pack, and cut into optimizer updates."""
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(items)
     rng.shuffle(order)
     bins = pack_bins(order, sizes, budget, window)
     rng.shuffle(bins)
-    per_step = world * accum
-    steps = []
-    for lo in range(0, len(bins), per_step):
-        chunk = bins[lo : lo + per_step]
-        if len(chunk) < per_step:
-            chunk = _fill_last_step(chunk, sizes, per_step)
-        steps.append(Step(_assign(chunk, sizes, world, accum), sum(len(b) for b in chunk), epoch, len(steps)))
-    return steps
+    per_update = world * accum
+    updates = []
+    for lo in range(0, len(bins), per_update):
+        chunk = bins[lo : lo + per_update]
+        if len(chunk) < per_update:
+            chunk = _fill_last_update(chunk, sizes, per_update)
+        updates.append(Update(_assign(chunk, sizes, world, accum), sum(len(b) for b in chunk), epoch, len(updates)))
+    return updates
 
 
 @dataclass

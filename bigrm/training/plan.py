@@ -1,5 +1,5 @@
-"""Config + dataset → every optimizer step of the run (the same on every rank), and the fingerprint of what fixes it,
-which a resume must find unchanged."""
+"""Config + dataset → every optimizer update (an optimizer step) of the run, the same on every rank, and the
+fingerprint of what fixes them, which a resume must find unchanged."""
 
 from __future__ import annotations
 
@@ -7,20 +7,20 @@ from pathlib import Path
 
 from bigrm import dist
 from bigrm.config import Config
-from bigrm.data.packing import Step, layout_tokens, plan_epoch
+from bigrm.data.packing import Update, layout_tokens, plan_epoch
 from bigrm.data.pipeline import Dataset
 from bigrm.data.rows import mix
 from bigrm.errors import CheckpointError
 
 
-def plan(cfg: Config, data: Dataset) -> list[Step]:
-    """Every optimizer step of the run; identical on every rank."""
+def plan(cfg: Config, data: Dataset) -> list[Update]:
+    """Every optimizer update of the run (train.max_steps of them at most); identical on every rank."""
     t = cfg.train
     sizes = [layout_tokens(g, t.share_prompt) for g in data.train]
-    steps = []
+    updates = []
     for epoch in range(t.epochs):
         items = mix(data.train_files, data.weights, t.seed + epoch)
-        epoch_steps = plan_epoch(
+        updates += plan_epoch(
             items,
             sizes,
             budget=t.max_tokens_per_batch,
@@ -30,17 +30,16 @@ def plan(cfg: Config, data: Dataset) -> list[Step]:
             seed=t.seed,
             epoch=epoch,
         )
-        steps += epoch_steps
-    return steps[: t.max_steps] if t.max_steps else steps
+    return updates[: t.max_steps] if t.max_steps else updates
 
 
-def plan_fingerprint(cfg: Config, data: Dataset, steps: list[Step]) -> dict:
+def plan_fingerprint(cfg: Config, data: Dataset, updates: list[Update]) -> dict:
     """What fixes the data order: a resume with any of it changed would silently train on other batches."""
     t = cfg.train
     return {
         "seed": t.seed,
         "epochs": t.epochs,
-        "steps": len(steps),
+        "steps": len(updates),  # the key checkpoints have always held
         "max_tokens_per_batch": t.max_tokens_per_batch,
         "micro_batches_per_step": t.micro_batches_per_step,
         "packing_window": t.packing_window,

@@ -1,4 +1,4 @@
-"""The trainer: the only module that drives DeepSpeed. setup → resume → steps (log, evaluate, save) → finish.
+"""The trainer: the only module that drives DeepSpeed. setup → resume → updates (log, evaluate, save) → finish.
 
 `run` is the outline; `Trainer` holds the run's state, declared in its `__init__`, and one method per phase.
 """
@@ -18,7 +18,7 @@ from bigrm.artifacts import checkpoint, export
 from bigrm.builtin import tiny
 from bigrm.config import Config
 from bigrm.data import pipeline
-from bigrm.data.packing import Step, collate
+from bigrm.data.packing import Update, collate
 from bigrm.data.tokenizer import load_tokenizer
 from bigrm.evaluation.evaluate import evaluate_rewards
 from bigrm.evaluation.report import write_for_groups
@@ -55,9 +55,9 @@ def run(cfg: Config) -> dict:
     try:
         trainer.setup()
         trainer.resume()
-        for n, step in trainer.remaining():
-            trainer.train_step(step)
-            trainer.after_step(n)  # logs, evaluates and saves at their intervals; a stop request raises Preempted
+        for n, update in trainer.remaining():
+            trainer.train_update(update)
+            trainer.after_update(n)  # logs, evaluates and saves at their intervals; a stop request raises Preempted
         result = trainer.finish()
         together = True
         return result
@@ -90,7 +90,7 @@ class Trainer:
         self.dtype = precision.training(cfg.model.dtype, device.type == "cuda")
         self.stop = preemption.StopRequest(self.out, device)
         self.watch = Watch(t.max_nonfinite_steps)
-        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # this rank's step had a non-finite loss
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # this rank's update had a non-finite loss
         self.skipped = 0  # DeepSpeed's skipped optimizer steps so far (overflow)
         # built by setup()
         self.resume_from: Path | None = None  # the checkpoint this run continues
@@ -99,19 +99,19 @@ class Trainer:
         self.tokenizer = None
         self.data: pipeline.Dataset | None = None
         self.head: AttributeHead | None = None  # with data.attributes: what the head's outputs mean
-        self.steps: list[Step] = []  # every optimizer step of the run, the same on every rank
+        self.updates: list[Update] = []  # every optimizer update of the run, the same on every rank
         self.fingerprint: dict = {}  # what a resume must find unchanged (plan_fingerprint)
         self.engine = None  # DeepSpeed around RewardModel
         self.hf_ds_config = None  # ZeRO-3: kept alive for the whole run (transformers holds it by weak reference)
         self.lora: adapters.Settings | None = None  # what a LoRA export rebuilds its base from
         self.verify: list = []  # held-out groups every checkpoint and export checks itself on
-        # per training prompt: its share of the step's denominators (ranking Σ w, Σ w·units; steps Σ w)
+        # per training prompt: its share of an update's denominators (ranking Σ w, Σ w·units; PRM steps Σ w)
         self.group_sums: list[tuple[float, float, float]] = []
         self.rating_sums: list = []  # attribute heads, per training prompt: its (A,) share of the rating denominators
         self.model_flops = None  # (real tokens, causal pairs) → model FLOPs of one forward + backward
         self.meter: Meter | None = None  # the current log window
-        # progress, moved by resume() and every step
-        self.start = 0  # steps already done
+        # progress, moved by resume() and every update
+        self.start = 0  # updates already done
         self.epoch = -1
         self.epoch_stats = Stats.zeros(device)  # the current epoch's statistics: this rank's share
 
@@ -149,12 +149,12 @@ class Trainer:
         self.data = pipeline.build(self.cfg, self.tokenizer, self.out)
         if self.cfg.data.attributes:  # the targets' scale: the training ratings'
             self.head = AttributeHead.of(self.cfg, self.data.attribute_stats)
-        self.steps = plan(self.cfg, self.data)
+        self.updates = plan(self.cfg, self.data)
         opened = []
         if dist.is_main():
             config = options.to_dict(self.cfg)
             opened = open_sinks(self.t.report_to, self.out, self.t.run_name, config, self.resume_from is not None)
-        self.tracker = Tracker(self.out, len(self.steps), opened)
+        self.tracker = Tracker(self.out, len(self.updates), opened)
         for line in self.data.log:
             self.tracker.print(line)
 
@@ -166,7 +166,7 @@ class Trainer:
         cfg, bf16 = self.cfg, self.dtype == torch.bfloat16
         arch = AutoConfig.from_pretrained(path)
         ds = ds_config.build(
-            cfg, len(self.steps), bf16=bf16, cpu=self.device.type != "cuda", hidden_size=arch.hidden_size
+            cfg, len(self.updates), bf16=bf16, cpu=self.device.type != "cuda", hidden_size=arch.hidden_size
         )
         # while it lives, from_pretrained loads straight into ZeRO-3 shards
         self.hf_ds_config = HfDeepSpeedConfig(ds) if ds["zero_optimization"]["stage"] == 3 else None
@@ -192,7 +192,7 @@ class Trainer:
         self.verify = export.verification_groups(self.data.eval or self.data.train, model.needs.smallest_window)
         trained = [p for p in model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trained, config=ds)
-        self.fingerprint = plan_fingerprint(cfg, self.data, self.steps)
+        self.fingerprint = plan_fingerprint(cfg, self.data, self.updates)
         matmul = parameter_counts(model, matmul_only=True)
         self.model_flops = partial(
             flops.model_flops, matmul=matmul, hidden=arch.hidden_size, layers=arch.num_hidden_layers
@@ -207,13 +207,13 @@ class Trainer:
         self.tracker.print(
             f"model {path}: attention {attn}, {dtype}, ZeRO stage {stage}"
             + (", compiled blocks" if cfg.model.compile else "")
-            + f", world {dist.world()}, {len(self.steps)} optimizer steps"
+            + f", world {dist.world()}, {len(self.updates)} optimizer steps"
             f"\nparameters {total:,}, trainable {trainable:,} ({100 * trainable / total:.2f}%)"
             + (f", LoRA r={cfg.lora.r}" if cfg.lora.r else "")
             + (f" on a {cfg.quantization.bits}-bit base" if cfg.quantization.bits else "")
         )
         setup = {"model": path, "attention": attn, "dtype": dtype, "zero_stage": stage, "compiled": cfg.model.compile}
-        setup.update(world=dist.world(), steps=len(self.steps), parameters=total, trainable=trainable)
+        setup.update(world=dist.world(), steps=len(self.updates), parameters=total, trainable=trainable)
         self.tracker.record("setup", setup)
 
     # resume -----------------------------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ class Trainer:
         if self.head:
             self.rating_sums = [rating_sums(g) for g in self.data.train]
         if self.start:
-            self.epoch = self.steps[self.start - 1].epoch
+            self.epoch = self.updates[self.start - 1].epoch
             if dist.is_main():  # the resumed epoch's statistics so far (summed over ranks)
                 so_far = torch.tensor(saved["epoch_stats"], dtype=torch.float64, device=self.device)
                 # checkpoints from before the step statistics (the last fields of Stats) hold fewer values
@@ -245,41 +245,41 @@ class Trainer:
         self.meter = Meter(self.device, self.t.max_tokens_per_batch, peak, self.head)
         self.engine.train()
 
-    def remaining(self) -> Iterator[tuple[int, Step]]:
-        """(1-based step number, step) of the steps still to train."""
-        return enumerate(self.steps[self.start :], self.start + 1)
+    def remaining(self) -> Iterator[tuple[int, Update]]:
+        """(1-based update number, update) of the updates still to train."""
+        return enumerate(self.updates[self.start :], self.start + 1)
 
-    # one step ---------------------------------------------------------------------------------------------------
+    # one update -------------------------------------------------------------------------------------------------
 
-    def train_step(self, step: Step) -> None:
-        """This rank's micro-batches of one optimizer step: forward, loss, backward, (at the last) optimizer step."""
+    def train_update(self, update: Update) -> None:
+        """This rank's micro-batches of one optimizer update: forward, loss, backward, (at the last) the update."""
         t, data = self.t, self.data
-        if step.epoch != self.epoch:  # reward statistics for the export describe the final epoch
-            self.epoch, self.epoch_stats = step.epoch, Stats.zeros(self.device)
-        # the loss is normalised over the whole step's prompts, whatever rank or micro-batch holds them
-        members = [i for rank in step.micro_batches for mb in rank for i in mb]
+        if update.epoch != self.epoch:  # reward statistics for the export describe the final epoch
+            self.epoch, self.epoch_stats = update.epoch, Stats.zeros(self.device)
+        # the loss is normalised over the whole update's prompts, whatever rank or micro-batch holds them
+        members = [i for rank in update.micro_batches for mb in rank for i in mb]
         sums = [sum(self.group_sums[i][j] for i in members) for j in range(3)]
         head, ratings = self.head, None
         if head:
             ratings = torch.tensor(sum(self.rating_sums[i] for i in members), device=self.device)
-        for mb in step.micro_batches[dist.rank()]:
+        for mb in update.micro_batches[dist.rank()]:
             packed = collate([data.train[i] for i in mb], self.tokenizer.pad_token_id, share_prompt=t.share_prompt)
             pairs = flops.causal_pairs(packed.cu_seqlens, packed.seg_parent)  # on the CPU copy: no device sync
             batch = packed.to(self.device)
             values = self.engine(batch)  # (N + P,) rewards, then values at step ends; attribute heads (N, A)
             loss, stats, rating_stats = total_loss(values, batch.labels, self.cfg.loss, *sums, head, ratings)
             self.nonfinite |= ~torch.isfinite(loss.detach())  # stays on the device: no sync per micro-batch
-            # DeepSpeed averages over ranks and micro-batches: undo that, the step normalises itself
+            # DeepSpeed averages over ranks and micro-batches: undo that, the update normalises itself
             self.engine.backward(loss * dist.world() * t.micro_batches_per_step)
             self.engine.step()
             self.meter.add(stats, batch, self.model_flops(batch.real_tokens, pairs), rating_stats)
             self.epoch_stats += stats
         self.tracker.step()
 
-    def after_step(self, n: int) -> None:
+    def after_update(self, n: int) -> None:
         """Log, evaluate and save at their intervals; a stop request saves, then raises Preempted."""
-        t, last = self.t, n == len(self.steps)
-        # collective, every step; a stop still logs this step's window (the resumed run starts a new one) and saves
+        t, last = self.t, n == len(self.updates)
+        # collective, every update; a stop still logs this update's window (the resumed run starts a new one) and saves
         stopping = self.stop.requested()
         if n % t.log_every == 0 or last or stopping:
             logged = self.meter.read(self.cfg.loss, self.engine.get_lr()[0])
@@ -297,8 +297,9 @@ class Trainer:
             raise preemption.Preempted(f"stopped at step {n}")
 
     def _diverging(self, n: int, last: bool) -> bool:
-        """Collective: whether step n was not finite on any rank (then it is not saved); raises Diverged (divergence)
-        when that has lasted train.max_nonfinite_steps steps. DeepSpeed's overflow skips are reported as they occur."""
+        """Collective: whether update n was not finite on any rank (then it is not saved); raises Diverged
+        (divergence) when that has lasted train.max_nonfinite_steps updates. DeepSpeed's overflow skips are reported
+        as they occur."""
         skipped, self.skipped = self.engine.skipped_steps - self.skipped, self.engine.skipped_steps
         norm = self.engine.get_global_grad_norm()
         # under fp16 a skip lowers the loss scale; otherwise the gradients were not finite
@@ -312,7 +313,7 @@ class Trainer:
 
     # evaluate, save, finish -------------------------------------------------------------------------------------
 
-    def evaluate(self, step: int) -> tuple[dict, torch.Tensor]:
+    def evaluate(self, n: int) -> tuple[dict, torch.Tensor]:
         """The eval metrics (logged) and every eval completion's reward (see evaluate_rewards)."""
         t = self.t
         self.engine.eval()
@@ -328,18 +329,18 @@ class Trainer:
             head=self.head,
         )
         self.engine.train()
-        self.tracker.log("eval", result, step)
+        self.tracker.log("eval", result, n)
         return result, rewards
 
     def save(self, n: int) -> None:
-        """Collective: a complete checkpoint after step n."""
-        step = self.steps[n - 1]
+        """Collective: a complete checkpoint after update n."""
+        update = self.updates[n - 1]
         epoch_sum = dist.all_sum(self.epoch_stats.stack()).tolist()
         meta = {
             "step": n,
             "run": self.run_id,
-            "epoch": step.epoch,
-            "index": step.index,
+            "epoch": update.epoch,
+            "index": update.index,
             "plan": self.fingerprint,
             "epoch_stats": epoch_sum,
         }
@@ -361,7 +362,7 @@ class Trainer:
         out = self.out
         final, rewards = {"note": "no eval data configured"}, None
         if self.data.eval:
-            final, rewards = self.evaluate(len(self.steps))
+            final, rewards = self.evaluate(len(self.updates))
         if dist.is_main():
             (out / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
             if rewards is not None:

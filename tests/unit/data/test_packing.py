@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bigrm.data.packing import Step, collate, first_fit_decreasing, pack_bins, plan_epoch
+from bigrm.data.packing import Update, collate, first_fit_decreasing, pack_bins, plan_epoch
 from bigrm.data.rows import Labels
 from bigrm.data.sequences import Group
 
@@ -81,7 +81,7 @@ def bin_tokens(b: list[int], sizes: list[int]) -> int:
     return sum(sizes[i] for i in b)
 
 
-def check_plan(steps: list[Step], items: list[int], sizes: list[int], budget: int, world: int, accum: int) -> None:
+def check_plan(steps: list[Update], items: list[int], sizes: list[int], budget: int, world: int, accum: int) -> None:
     assert Counter(i for s in steps for r in s.micro_batches for mb in r for i in mb) == Counter(items)
     for n, step in enumerate(steps):
         final = n == len(steps) - 1
@@ -172,7 +172,7 @@ def test_final_step_split_after_full_steps():
         assert all(mb for r in steps[-1].micro_batches for mb in r)
 
 
-def step_sets(steps: list[Step]) -> list[frozenset]:
+def step_sets(steps: list[Update]) -> list[frozenset]:
     return [frozenset(Counter(i for r in s.micro_batches for mb in r for i in mb).items()) for s in steps]
 
 
