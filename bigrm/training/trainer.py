@@ -33,10 +33,8 @@ from bigrm.model.reward_model import (
     parameter_counts,
     write_random_init,
 )
-from bigrm.objectives.ranking import Stats, denominators, metrics
-from bigrm.objectives.ratings import rating_sums
-from bigrm.objectives.steps import step_denominator
-from bigrm.objectives.total import total_loss
+from bigrm.objectives.ranking import Stats, metrics
+from bigrm.objectives.total import Normaliser, total_loss
 from bigrm.progress import transformers_bars
 from bigrm.training import ds_config, preemption
 from bigrm.training.divergence import Watch
@@ -105,9 +103,7 @@ class Trainer:
         self.hf_ds_config = None  # ZeRO-3: kept alive for the whole run (transformers holds it by weak reference)
         self.lora: adapters.Settings | None = None  # what a LoRA export rebuilds its base from
         self.verify: list = []  # held-out groups every checkpoint and export checks itself on
-        # per training prompt: its share of an update's denominators (ranking Σ w, Σ w·units; PRM steps Σ w)
-        self.group_sums: list[tuple[float, float, float]] = []
-        self.rating_sums: list = []  # attribute heads, per training prompt: its (A,) share of the rating denominators
+        self.norms: list[Normaliser] = []  # per training prompt: its share of an update's loss denominators
         self.model_flops = None  # (real tokens, causal pairs) → model FLOPs of one forward + backward
         self.meter: Meter | None = None  # the current log window
         # progress, moved by resume() and every update
@@ -231,9 +227,7 @@ class Trainer:
             )
         self.tracker.bar.update(self.start)
         loss = self.cfg.loss  # labels only: computed once
-        self.group_sums = [(*denominators([g], loss), step_denominator(g, loss)) for g in self.data.train]
-        if self.head:
-            self.rating_sums = [rating_sums(g) for g in self.data.train]
+        self.norms = [Normaliser.of(g, loss, rated=self.head is not None) for g in self.data.train]
         if self.start:
             self.epoch = self.updates[self.start - 1].epoch
             if dist.is_main():  # the resumed epoch's statistics so far (summed over ranks)
@@ -258,16 +252,13 @@ class Trainer:
             self.epoch, self.epoch_stats = update.epoch, Stats.zeros(self.device)
         # the loss is normalised over the whole update's prompts, whatever rank or micro-batch holds them
         members = [i for rank in update.micro_batches for mb in rank for i in mb]
-        sums = [sum(self.group_sums[i][j] for i in members) for j in range(3)]
-        head, ratings = self.head, None
-        if head:
-            ratings = torch.tensor(sum(self.rating_sums[i] for i in members), device=self.device)
+        norm = sum(self.norms[i] for i in members)
         for mb in update.micro_batches[dist.rank()]:
             packed = collate([data.train[i] for i in mb], self.tokenizer.pad_token_id, share_prompt=t.share_prompt)
             pairs = flops.causal_pairs(packed.cu_seqlens, packed.seg_parent)  # on the CPU copy: no device sync
             batch = packed.to(self.device)
             values = self.engine(batch)  # (N + P,) rewards, then values at step ends; attribute heads (N, A)
-            loss, stats, rating_stats = total_loss(values, batch.labels, self.cfg.loss, *sums, head, ratings)
+            loss, stats, rating_stats = total_loss(values, batch.labels, self.cfg.loss, norm, self.head)
             self.nonfinite |= ~torch.isfinite(loss.detach())  # stays on the device: no sync per micro-batch
             # DeepSpeed averages over ranks and micro-batches: undo that, the update normalises itself
             self.engine.backward(loss * dist.world() * t.micro_batches_per_step)

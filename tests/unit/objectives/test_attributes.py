@@ -22,9 +22,7 @@ from bigrm.errors import ConfigError, ExportError
 from bigrm.model import adapters
 from bigrm.model.heads import AttributeHead, merged_head, read_head, record_head
 from bigrm.model.reward_model import RewardModel, load_classifier
-from bigrm.objectives.ranking import denominators
-from bigrm.objectives.ratings import rating_sums
-from bigrm.objectives.total import total_loss
+from bigrm.objectives.total import Normaliser, total_loss
 from tests.helpers.attributes import NAMES, plain_logits
 from tests.helpers.groups import random_groups
 
@@ -101,14 +99,13 @@ def test_step_denominators_make_micro_batches_add_up_to_the_step():
     groups = [
         Group(tuple(np.zeros(2, np.int64) for _ in range(k)), "g", lab) for lab, k in zip(labels, ks, strict=True)
     ]
-    step = (*denominators(groups, cfg), torch.tensor(sum(rating_sums(g) for g in groups)))
-    np.testing.assert_allclose(step[2].numpy(), sums[1].numpy())
+    norm = sum(Normaliser.of(g, cfg, rated=True) for g in groups)
+    np.testing.assert_allclose(norm.rating_sums, sums[1].numpy())
     parts = 0.0
     for lo, hi in ((0, 2), (2, 5)):
         seg = sum(ks[:lo]), sum(ks[:hi])
         part, _, _ = total_loss(
-            values[seg[0] : seg[1]], SegmentLabels.of(labels[lo:hi], ks[lo:hi], torch.float64), cfg, *step[:2],
-            head=HEAD, rating_sums=step[2],
+            values[seg[0] : seg[1]], SegmentLabels.of(labels[lo:hi], ks[lo:hi], torch.float64), cfg, norm, HEAD
         )  # fmt: skip
         parts = parts + part
     torch.testing.assert_close(parts, whole, atol=1e-12, rtol=1e-12)
