@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from bigrm.config import ConfigError  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.helpers
 from bigrm.data.packing import collate  # noqa: E402
+from bigrm.errors import ConfigError  # noqa: E402
 from bigrm.model.attention import SOFTCAP, read_attention_needs, resolve_attn  # noqa: E402
 from bigrm.model.reward_model import RewardModel, load_classifier  # noqa: E402
 from tests.helpers.groups import shared_groups  # noqa: E402

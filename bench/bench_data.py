@@ -35,10 +35,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from bigrm import options, pipeline  # noqa: E402
+from bigrm import options  # noqa: E402
+from bigrm.data import pipeline  # noqa: E402
 from bigrm.data.rows import load_examples  # noqa: E402
 from bigrm.data.sequences import Group, scored_sequence  # noqa: E402
-from bigrm.model.reward_model import prepare_tokenizer  # noqa: E402
+from bigrm.data.tokenizer import prepare_tokenizer  # noqa: E402
 from tests.helpers.paths import HH_DATA  # noqa: E402
 
 K = 7
