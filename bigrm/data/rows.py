@@ -1,12 +1,7 @@
 """Rows → validated examples.
 
-Files are read with `datasets`; each file's format is detected from its columns:
-  ranked        {prompt, ranked_outputs: [best, ..., worst]}
-  pairwise      {prompt, chosen, rejected}
-  implicit      {chosen, rejected}: the prompt is their shared prefix (see DataConfig.assistant_marker)
-  stepwise      {prompt, completions: [step, ...], labels: [correct?, ...]}: one solution per row (TRL's stepwise
-                supervision); rows with the same prompt form unranked groups (DataConfig.step_group_size)
-  rated         {prompt, response, <attribute>: rating, ...}: one completion rated on data.attributes (HelpSteer2)
+Files are read with `datasets`; each file's format (ranked, scored, stepwise, pairwise, implicit, rated: see
+bigrm.data.formats) is detected from its columns.
 Any format but stepwise may carry data.attributes ratings (rated rows: one number each; others: a list per attribute
 aligned with the completions); a null or absent rating is masked (NaN in Labels.attributes).
 A prompt may be text or a list of chat messages; completions are then assistant strings or message lists.
@@ -16,7 +11,6 @@ Every problem is reported with file, line (JSON Lines) or row, and field before 
 from __future__ import annotations
 
 import gzip
-import itertools
 import json
 import math
 import random
@@ -27,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bigrm import progress
-from bigrm.config import STEPS_WITH_ATTRIBUTES, DataConfig
+from bigrm.config import DataConfig
 from bigrm.errors import DataError
 from bigrm.hashing import file_hash
 
@@ -232,202 +226,18 @@ def _completion(value: Any, field: str) -> tuple[Text | None, str | None]:
     return None, f"must be a non-empty string or a list of chat messages, got {type(value).__name__}"
 
 
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-def split_implicit(chosen: Text, rejected: Text, marker: str) -> tuple[Text, Text, Text] | str:
-    """(prompt, chosen completion, rejected completion) from two full texts/conversations, or a reason."""
-    if isinstance(chosen, list) and isinstance(rejected, list):
-        n = 0
-        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-            n += 1
-        if n == 0:
-            return "chosen and rejected conversations share no prompt messages"
-        if n == len(chosen) or n == len(rejected):
-            return "one conversation is a prefix of the other: nothing left to score"
-        return chosen[:n], chosen[n:], rejected[n:]
-    if isinstance(chosen, list) or isinstance(rejected, list):
-        return "chosen and rejected must both be text or both be chat messages"
-    n = _common_prefix(chosen, rejected)
-    cut = chosen.rfind(marker, 0, n) if marker else -1
-    n = cut + len(marker) if cut >= 0 else n
-    if n == 0:
-        return "chosen and rejected share no prefix to use as the prompt"
-    return chosen[:n], chosen[n:], rejected[n:]
-
-
 def detect_format(columns: set[str], cfg: DataConfig, path: str) -> str:
-    if cfg.ranked_column in columns:
-        return "ranked"
-    if cfg.completions_column in columns and cfg.scores_column in columns:
-        return "scored"
-    if cfg.completions_column in columns and cfg.labels_column in columns:
-        if cfg.attributes:
-            raise DataError(f"{path}: {STEPS_WITH_ATTRIBUTES}")
-        return "stepwise"
-    if cfg.chosen_column in columns and cfg.rejected_column in columns:
-        return "pairwise" if cfg.prompt_column in columns else "implicit"
-    if cfg.response_column in columns and cfg.prompt_column in columns:
-        if not cfg.attributes:
-            raise DataError(
-                f"{path}: rows of {cfg.prompt_column!r} and {cfg.response_column!r} are rated completions: name their "
-                "rating columns in data.attributes"
-            )
-        return "rated"
-    raise DataError(
-        f"{path}: cannot tell the format from columns {sorted(columns)}: expected {cfg.ranked_column!r} "
-        f"(ranked), {cfg.completions_column!r} and {cfg.scores_column!r} (scored), {cfg.completions_column!r} and "
-        f"{cfg.labels_column!r} (stepwise), {cfg.chosen_column!r} and {cfg.rejected_column!r} (pairwise, with or "
-        f"without {cfg.prompt_column!r}), or {cfg.prompt_column!r} and {cfg.response_column!r} (rated, with "
-        "data.attributes); column names are set with data.*_column"
-    )
+    """The name of the file's format (bigrm.data.formats.FORMATS), from its first row's columns."""
+    from bigrm.data import formats  # formats builds on this module's types and checks: imported once both exist
+
+    return formats.detect(columns, cfg, path).name
 
 
 def parse_row(row: Any, fmt: str, cfg: DataConfig, where: str) -> Example | RowError:
-    if not isinstance(row, dict):
-        return RowError(where, "<row>", f"the row is a {type(row).__name__}, not an object")
-    margin = row.get(cfg.margin_column)
-    if margin is None:
-        margin = 0.0
-    elif not _finite_number(margin):
-        return RowError(where, cfg.margin_column, f"must be a number within float32's range, got {margin!r}")
+    """One row of a file of format `fmt` (a name in bigrm.data.formats.FORMATS) as an Example, or what is wrong."""
+    from bigrm.data import formats
 
-    if fmt == "implicit":
-        for col in (cfg.chosen_column, cfg.rejected_column):
-            if row.get(col) is None:
-                return RowError(where, col, "missing")
-            _, problem = _completion(row[col], col)
-            if problem:
-                return RowError(where, col, problem)
-        split = split_implicit(row[cfg.chosen_column], row[cfg.rejected_column], cfg.assistant_marker)
-        if isinstance(split, str):
-            return RowError(where, f"{cfg.chosen_column}/{cfg.rejected_column}", split)
-        prompt, *raw = split
-        fields = [cfg.chosen_column, cfg.rejected_column]
-    else:
-        prompt = row.get(cfg.prompt_column)
-        if prompt is None:
-            return RowError(where, cfg.prompt_column, "missing")
-        if _is_messages(prompt):
-            problem = _check_messages(prompt, cfg.prompt_column)
-            if problem:
-                return RowError(where, cfg.prompt_column, problem)
-        elif not isinstance(prompt, str):
-            return RowError(where, cfg.prompt_column, f"must be text or chat messages, got {type(prompt).__name__}")
-        if fmt == "stepwise":
-            return parse_stepwise(row, prompt, cfg, where)
-        if fmt in ("ranked", "scored"):
-            col = cfg.ranked_column if fmt == "ranked" else cfg.completions_column
-            listed = row.get(col)
-            if listed is None:
-                return RowError(where, col, "missing")
-            if not isinstance(listed, list):
-                return RowError(where, col, f"must be a list, got {type(listed).__name__}")
-            raw, fields, ranks = [], [], []
-            for i, entry in enumerate(listed):
-                # a list that is not one chat conversation is a block of completions tied at this rank
-                block = fmt == "ranked" and isinstance(entry, list) and not _is_messages(entry)
-                if block and not entry:
-                    return RowError(where, f"{col}[{i}]", "an empty list of tied completions")
-                for j, value in enumerate(entry if block else [entry]):
-                    raw.append(value)
-                    fields.append(f"{col}[{i}][{j}]" if block else f"{col}[{i}]")
-                    ranks.append(i)
-            if len(raw) < 2:
-                return RowError(where, col, f"needs at least 2 completions, got {len(raw)}")
-        elif fmt == "rated":
-            raw, fields = [row.get(cfg.response_column)], [cfg.response_column]
-            if raw[0] is None:
-                return RowError(where, cfg.response_column, "missing")
-        else:
-            raw, fields = [], [cfg.chosen_column, cfg.rejected_column]
-            for col in fields:
-                if row.get(col) is None:
-                    return RowError(where, col, "missing")
-                raw.append(row[col])
-
-    completions = []
-    for value, name in zip(raw, fields, strict=True):
-        text, problem = _completion(value, name)
-        if problem:
-            return RowError(where, name, problem)
-        if isinstance(text, list) and not isinstance(prompt, list):
-            return RowError(where, name, "chat-message completions need a chat-message prompt")
-        completions.append(text)
-    seen: dict[str, str] = {}
-    for text, name in zip(completions, fields, strict=True):
-        key = json.dumps(text, sort_keys=True)
-        if key in seen:
-            return RowError(where, name, f"duplicate of {seen[key]} under the same prompt")
-        seen[key] = name
-    weight = _row_weight(row, cfg)
-    if isinstance(weight, RowError):
-        return replace(weight, where=where)
-    labels = Labels(tuple(range(len(completions))), margin=float(margin), weight=float(weight))
-    if cfg.attributes:
-        ratings = attribute_ratings(row, cfg.attributes, len(completions), fmt == "rated", where)
-        if isinstance(ratings, RowError):
-            return ratings
-        labels = replace(labels, attributes=ratings)
-    if fmt == "ranked":
-        labels = replace(labels, ranks=tuple(ranks))
-    if fmt != "scored":
-        return Example(prompt, tuple(completions), where, labels)
-    scores = row.get(cfg.scores_column)
-    if not isinstance(scores, list) or len(scores) != len(completions):
-        return RowError(where, cfg.scores_column, f"needs one number per completion ({len(completions)})")
-    bad = next((i for i, v in enumerate(scores) if not _finite_number(v)), None)
-    if bad is not None:
-        return RowError(
-            where, f"{cfg.scores_column}[{bad}]", f"must be a finite number within float32's range, got {scores[bad]!r}"
-        )
-    distinct = sorted(set(scores), reverse=True)  # equal scores share a rank: ties
-    labels = replace(labels, ranks=tuple(distinct.index(v) for v in scores), scores=tuple(map(float, scores)))
-    return Example(prompt, tuple(completions), where, labels)
-
-
-def _row_weight(row: dict, cfg: DataConfig) -> float | RowError:
-    weight = row.get(cfg.weight_column)
-    weight = 1.0 if weight is None else weight
-    if not _finite_number(weight) or weight <= 0:
-        return RowError("", cfg.weight_column, f"must be a positive number within float32's range, got {weight!r}")
-    return float(weight)
-
-
-def parse_stepwise(row: dict, prompt: Text, cfg: DataConfig, where: str) -> Example | RowError:
-    """One solution: its steps joined, each followed by data.step_separator, with one label per step."""
-    col, lab = cfg.completions_column, cfg.labels_column
-    steps, labels = row.get(col), row.get(lab)
-    if not isinstance(steps, list) or not steps:
-        return RowError(where, col, f"must be a non-empty list of steps, got {steps!r:.60}")
-    for i, step in enumerate(steps):
-        if not isinstance(step, str):
-            return RowError(where, f"{col}[{i}]", f"a step must be text, got {type(step).__name__}")
-        if not step.strip():
-            return RowError(where, f"{col}[{i}]", "empty step")
-    if not isinstance(labels, list) or len(labels) != len(steps):
-        got = f"{len(labels)} labels" if isinstance(labels, list) else repr(labels)
-        return RowError(where, lab, f"needs one label per step ({len(steps)}), got {got}")
-    for i, v in enumerate(labels):
-        if not (isinstance(v, bool) or (_finite_number(v) and 0 <= v <= 1)):
-            return RowError(where, f"{lab}[{i}]", f"must be a boolean or a probability in [0, 1], got {v!r}")
-    weight = _row_weight(row, cfg)
-    if isinstance(weight, RowError):
-        return replace(weight, where=where)
-    pieces = [step + cfg.step_separator for step in steps]
-    ends = tuple(int(e) for e in itertools.accumulate(len(p) for p in pieces))
-    return Example(
-        prompt,
-        ("".join(pieces),),
-        where,
-        Labels((-1,), steps=(tuple(float(v) for v in labels),), step_weights=(weight,)),
-        step_ends=(ends,),
-    )
+    return formats.FORMATS[fmt].parse(row, cfg, where)
 
 
 def prompt_key(prompt: Text) -> str:
@@ -463,35 +273,6 @@ FLOAT32_MAX = 3.4028234663852886e38  # labels are float32 tensors (packing.Segme
 def _finite_number(value: Any) -> bool:
     """A JSON number (not a numeric string: "1.5" is rejected, not converted) that float32 holds as a finite value."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= FLOAT32_MAX
-
-
-def attribute_ratings(
-    row: dict, names: list[str], k: int, single: bool, where: str
-) -> tuple[tuple[float, ...], ...] | RowError:
-    """Per completion, its rating of each attribute (NaN where null or absent). A rated row (`single`) holds one
-    number per attribute; other rows a list of k numbers or nulls per attribute, aligned with their completions."""
-    columns = []
-    for name in names:
-        value = row.get(name)
-        if value is None:
-            columns.append([math.nan] * k)
-            continue
-        if single:
-            if not _finite_number(value):
-                return RowError(where, name, f"must be a number within float32's range or null, got {value!r}")
-            columns.append([float(value)])
-            continue
-        if not isinstance(value, list) or len(value) != k:
-            return RowError(where, name, f"needs a list of one rating (a number or null) per completion ({k})")
-        bad = next((i for i, v in enumerate(value) if v is not None and not _finite_number(v)), None)
-        if bad is not None:
-            return RowError(
-                where, f"{name}[{bad}]", f"must be a number within float32's range or null, got {value[bad]!r}"
-            )
-        columns.append([math.nan if v is None else float(v) for v in value])
-    if single and all(math.isnan(c[0]) for c in columns):
-        return RowError(where, "/".join(names), "every rating is missing: the row has nothing to train")
-    return tuple(zip(*columns, strict=True))
 
 
 def standardise_scores(examples: list[Example]) -> list[Example]:

@@ -22,6 +22,7 @@ import torch
 from bigrm import precision, progress
 from bigrm.artifacts import checkpoint, export
 from bigrm.config import DataConfig, LossConfig
+from bigrm.data.formats import FORMATS
 from bigrm.data.packing import SegmentLabels, check_budget, collate, layout_tokens, pack_bins
 from bigrm.data.rows import Example, RowError, listed, parse_row, read_file, standardise_scores
 from bigrm.data.sequences import EncodeReport, Group, Scored, scored_sequence, step_positions
@@ -88,14 +89,12 @@ def _pieces(value, name: str) -> tuple[str, list[int]] | str:
 
 def _split_pieces(row: dict, fmt: str, cfg: DataConfig) -> tuple[dict, list[list[int]]] | str:
     """The row with each list-of-pieces completion joined, and the pieces' end offsets."""
-    if fmt == "implicit":
-        return "--segments with pieces needs an explicit prompt column (or use --separator)"
-    if fmt == "stepwise":
-        return "stepwise rows are scored at every step (step_rewards) without --segments"
-    cols = [cfg.ranked_column] if fmt == "ranked" else [cfg.chosen_column, cfg.rejected_column]
+    cols = FORMATS[fmt].piece_columns(cfg)
+    if isinstance(cols, str):
+        return cols
     row, bounds = dict(row), []
-    for col in cols:
-        values = row.get(col) if fmt == "ranked" else [row.get(col)]
+    for col, many in cols:
+        values = row.get(col) if many else [row.get(col)]
         if not isinstance(values, list):
             return f"field {col!r}: missing"
         joined = []
@@ -105,7 +104,7 @@ def _split_pieces(row: dict, fmt: str, cfg: DataConfig) -> tuple[dict, list[list
                 return piece
             joined.append(piece[0])
             bounds.append(piece[1])
-        row[col] = joined if fmt == "ranked" else joined[0]
+        row[col] = joined if many else joined[0]
     return row, bounds
 
 

@@ -96,6 +96,23 @@ def test_piece_lists_mark_segments(tmp_path, llama_dir, plain):
     assert out["ranked_outputs"] == pieces  # the input row comes back as it was
 
 
+def test_piece_lists_of_scored_rows_mark_segments(tmp_path, llama_dir, plain):
+    """A scored row's pieces are in its completions column: --segments used to look for a 'chosen' column there."""
+    value, tok = plain
+    pieces = [["Step one.", " Step two."], ["Only step."]]
+    rows = [{"prompt": "Solve:", "completions": pieces, "scores": [0.5, 2.0]}]
+    out = run_score(tmp_path, llama_dir, write(tmp_path / "scored-pieces.jsonl", rows), "--segments")[0]
+    assert "error" not in out
+    seq = scored_sequence(tok, "Solve:", "Step one. Step two.", 1024)
+    cut = max(i for i, e in enumerate(seq.ends) if e <= len("Solve:Step one."))
+    assert out["segment_rewards"][0] == pytest.approx([value(seq.ids[: cut + 1]), out["rewards"][0]], abs=1e-5)
+    assert out["rewards"][0] == pytest.approx(value(seq.ids), abs=1e-5)
+    only = scored_sequence(tok, "Solve:", "Only step.", 1024)
+    assert out["segment_rewards"][1] == pytest.approx([out["rewards"][1]])
+    assert out["rewards"][1] == pytest.approx(value(only.ids), abs=1e-5)
+    assert out["completions"] == pieces and out["scores"] == [0.5, 2.0]  # the input row comes back as it was
+
+
 def test_invalid_rows_stop_or_come_back_with_their_reason(tmp_path, llama_dir):
     rows = [{"prompt": "p", "ranked_outputs": ["a", "b"]}, {"prompt": "p", "ranked_outputs": ["a"]}]
     data = write(tmp_path / "bad.jsonl", rows)
