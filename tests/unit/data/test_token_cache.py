@@ -19,7 +19,8 @@ from transformers import AutoTokenizer
 from bigrm.config import Config, DataConfig
 from bigrm.data import pipeline, token_cache
 from bigrm.data.rows import load_examples
-from bigrm.data.sequences import EncodeReport, scored_sequence, tokenize_examples
+from bigrm.data.sequences import EncodeReport, scored_sequence
+from bigrm.data.tokenise import tokenize_examples
 from bigrm.data.tokenizer import prepare_tokenizer
 from tests.helpers.paths import HH_DATA
 
@@ -199,9 +200,8 @@ def test_a_waiting_process_holds_no_collective_and_proceeds_when_the_lock_frees(
 def test_the_backend_call_equals_the_tokenizer_call(family):
     """encode_batch reads the fast backend and asks for the completion's first token instead of every offset: the
     ids `tokenizer(text, ...)` gives, and as prompt tokens those whose offsets end at or before the completion."""
-    from tests.helpers import real_tokenizers
-
     from bigrm.data.sequences import _tokenize, encode_batch, render
+    from tests.helpers import real_tokenizers
 
     tokenizer = getattr(real_tokenizers, f"{family}_tokenizer")()
     (examples,), _ = load_examples([str(HH_DATA)], DataConfig(skip_invalid=True))
