@@ -62,7 +62,8 @@ def ignored(path: Path, tok, want: torch.Tensor, feature: str) -> float:
     implementation, which takes a score_mod)."""
     if feature == SOFTCAP:
         model = RewardModel(load_classifier(str(path), torch.float32, "flex", tok), "flex").eval()
-        with warnings.catch_warnings(), unittest.mock.patch("bigrm.model.attention._softcap_score", lambda cap: None):
+        no_softcap = unittest.mock.patch("bigrm.model.packed_attention._softcap_score", lambda cap: None)
+        with warnings.catch_warnings(), no_softcap:
             warnings.simplefilter("ignore")  # flex's notice that uncompiled it is a slow reference: meant here
             return worst(model, want, False)
     model = RewardModel(load_classifier(str(path), torch.float32, "eager", tok), "eager").eval()

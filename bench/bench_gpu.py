@@ -71,7 +71,7 @@ def write_data(path: Path, model_dir: Path, steps: int, budget: int) -> int:
     from transformers import AutoTokenizer
 
     from bigrm.data.packing import pack_bins
-    from bigrm.data.sequences import tokenize_examples
+    from bigrm.data.tokenise import tokenize_examples
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     n = 64

@@ -62,7 +62,7 @@ def bigrm_epoch(rows_path: str, model_dir: str, budget: int) -> dict:
     from bigrm.config import DataConfig, LossConfig
     from bigrm.data.packing import collate, layout_tokens, pack_bins
     from bigrm.data.rows import load_examples
-    from bigrm.data.sequences import tokenize_examples
+    from bigrm.data.tokenise import tokenize_examples
     from bigrm.model.reward_model import RewardModel, load_classifier
     from bigrm.objectives.total import total_loss
 
@@ -154,7 +154,7 @@ def counts(rows_path: str, model_dir: str) -> dict:
 
     from bigrm.config import DataConfig
     from bigrm.data.rows import load_examples
-    from bigrm.data.sequences import tokenize_examples
+    from bigrm.data.tokenise import tokenize_examples
 
     (examples,), _ = load_examples([rows_path], DataConfig(max_length=MAX_LENGTH))
     groups, _ = tokenize_examples(examples, AutoTokenizer.from_pretrained(model_dir), MAX_LENGTH, "error")

@@ -22,8 +22,9 @@ from bigrm.config import Config, attribute_weights
 from bigrm.data import token_cache
 from bigrm.data.packing import check_budget
 from bigrm.data.rows import Example, file_specs, load_examples, prompt_key
-from bigrm.data.sequences import Group, default_workers, encode_examples
+from bigrm.data.sequences import Group
 from bigrm.data.token_store import TokenStore, concat
+from bigrm.data.tokenise import default_workers, encode_examples
 from bigrm.data.tokenizer import load_tokenizer
 from bigrm.errors import ConfigError, DataError
 

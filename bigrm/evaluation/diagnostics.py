@@ -93,6 +93,16 @@ def ranking_report(
                          Subsets in no section still appear in subset_accuracy. Empty when nothing matches.
     An accuracy over no pair (a K or subset whose prompts have only tied ranks) is None.
     """
+    r = _checked(rewards, labels, lengths, subsets, ece_bins)  # (N,)
+    report = metrics(ranking_loss(r, labels, cfg)[1], cfg)  # the training numbers, by the training code
+    report.update(_grid_diagnostics(r, labels, lengths, subsets, ece_bins))
+    return report
+
+
+def _checked(
+    rewards: torch.Tensor, labels: SegmentLabels, lengths: torch.Tensor, subsets: list[str] | None, ece_bins: int
+) -> torch.Tensor:
+    """The rewards in float64, or a ValueError naming what about ranking_report's inputs is wrong."""
     n, num_groups = rewards.shape[0], labels.num_groups
     if not (rewards.dim() == 1 and labels.seg_group.shape == labels.seg_rank.shape == lengths.shape == (n,)):
         raise ValueError("rewards, lengths, labels.seg_group and labels.seg_rank must all have shape (N,)")
@@ -107,9 +117,15 @@ def ranking_report(
     r = rewards.detach().double()  # (N,)
     if not torch.isfinite(r).all():
         raise ValueError(f"{int((~torch.isfinite(r)).sum())} rewards are NaN or infinite")
+    return r
 
-    report = metrics(ranking_loss(r, labels, cfg)[1], cfg)  # the training numbers, by the training code
-    grid = pair_grid(r, labels.seg_group, labels.seg_rank, num_groups)  # dense (G, K_max, K_max): eval-sized K
+
+def _grid_diagnostics(
+    r: torch.Tensor, labels: SegmentLabels, lengths: torch.Tensor, subsets: list[str] | None, ece_bins: int
+) -> dict:
+    """ranking_report's keys after the training numbers, from float64 rewards r (N,), in the order reported."""
+    report = {}
+    grid = pair_grid(r, labels.seg_group, labels.seg_rank, labels.num_groups)  # dense (G, K_max, K_max): eval-sized K
     pairs = grid.pairs_per_group  # (G,)
     wins = (grid.valid & (grid.diff > 0)).sum((1, 2))  # (G,) concordant pairs
     k = grid.filled.sum(1)  # (G,) completions per prompt

@@ -3,7 +3,8 @@
 The model is a Hugging Face `AutoModelForSequenceClassification` with one label: its base model is the
 `AutoModel` backbone and its `score` Linear(hidden, 1) is the value head, so the trained weights load with plain
 transformers. Attention over the packed rows, which must stay inside each segment and honour what the model's config
-asks of each layer (sliding windows, soft-capping), is bigrm.model.attention's.
+asks of each layer (sliding windows, soft-capping), is bigrm.model.attention's (the backend) and
+bigrm.model.packed_attention's (its kernels and masks).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from bigrm.config import QuantizationConfig
 from bigrm.data.packing import PackedBatch
 from bigrm.errors import ConfigError
 from bigrm.model.adapters import quantization_config
-from bigrm.model.attention import attention_needs, check_backend, hf_attn_implementation, packed_inputs
+from bigrm.model.attention import attention_needs, check_backend, hf_attn_implementation
 from bigrm.model.heads import read_head
+from bigrm.model.packed_attention import packed_inputs
 
 
 class RewardModel(nn.Module):

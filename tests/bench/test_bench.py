@@ -108,7 +108,7 @@ def test_benchmark_data_fills_the_steps_with_valid_ranked_rows(tmp_path):
     from bigrm.config import DataConfig
     from bigrm.data.packing import pack_bins
     from bigrm.data.rows import load_examples
-    from bigrm.data.sequences import tokenize_examples
+    from bigrm.data.tokenise import tokenize_examples
 
     model = models.write_config("tiny", tmp_path / "model")
     rows = bench_gpu.write_data(tmp_path / "data.jsonl", model, steps=6, budget=2048)

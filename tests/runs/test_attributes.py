@@ -59,7 +59,7 @@ def test_merged_export_is_the_weighted_sum_and_score_eval_report_attributes(run,
     tok = AutoTokenizer.from_pretrained(run / "final")
     from bigrm.config import DataConfig
     from bigrm.data.rows import load_examples
-    from bigrm.data.sequences import tokenize_examples
+    from bigrm.data.tokenise import tokenize_examples
 
     examples, _ = load_examples([str(data)], DataConfig(max_length=64))
     groups, _ = tokenize_examples(examples[0], tok, 64, "error")

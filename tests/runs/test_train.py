@@ -17,7 +17,8 @@ from transformers import AutoTokenizer
 
 from bigrm.config import DataConfig
 from bigrm.data.rows import load_examples
-from bigrm.data.sequences import Group, tokenize_examples
+from bigrm.data.sequences import Group
+from bigrm.data.tokenise import tokenize_examples
 from tests.helpers.paths import HH_DATA, REPO
 from tests.helpers.runs import ENV, SMALL, command, launch, rewards_with_plain_transformers, train_losses
 

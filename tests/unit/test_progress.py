@@ -77,7 +77,7 @@ def test_score_and_data_phases_report(every_update, llama_dir, tmp_path, capsys)
     from bigrm.builtin.tiny import build_tokenizer
     from bigrm.config import DataConfig
     from bigrm.data.rows import load_examples
-    from bigrm.data.sequences import encode_examples
+    from bigrm.data.tokenise import encode_examples
 
     rows = [{"prompt": f"p{i}", "chosen": "good answer", "rejected": "bad"} for i in range(600)]
     data = tmp_path / "rows.jsonl"

@@ -19,7 +19,8 @@ from transformers import AutoTokenizer
 from bigrm.config import Config, DataConfig
 from bigrm.data import pipeline, token_cache
 from bigrm.data.rows import load_examples
-from bigrm.data.sequences import EncodeReport, scored_sequence, tokenize_examples
+from bigrm.data.sequences import EncodeReport, scored_sequence
+from bigrm.data.tokenise import tokenize_examples
 from bigrm.data.tokenizer import prepare_tokenizer
 from tests.helpers.paths import HH_DATA
 

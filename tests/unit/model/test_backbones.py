@@ -21,7 +21,8 @@ from bigrm.data.packing import collate
 from bigrm.data.sequences import Group
 from bigrm.errors import ConfigError
 from bigrm.inference import scoring
-from bigrm.model.attention import SegmentRows, attention_needs, read_attention_needs, resolve_attn
+from bigrm.model.attention import attention_needs, read_attention_needs, resolve_attn
+from bigrm.model.packed_attention import SegmentRows
 from bigrm.model.reward_model import RewardModel, load_classifier
 from tests.helpers.groups import install_stand_in, shared_groups
 from tests.helpers.models import BACKBONE_SHAPE, BACKBONES, SOFTCAPPED
@@ -215,7 +216,7 @@ def test_export_check_includes_a_sequence_longer_than_the_window(backbone_dir, m
 
     model = reward_model(path, "sdpa").eval()
     model.needs = read_attention_needs("")  # the old behaviour: no window in any mask or kernel
-    monkeypatch.setattr("bigrm.model.attention._layer_window", lambda module, kw: None)
+    monkeypatch.setattr("bigrm.model.packed_attention._layer_window", lambda module, kw: None)
 
     def problem(verify) -> str | None:
         batch, seqs, _ = export._verify_batch(verify, 0, torch.device("cpu"))

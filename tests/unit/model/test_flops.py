@@ -8,7 +8,7 @@ import torch
 
 from bigrm.data.packing import collate
 from bigrm.model import flops
-from bigrm.model.attention import block_causal_mask
+from bigrm.model.packed_attention import block_causal_mask
 from bigrm.model.reward_model import parameter_counts
 from tests.helpers.groups import random_groups
 

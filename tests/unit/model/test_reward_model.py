@@ -12,7 +12,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from bigrm.data.packing import collate
 from bigrm.data.sequences import Group
 from bigrm.data.tokenizer import prepare_tokenizer
-from bigrm.model.attention import SegmentRows, block_causal_mask, flex_block_mask, read_attention_needs, resolve_attn
+from bigrm.model.attention import read_attention_needs, resolve_attn
+from bigrm.model.packed_attention import SegmentRows, block_causal_mask, flex_block_mask
 from bigrm.model.reward_model import RewardModel, compile_blocks, load_classifier
 from tests.helpers.groups import install_stand_in, random_groups
 

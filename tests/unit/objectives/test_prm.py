@@ -15,8 +15,8 @@ from bigrm.builtin.synthetic import make_rows
 from bigrm.config import DataConfig
 from bigrm.data.packing import collate
 from bigrm.data.rows import load_examples
-from bigrm.data.sequences import encode_examples
 from bigrm.data.token_store import TokenStore, concat
+from bigrm.data.tokenise import encode_examples
 from bigrm.errors import DataError
 from bigrm.inference import scoring
 from bigrm.model.reward_model import RewardModel, load_classifier

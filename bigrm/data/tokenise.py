@@ -1,0 +1,214 @@
+"""Validated examples → their scored token sequences, many at once: batched tokenizer calls, in forked worker
+processes when there are several chunks. What one sequence is (render, encode, truncate) is bigrm.data.sequences'.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from itertools import chain
+
+import numpy as np
+
+from bigrm import progress
+from bigrm.config import DataConfig
+from bigrm.data.rows import Example, listed
+from bigrm.data.sequences import (
+    Encoded,
+    EncodeReport,
+    Group,
+    Tokenized,
+    encode_batch,
+    prompt_heads,
+    render,
+    step_positions,
+    truncate,
+)
+from bigrm.errors import DataError
+
+
+def _too_long(max_length: int) -> str:
+    return f"completion alone longer than data.max_length={max_length}"
+
+
+def tokenize_chunk(examples: list[Example], tokenizer, max_length: int, convention: str) -> Tokenized:
+    """Render every completion, tokenise them in one batch, then cut prompts to max_length."""
+    texts, starts, chats = [], [], []
+    for ex in examples:
+        chat = isinstance(ex.prompt, list)
+        heads = prompt_heads(tokenizer, ex.prompt) if chat else None
+        for completion in ex.completions:
+            text, start = render(tokenizer, ex.prompt, completion, heads)
+            texts.append(text)
+            starts.append(start)
+            chats.append(chat)
+    stepwise = any(ex.step_ends is not None for ex in examples)  # locating steps needs every token's end
+    encoded = encode_batch(tokenizer, texts, starts, chats, convention, with_ends=stepwise)
+    return _fit_chunk(examples, encoded, texts, starts, max_length, convention)
+
+
+def _fit_chunk(
+    examples: list[Example],
+    encoded: list[Encoded],
+    texts: list[str],
+    starts: list[int],
+    max_length: int,
+    convention: str,
+) -> Tokenized:
+    """The examples' encoded completions (in order, with the texts and starts they were encoded from) cut to
+    max_length and laid flat; an example with a completion that cannot fit is left out whole."""
+    encoded = iter(encoded)
+    report, kept_seqs, kept, overlong = EncodeReport(), [], [], []
+    step_counts, step_index, step_errors, at = [], [], [], 0
+    for i, ex in enumerate(examples):
+        seqs, cut, cut_tokens, bad, steps = [], 0, 0, None, []
+        for k in range(len(ex.completions)):
+            enc = next(encoded)
+            at += 1
+            fitted = truncate(enc.ids, enc.n_lead, enc.prompt_end, max_length)
+            if fitted is None:
+                bad = bad or (k, len(enc.ids) - enc.prompt_end + enc.n_lead)
+                continue
+            if ex.step_ends is not None:
+                where = step_positions(
+                    enc.ends, enc.prompt_end, texts[at - 1], starts[at - 1], ex.completions[k], ex.step_ends[k],
+                    fitted[1], convention,
+                )  # fmt: skip
+                if isinstance(where, str):
+                    step_errors.append(f"{ex.source}: completion {k}: {where}")
+                    where = np.zeros(0, dtype=np.int64)
+                steps.append(where)
+            seqs.append(fitted[0])
+            cut += fitted[1] > 0
+            cut_tokens += fitted[1]
+        if bad is not None:
+            overlong.append(f"{ex.source}: completion {bad[0]}: {bad[1]} tokens")
+            report.skipped[_too_long(max_length)] += 1
+            continue
+        report.prompts_cut += cut
+        report.prompt_tokens_cut += cut_tokens
+        kept.append(i)
+        kept_seqs += seqs
+        step_counts += [len(s) for s in steps] if steps else [0] * len(seqs)
+        step_index += steps
+    lengths = np.fromiter(map(len, kept_seqs), dtype=np.int64, count=len(kept_seqs))
+    return Tokenized(
+        # token ids are below 2**32: half the bytes workers send back
+        np.fromiter(chain.from_iterable(kept_seqs), dtype=np.uint32, count=int(lengths.sum())),
+        lengths,
+        np.asarray(kept, dtype=np.int64),
+        report,
+        overlong,
+        np.asarray(step_counts, dtype=np.int64),
+        np.concatenate(step_index) if step_index else np.zeros(0, dtype=np.int64),
+        step_errors,
+    )
+
+
+CHUNK = 256  # examples per batched tokenizer call (and per task of the worker processes)
+TOKENISE = ("tokenise", f"x{CHUNK} prompts")  # the progress counter's name and unit
+_forked: tuple = ()  # (examples, tokenizer, max_length, convention): what forked workers inherit, never pickled
+
+
+def _init_worker() -> None:
+    # the workers are the parallelism: a tokenizer's own thread pool in each would only oversubscribe the cores
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # forked with the trainer's handlers (bigrm.training.preemption), a worker would raise on the SIGTERM that ends
+    # the pool, possibly holding the task queue's lock, and leave the parent waiting for ever; an interrupt is the
+    # parent's
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _tokenize_in_worker(lo: int) -> Tokenized:
+    examples, tokenizer, max_length, convention = _forked
+    return tokenize_chunk(examples[lo : lo + CHUNK], tokenizer, max_length, convention)
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def encode_examples(
+    examples: list[Example],
+    tokenizer,
+    max_length: int,
+    overlong: str,
+    convention: str = DataConfig.reward_convention,
+    max_errors: int = DataConfig.max_errors,
+    num_proc: int = 1,
+) -> Tokenized:
+    """Every example's scored sequences, tokenised in batches by `num_proc` processes (forked: they inherit the
+    tokenizer); the same sequences, counts and errors whatever `num_proc`."""
+    if tokenizer.eos_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise DataError(
+            "the tokenizer's pad token equals its EOS token; bigrm.data.tokenizer.prepare_tokenizer fixes that"
+        )
+    global _forked
+    chunks = [examples[lo : lo + CHUNK] for lo in range(0, len(examples), CHUNK)]
+    if num_proc > 1 and len(chunks) > 1:
+        _forked = (examples, tokenizer, max_length, convention)
+        try:
+            with multiprocessing.get_context("fork").Pool(min(num_proc, len(chunks)), _init_worker) as pool:
+                done = pool.imap(_tokenize_in_worker, range(0, len(examples), CHUNK), chunksize=1)
+                parts = list(progress.each(done, *TOKENISE, total=len(chunks)))
+        finally:
+            _forked = ()
+    else:
+        parts = [tokenize_chunk(c, tokenizer, max_length, convention) for c in progress.each(chunks, *TOKENISE)]
+    report, errors, offset = EncodeReport(), [], 0
+    for part, chunk in zip(parts, chunks, strict=True):
+        report.prompts_cut += part.report.prompts_cut
+        report.prompt_tokens_cut += part.report.prompt_tokens_cut
+        report.skipped.update(part.report.skipped)
+        errors += part.overlong
+        part.kept += offset
+        offset += len(chunk)
+    if errors and overlong == "error":
+        reason = _too_long(max_length)
+        raise DataError(
+            f"{len(errors)} row(s) have a completion that cannot fit (set data.overlong: skip to drop them, or raise "
+            f"data.max_length):{listed([f'{e}, {reason}' for e in errors], max_errors)}"
+        )
+    step_errors = [e for p in parts for e in p.step_errors]
+    if step_errors:
+        raise DataError(
+            f"{len(step_errors)} stepwise completion(s) cannot be trained:{listed(step_errors, max_errors)}"
+        )
+    lengths = np.concatenate([p.lengths for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+    tokens = np.concatenate([p.tokens for p in parts]) if parts else np.zeros(0, dtype=np.uint32)
+    report.groups = sum(len(p.kept) for p in parts)
+    report.sequences = len(lengths)
+    report.tokens = len(tokens)
+    kept = np.concatenate([p.kept for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+    step_counts = np.concatenate([np.zeros(0, dtype=np.int64)] + [p.step_counts for p in parts])
+    step_index = np.concatenate([np.zeros(0, dtype=np.int64)] + [p.step_index for p in parts])
+    return Tokenized(tokens, lengths, kept, report, errors, step_counts, step_index)
+
+
+def tokenize_examples(
+    examples: list[Example],
+    tokenizer,
+    max_length: int,
+    overlong: str,
+    convention: str = DataConfig.reward_convention,
+    max_errors: int = DataConfig.max_errors,
+    num_proc: int = 1,
+) -> tuple[list[Group], EncodeReport]:
+    """encode_examples as Groups, whose int64 sequences are views of one flat array."""
+    done = encode_examples(examples, tokenizer, max_length, overlong, convention, max_errors, num_proc)
+    bounds = np.concatenate([[0], np.cumsum(done.lengths)])
+    step_bounds = np.concatenate([[0], np.cumsum(done.step_counts)])
+    tokens = done.tokens.astype(np.int64)
+    groups, s = [], 0
+    for i in done.kept:
+        ex = examples[i]
+        k = len(ex.completions)
+        steps = None
+        if ex.step_ends is not None:
+            steps = tuple(done.step_index[step_bounds[j] : step_bounds[j + 1]] for j in range(s, s + k))
+        seqs = tuple(tokens[bounds[j] : bounds[j + 1]] for j in range(s, s + k))
+        groups.append(Group(seqs, ex.source, ex.labels, steps))
+        s += k
+    return groups, done.report
