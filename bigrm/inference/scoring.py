@@ -143,28 +143,7 @@ def prepare(path: str, cfg: DataConfig, tokenizer, segments: bool = False, separ
             result.error = str(parsed)
             errors.append(result.error)
             continue
-        for k, completion in enumerate(parsed.completions):
-            scored = scored_sequence(tokenizer, parsed.prompt, completion, cfg.max_length, cfg.reward_convention)
-            if isinstance(scored, int):
-                result.error = f"{parsed.source}: completion {k}: {scored} tokens, longer than max_length"
-                break
-            result.scored.append(scored)
-            if parsed.step_ends is not None:
-                where = step_positions(
-                    scored.ends,
-                    scored.completion_start,
-                    scored.text,
-                    scored.char_start,
-                    completion,
-                    parsed.step_ends[k],
-                    0,
-                    cfg.reward_convention,
-                )
-                if isinstance(where, str):  # unusable steps: an invalid row, whatever data.overlong says
-                    result.error = f"{parsed.source}: completion {k}: {where}"
-                    errors.append(result.error)
-                    break
-                result.steps = [*(result.steps or []), where]
+        _scored_sequences(result, parsed, tokenizer, cfg, errors)
         if result.error:
             if cfg.overlong == "error" and result.error not in errors:
                 errors.append(result.error)
@@ -181,6 +160,33 @@ def prepare(path: str, cfg: DataConfig, tokenizer, segments: bool = False, separ
             f"{len(errors)} row(s) cannot be scored (see skip_invalid / overlong):{listed(errors, cfg.max_errors)}"
         )
     return results
+
+
+def _scored_sequences(result: RowResult, parsed: Example, tokenizer, cfg: DataConfig, errors: list[str]) -> None:
+    """Fill result.scored (and result.steps) with each completion's scored sequence, or set result.error: a
+    completion longer than max_length (listed by the caller per data.overlong) or unusable steps (always listed)."""
+    for k, completion in enumerate(parsed.completions):
+        scored = scored_sequence(tokenizer, parsed.prompt, completion, cfg.max_length, cfg.reward_convention)
+        if isinstance(scored, int):
+            result.error = f"{parsed.source}: completion {k}: {scored} tokens, longer than max_length"
+            break
+        result.scored.append(scored)
+        if parsed.step_ends is not None:
+            where = step_positions(
+                scored.ends,
+                scored.completion_start,
+                scored.text,
+                scored.char_start,
+                completion,
+                parsed.step_ends[k],
+                0,
+                cfg.reward_convention,
+            )
+            if isinstance(where, str):  # unusable steps: an invalid row, whatever data.overlong says
+                result.error = f"{parsed.source}: completion {k}: {where}"
+                errors.append(result.error)
+                break
+            result.steps = [*(result.steps or []), where]
 
 
 def cut_summary(results: list[RowResult]) -> str:
@@ -252,9 +258,7 @@ def segment_rewards(scored: Scored, values: np.ndarray, bounds: list[int], compl
     return out + [float(values[len(scored.ids) - 1])]
 
 
-def output_row(
-    result: RowResult, segments: bool, per_token: bool, head: AttributeHead | None = None
-) -> dict:
+def output_row(result: RowResult, segments: bool, per_token: bool, head: AttributeHead | None = None) -> dict:
     """The input row with `rewards` (attribute heads: the scalar reward) and, for attribute heads, `attributes`:
     {name: predicted rating per completion, on the ratings' own scale (AttributeHead.raw)}."""
     row = dict(result.row)

@@ -22,7 +22,8 @@ ARGS = [*SMALL, "--max_steps", "2", "--data.synthetic.num_train", "120", "--data
 FAULTS = {
     "none": "",
     # the export differs from the trained model: rank 0 finds it, every rank raises ExportError
-    "export": "from bigrm.artifacts import export\nreal = export.plain_rewards\nexport.plain_rewards = lambda *a: real(*a) + 1",
+    "export": "from bigrm.artifacts import export\n"
+    "real = export.plain_rewards\nexport.plain_rewards = lambda *a: real(*a) + 1",
     # rank 1 alone fails inside its second micro-batch, while rank 0 waits in a collective
     "step": """
 import torch.distributed as td
