@@ -9,7 +9,7 @@ from typing import Any
 from bigrm.config import Config
 from bigrm.errors import ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # bigrm/training/ds_config.py → the repository
 
 
 def resolve_path(path: str) -> Path:
