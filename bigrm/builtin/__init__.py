@@ -1,0 +1,1 @@
+"""What ships inside bigrm: the synthetic tasks and the tiny model of the embedded default."""

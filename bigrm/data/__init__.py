@@ -1,0 +1,1 @@
+"""Rows → validated examples → scored token sequences → the token store and cache → packed micro-batches."""

@@ -1,0 +1,1 @@
+"""Rewards of held-out data → metrics, diagnostics and the eval report."""

@@ -1,0 +1,1 @@
+"""A trained reward model on new rows: `bigrm score` and `bigrm eval`."""

@@ -1,0 +1,1 @@
+"""Rewards → loss: the ranking loss, the PRM step loss, the attribute rating term and their total."""
