@@ -63,8 +63,8 @@ def bigrm_epoch(rows_path: str, model_dir: str, budget: int) -> dict:
     from bigrm.data.packing import collate, layout_tokens, pack_bins
     from bigrm.data.rows import load_examples
     from bigrm.data.tokenise import tokenize_examples
+    from bigrm.kinds import Steps
     from bigrm.model.reward_model import RewardModel, load_classifier
-    from bigrm.objectives.total import total_loss
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     (examples,), _ = load_examples([rows_path], DataConfig(max_length=MAX_LENGTH))
@@ -76,7 +76,7 @@ def bigrm_epoch(rows_path: str, model_dir: str, budget: int) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     start = time.perf_counter()
     for batch in batches:
-        loss, _, _ = total_loss(model(batch), batch.labels, LossConfig())
+        loss, _, _ = Steps("\n").loss(model(batch), batch.labels, LossConfig(), None)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bigrm import config, dist, options, precision
 from bigrm.errors import BigrmError, ConfigError
-from bigrm.model.heads import AttributeHead
+from bigrm.kinds import RewardKind
 from bigrm.training.preemption import EXIT_CODE, Preempted, Terminated
 
 
@@ -55,15 +55,13 @@ def train_main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _sections(
-    extra: list[str], allowed: tuple[str, ...], convention: str | None, head: AttributeHead | None = None
-) -> config.Config:
+def _sections(extra: list[str], allowed: tuple[str, ...], convention: str | None, kind: RewardKind) -> config.Config:
     """`--data.x value` (and for eval `--loss.x value`) options, as in training; `data.reward_convention` defaults to
-    `convention`, the one the model records (it was trained to score that token), and `data.attributes` to the
-    attribute head's names (`head`), so rated rows and rating lists are read."""
+    `convention`, the one the model records (it was trained to score that token), and the data options the model's
+    kind reads its labels with to the kind's (kind.data_defaults: an attribute head's names)."""
     values = options.parse_overrides(extra)
-    if head is not None:
-        values.setdefault("data.attributes", list(head.names))
+    for key, value in kind.data_defaults().items():
+        values.setdefault(key, value)
     outside = [k for k in values if not k.startswith(allowed)]
     if outside:
         raise ConfigError(f"only {', '.join(a + '*' for a in allowed)} options apply here: {', '.join(outside)}")
@@ -141,17 +139,17 @@ def score_main(argv: list[str]) -> int:
 
         writable(args.out, "--out")
         device = torch.device(args.device)
-        model, tokenizer, convention = scoring.load_model(args.model, device, args.dtype, args.attn_impl)
+        model, tokenizer, convention, kind = scoring.load_model(args.model, device, args.dtype, args.attn_impl)
         segments = args.segments or args.separator is not None
-        cfg = _sections(extra, ("data.",), convention, model.attributes)
+        cfg = _sections(extra, ("data.",), convention, kind)
         results = scoring.prepare(args.data, cfg.data, tokenizer, segments, args.separator)
         print(f"prompt truncation (data.max_length={cfg.data.max_length}): {scoring.cut_summary(results)}")
-        every = segments or args.per_token
-        scoring.score(model, results, args.max_tokens_per_batch, device, every, args.share_prompt)
+        every, kind = segments or args.per_token, scoring.kind_for_rows(model, results)
+        scoring.score(model, results, args.max_tokens_per_batch, device, every, args.share_prompt, kind)
         out = Path(args.out)
         with out.open("w") as fh:
             for r in results:
-                row = scoring.output_row(r, segments, args.per_token, model.attributes)
+                row = scoring.output_row(r, segments, args.per_token, kind)
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         skipped = sum(r.rewards is None for r in results)
         print(f"scored {len(results) - skipped} rows, skipped {skipped} (with their reason in `error`) → {out}")
@@ -181,13 +179,14 @@ def eval_main(argv: list[str]) -> int:
         if args.report:
             report_dir(args.report)
         device = torch.device(args.device)
-        model, tokenizer, convention = scoring.load_model(args.model, device, args.dtype, args.attn_impl)
+        model, tokenizer, convention, kind = scoring.load_model(args.model, device, args.dtype, args.attn_impl)
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries the metrics JSON alone
-            cfg = _sections(extra, ("data.", "loss."), convention, model.attributes)
+            cfg = _sections(extra, ("data.", "loss."), convention, kind)
             results = scoring.prepare(args.data, cfg.data, tokenizer)
             print(f"prompt truncation (data.max_length={cfg.data.max_length}): {scoring.cut_summary(results)}")
-        scoring.score(model, results, args.max_tokens_per_batch, device, False, args.share_prompt)
-        metrics = scoring.report(results, cfg.loss, Path(args.report) if args.report else None, model.attributes)
+        kind = scoring.kind_for_rows(model, results)
+        scoring.score(model, results, args.max_tokens_per_batch, device, False, args.share_prompt, kind)
+        metrics = scoring.report(results, cfg.loss, kind, Path(args.report) if args.report else None)
         text = json.dumps(metrics, indent=2)
         print(text)
         if args.out:

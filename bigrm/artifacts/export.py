@@ -4,17 +4,12 @@ Every export verifies itself: a few held-out scored sequences are rewarded by th
 forward) and by the written directory re-loaded with plain transformers, one sequence at a time; a difference
 beyond tolerance raises ExportError.
 
-A model trained on stepwise rows (a process reward model: its config records SEPARATOR_KEY) is exported as the
-2-label token classifier that PRM users load, `AutoModelForTokenClassification` / `pipeline("token-classification")`
-as TRL documents for its PRMTrainer models: its head's rows are (0, w) and biases (0, b), so the logits at a token
-are (0, v) and softmax(...)[1] = σ(v), the probability that the step ending there is correct (label 1 = correct,
-as TRL's labels), while v = logits[1] - logits[0] is the value bigrm trained, at step ends and at the final token.
-Its self-check also compares the values at the verification sequences' step ends.
+What is written and how it is read back depends on the model's reward kind (bigrm.kinds: a process reward model
+is written as a token classifier, an attribute head with its meaning, or merged into one logit).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from pathlib import Path
 
@@ -27,18 +22,14 @@ from bigrm.artifacts import checkpoint
 from bigrm.data.packing import collate
 from bigrm.data.sequences import Group
 from bigrm.errors import ExportError
+from bigrm.kinds import RewardKind, Scalar, for_model
 from bigrm.model import adapters
 from bigrm.model.attention import attention_needs, hf_attn_implementation, read_attention_needs, resolve_attn
-from bigrm.model.heads import CONFIG_KEY, AttributeHead, merged_head, read_head, record_head
 from bigrm.model.reward_model import RewardModel, load_classifier
 
 PREFIX = "classifier."
 # config.json key of the reward convention (bigrm.data.sequences) the model was trained with: scoring reads it back
 CONVENTION_KEY = "bigrm_reward_convention"
-# config.json key of a merged attribute export: the AttributeHead (names, weights, scale) its one logit combines
-MERGED_KEY = "bigrm_merged_attributes"
-# config.json key of data.step_separator, set when the model was trained on stepwise rows: the export is a PRM
-SEPARATOR_KEY = "bigrm_step_separator"
 EXPORT_STAGES = ("consolidate shards", "write", "verify")  # what the export's progress counts
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
@@ -50,13 +41,13 @@ def save_classifier(
     dest: Path,
     reward_stats: dict | None = None,
     convention: str | None = None,
-    separator: str | None = None,
+    kind: RewardKind | None = None,
 ) -> None:
-    """Loads back with AutoModelForSequenceClassification.from_pretrained(dest). `reward_stats` (mean and std of
-    the rewards over the final training epoch) go into config.json as `bigrm_reward_mean` / `bigrm_reward_std`,
-    and as `mean` / `std`, the names OpenRLHF's `--normalize_reward` reads; `convention` as CONVENTION_KEY. With a
-    `separator` (a process reward model's data.step_separator, as SEPARATOR_KEY) it is written as a token classifier
-    (AutoModelForTokenClassification)."""
+    """Writes the reward kind's export form (kind.export_form; default: scalar, a plain sequence classifier that
+    loads back with AutoModelForSequenceClassification.from_pretrained(dest)) with what the kind records.
+    `reward_stats` (mean and std of the rewards over the final training epoch) go into config.json as
+    `bigrm_reward_mean` / `bigrm_reward_std`, and as `mean` / `std`, the names OpenRLHF's `--normalize_reward` reads;
+    `convention` as CONVENTION_KEY."""
     dest.mkdir(parents=True, exist_ok=True)
     classifier.config.pad_token_id = tokenizer.pad_token_id
     for key, value in (reward_stats or {}).items():
@@ -65,94 +56,11 @@ def save_classifier(
         classifier.config.mean, classifier.config.std = reward_stats["reward_mean"], reward_stats["reward_std"]
     if convention:
         setattr(classifier.config, CONVENTION_KEY, convention)
-    if separator is not None:
-        setattr(classifier.config, SEPARATOR_KEY, separator)
-        classifier, state = token_classifier(classifier.config, state)
+    kind = kind or Scalar()
+    kind.record(classifier.config)
+    classifier, state = kind.export_form(classifier, state)
     classifier.save_pretrained(dest, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(dest)
-
-
-def _token_head(model: nn.Module) -> str:
-    """The name of a token classifier's output Linear (`score` for most decoders, `classifier` for some)."""
-    names = [n for n, m in model.named_children() if isinstance(m, nn.Linear)]
-    if len(names) != 1:
-        raise ExportError(f"{type(model).__name__}: expected one output Linear beside the backbone, found {names}")
-    return names[0]
-
-
-def token_classifier(config, state: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """(2-label *ForTokenClassification, its state) whose logits are (0, v) where the 1-label classifier's are v."""
-    from transformers import AutoModelForTokenClassification
-
-    config = copy.deepcopy(config)
-    config.num_labels = 2
-    config.id2label, config.label2id = {0: "LABEL_0", 1: "LABEL_1"}, {"LABEL_0": 0, "LABEL_1": 1}
-    config.architectures = None
-    with torch.device("meta"):  # only its class and config are written: the weights are `state`
-        model = AutoModelForTokenClassification.from_config(config)
-    model.config.architectures = [type(model).__name__]
-    head = _token_head(model)
-    w = state["score.weight"]  # (1, H)
-    bias = state.get("score.bias", torch.zeros(1, dtype=w.dtype))
-    out = {k: v for k, v in state.items() if not k.startswith("score.")}
-    out[f"{head}.weight"] = torch.cat([torch.zeros_like(w), w])
-    if getattr(model, head).bias is not None:
-        out[f"{head}.bias"] = torch.cat([torch.zeros_like(bias), bias])
-    elif bias.abs().max() > 0:
-        raise ExportError(f"{type(model).__name__} has no head bias to carry the value head's bias")
-    return model, out
-
-
-def value_classifier(path: str, dtype, attn: str) -> nn.Module:
-    """A token-classifier export loaded back as the 1-label classifier bigrm trains and scores with (v = logit 1 -
-    logit 0 at every token)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
-
-    tokens = AutoModelForTokenClassification.from_pretrained(path, dtype=dtype)
-    head = getattr(tokens, _token_head(tokens))
-    config = AutoConfig.from_pretrained(path, num_labels=1)
-    config.architectures = None
-    config._attn_implementation = hf_attn_implementation(attn)
-    model = AutoModelForSequenceClassification.from_config(config, dtype=tokens.dtype)
-    state = {k: v for k, v in tokens.state_dict().items() if k.startswith(tokens.base_model_prefix + ".")}
-    state["score.weight"] = (head.weight[1] - head.weight[0])[None]
-    if model.score.bias is not None:
-        b = head.bias if head.bias is not None else torch.zeros(2, dtype=tokens.dtype)
-        state["score.bias"] = (b[1] - b[0])[None]
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
-def is_token_export(path: Path) -> bool:
-    import json
-
-    config = path / "config.json"
-    return config.is_file() and SEPARATOR_KEY in json.loads(config.read_text())
-
-
-def plain_rewards(dest: Path, seqs: list[list[int]], device: torch.device, steps: list | None = None) -> torch.Tensor:
-    """(S,) rewards ((S, A) logits of an A-output head) from the exported directory, each sequence forwarded alone
-    as any transformers user would; for a token-classifier export (S + P,): the value logits[1] - logits[0] at each
-    final token, then at each step end (`steps`: per sequence its step-end indices)."""
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
-
-    if not is_token_export(dest):
-        model = AutoModelForSequenceClassification.from_pretrained(dest).to(device).eval()
-        with torch.no_grad():
-            out = [model(input_ids=torch.tensor([s], device=device)).logits[0].float() for s in seqs]
-        if not out:
-            return torch.zeros(0)
-        logits = torch.stack(out).cpu()  # (S, num_labels)
-        return logits if model.config.num_labels > 1 else logits[:, 0]
-    model = AutoModelForTokenClassification.from_pretrained(dest).to(device).eval()
-    last, at_steps = [], []
-    with torch.no_grad():
-        for s, ends in zip(seqs, steps or [[]] * len(seqs), strict=True):
-            logits = model(input_ids=torch.tensor([s], device=device)).logits[0].float()  # (T, 2)
-            v = (logits[:, 1] - logits[:, 0]).cpu()
-            last.append(v[-1])
-            at_steps.append(v[list(ends)])
-    return torch.cat([torch.stack(last), *at_steps]) if last else torch.zeros(0)
 
 
 def tolerance(dtype: torch.dtype, quant_bits: int = 0) -> float:
@@ -237,21 +145,20 @@ def export_engine(
         # plain loads must not see the ZeRO-3 config, or from_pretrained would start collectives on rank 0 alone
         unset_hf_deepspeed_config()
         state = {k.removeprefix(PREFIX): v.cpu() for k, v in state.items()}
+        trained = engine.module.classifier.config  # a LoRA classifier is rebuilt from a base that lacks its records
+        kind = for_model(trained)
         if lora:
             classifier = adapted_classifier(settings, state, dtype, tokenizer, merged=True)
-            head = read_head(engine.module.classifier.config)
-            if head:
-                record_head(classifier.config, head)
             state = classifier.state_dict()
         else:
             classifier = engine.module.classifier
-        trained = engine.module.classifier.config  # a LoRA classifier is rebuilt from a base that lacks these
-        convention, separator = (getattr(trained, key, None) for key in (CONVENTION_KEY, SEPARATOR_KEY))
+        convention = getattr(trained, CONVENTION_KEY, None)
         with progress.transformers_bars():
-            save_classifier(classifier, state, tokenizer, dest, reward_stats, convention, separator)
+            save_classifier(classifier, state, tokenizer, dest, reward_stats, convention, kind)
             stages.advance()
             quant_bits = settings.quantization.bits if lora else 0
-            problem = check(expected, plain_rewards(dest, seqs, device, steps), tolerance(dtype, quant_bits), dest)
+            got = kind.plain_rewards(dest, seqs, device, steps)
+            problem = check(expected, got, tolerance(dtype, quant_bits), dest)
         stages.advance()
     failed = dist.all_sum(torch.tensor([float(problem is not None)], device=device)).item()
     if failed:
@@ -270,9 +177,7 @@ class _Checkpoint:
         """The model as trained, or with `merged` (LoRA only differs) the plain classifier it exports to."""
         if self.settings:
             classifier = adapted_classifier(self.settings, self.state, self.dtype, self.tokenizer, merged)
-            head = read_head(self.config)
-            if head:
-                record_head(classifier.config, head)
+            for_model(self.config).record(classifier.config)  # the base's config lacks what the kind records
             return classifier
         from transformers import AutoModelForSequenceClassification
 
@@ -299,34 +204,13 @@ def classifier_from_checkpoint(path: Path, dtype: torch.dtype | None = None):
     return saved.classifier(), saved.tokenizer, getattr(saved.config, CONVENTION_KEY, None)
 
 
-def merge_attributes(classifier: nn.Module) -> AttributeHead:
-    """Turn an attribute classifier (A outputs) into the plain 1-output one whose logit is the scalar Σ_a w_a v_a, in
-    place; returns the head it merged (recorded under MERGED_KEY)."""
-    head = read_head(classifier.config)
-    if head is None:
-        raise ExportError("--merge-attributes: the model has a scalar head, not attribute heads (data.attributes)")
-    old = classifier.score
-    weight, bias = merged_head(old.weight.data, None if old.bias is None else old.bias.data, head)
-    classifier.score = nn.Linear(old.in_features, 1, bias=bias is not None, dtype=weight.dtype, device=weight.device)
-    with torch.no_grad():
-        classifier.score.weight.copy_(weight)
-        if bias is not None:
-            classifier.score.bias.copy_(bias)
-    config = classifier.config
-    delattr(config, CONFIG_KEY)
-    config.id2label, config.label2id = {0: "LABEL_0"}, {"LABEL_0": 0}  # what num_labels=1 loads as
-    config.num_labels, config.problem_type = 1, "regression"
-    setattr(config, MERGED_KEY, head.to_dict())
-    return head
-
-
 def export_checkpoint(path: Path, dest: Path, dtype: torch.dtype | None = None, merge: bool = False) -> torch.Tensor:
     """`bigrm export`: checkpoint → verified HF directory. Returns the verification rewards. With `merge`, an
-    attribute model is written as its 1-logit scalar model (merge_attributes), verified against the scalar."""
+    attribute model is written as its 1-logit scalar model (the kind's `merge`), verified against the scalar."""
     stages = progress.Stages("export", EXPORT_STAGES)
     saved = _read_checkpoint(path, dtype)
     stages.advance()
-    tokenizer = saved.tokenizer
+    tokenizer, kind = saved.tokenizer, for_model(saved.config)
     ids = torch.load(path / "verify.pt", weights_only=False)  # per group, K lists of token ids
     verify = [Group(tuple(np.asarray(s, dtype=np.int64) for s in seqs), "verify") for seqs in ids]
     batch, seqs, _ = _verify_batch(verify, tokenizer.pad_token_id, torch.device("cpu"))
@@ -334,21 +218,17 @@ def export_checkpoint(path: Path, dest: Path, dtype: torch.dtype | None = None, 
     attn = resolve_attn("auto", cuda=False, needs=attention_needs(trained.config))  # eager for soft-capped models
     trained.config._attn_implementation = hf_attn_implementation(attn)
     with torch.no_grad():
-        model = RewardModel(trained, attn)
-        expected = model(batch).float()
-    if merge and model.attributes:
-        expected = model.attributes.scalar(expected)
+        expected = RewardModel(trained, attn, kind.vector)(batch).float()
     classifier = saved.classifier(merged=True) if saved.settings else trained  # LoRA: rebuilt, then merged
     if merge:
-        merge_attributes(classifier)
-    convention, separator = (getattr(saved.config, key, None) for key in (CONVENTION_KEY, SEPARATOR_KEY))
+        expected = kind.rewards(expected)
+        kind = kind.merge(classifier)
     with progress.transformers_bars():
-        save_classifier(
-            classifier, classifier.state_dict(), tokenizer, dest, convention=convention, separator=separator
-        )
+        convention = getattr(saved.config, CONVENTION_KEY, None)
+        save_classifier(classifier, classifier.state_dict(), tokenizer, dest, convention=convention, kind=kind)
         stages.advance()
         quant_bits = saved.settings.quantization.bits if saved.settings else 0
-        got = plain_rewards(dest, seqs, torch.device("cpu"))
+        got = kind.plain_rewards(dest, seqs, torch.device("cpu"))
     problem = check(expected, got, tolerance(classifier.dtype, quant_bits), dest)
     stages.advance()
     if problem:

@@ -28,16 +28,15 @@ from bigrm.data.rows import Example, RowError, listed, parse_row, read_file, sta
 from bigrm.data.sequences import EncodeReport, Group, Scored, scored_sequence, step_positions
 from bigrm.data.tokenizer import prepare_tokenizer
 from bigrm.errors import DataError
-from bigrm.evaluation import ratings
+from bigrm.kinds import RewardKind, for_model
 from bigrm.model.attention import hf_attn_implementation, read_attention_needs, resolve_attn
-from bigrm.model.heads import AttributeHead, read_head
-from bigrm.model.reward_model import RewardModel, load_classifier
+from bigrm.model.reward_model import RewardModel
 
 
 def load_model(path: str, device: torch.device, dtype: str = "auto", attn: str = "auto"):
-    """(RewardModel in eval mode, tokenizer, the reward convention it was trained with or None if unrecorded) from an
-    exported directory or a bigrm training checkpoint."""
-    from transformers import AutoTokenizer
+    """(RewardModel in eval mode, tokenizer, the reward convention it was trained with or None if unrecorded, its
+    reward kind) from an exported directory or a bigrm training checkpoint."""
+    from transformers import AutoConfig, AutoTokenizer
 
     torch_dtype = precision.saved(dtype)
     p = Path(path)
@@ -45,23 +44,22 @@ def load_model(path: str, device: torch.device, dtype: str = "auto", attn: str =
     from_checkpoint = checkpoint.is_complete(p)
     config_dir = p / "hf" if from_checkpoint else p
     attn = resolve_attn(attn, device.type == "cuda", read_attention_needs(str(config_dir)))
+    kind = for_model(AutoConfig.from_pretrained(config_dir))
     if from_checkpoint:
         classifier, tokenizer, convention = export.classifier_from_checkpoint(p, torch_dtype)
         classifier.config._attn_implementation = hf_attn_implementation(attn)
     else:
-        from transformers import AutoConfig
-
         tokenizer = AutoTokenizer.from_pretrained(p)
         prepare_tokenizer(tokenizer)
         with progress.transformers_bars():
-            if export.is_token_export(p):  # a process reward model's token classifier
-                classifier = export.value_classifier(str(p), torch_dtype or "auto", attn)
-            else:
-                head = read_head(AutoConfig.from_pretrained(p))
-                outputs = len(head.names) if head else 1
-                classifier = load_classifier(str(p), torch_dtype or "auto", attn, tokenizer, num_labels=outputs)
+            classifier = kind.load_export(p, torch_dtype or "auto", attn, tokenizer)
         convention = getattr(classifier.config, export.CONVENTION_KEY, None)
-    return RewardModel(classifier.to(device).eval(), attn), tokenizer, convention
+    return RewardModel(classifier.to(device).eval(), attn, kind.vector), tokenizer, convention, kind
+
+
+def kind_for_rows(model: RewardModel, results: list[RowResult]) -> RewardKind:
+    """The model's kind for these rows: stepwise rows are scored at each step's end by any one-output model."""
+    return for_model(model.classifier.config, stepwise_rows=any(r.steps is not None for r in results))
 
 
 SKIPPED_LISTED = 100  # rows skipped (data.skip_invalid, overlong: skip) listed with their reason in bigrm eval
@@ -75,7 +73,7 @@ class RowResult:
     boundaries: list[list[int]] | None = None  # per completion, piece ends as character offsets in the completion
     error: str | None = None
     rewards: list[float] | None = None
-    values: list[list[float]] | None = None  # attribute heads: per completion, the head's A outputs
+    values: list | None = None  # per completion, the head's output (attribute heads: its A outputs)
     token_values: list[np.ndarray] | None = None  # per completion, the value at every token of its sequence
     steps: list[np.ndarray] | None = None  # stepwise rows: per completion, its step ends' token indices
     step_values: list[list[float]] | None = None  # stepwise rows: per completion, the value at each step end
@@ -203,9 +201,10 @@ def score(
     device: torch.device,
     every_token: bool,
     share_prompt: bool = False,
+    kind: RewardKind | None = None,
 ) -> None:
-    """Fill `rewards` (and `token_values`) of every scorable row, packed under a token budget. Attribute heads: the
-    rewards (and per-token values) are the scalar reward, `values` the head's outputs."""
+    """Fill `rewards`, `values` (and `token_values`) of every scorable row, packed under a token budget: the rewards
+    (and per-token values) are the kind's reward (attribute heads: the scalar), `values` the head's outputs."""
     share_prompt = share_prompt and not every_token  # per-token values need every sequence laid out whole
     todo = [r for r in results if r.example is not None]
     groups = [
@@ -218,25 +217,25 @@ def score(
     ]
     check_budget(groups, budget, share_prompt)
     sizes = [layout_tokens(g, share_prompt) for g in groups]
-    head = model.attributes
+    kind = kind or for_model(model.classifier.config)
     counter = progress.bar(len(groups), "score", unit="row")
     for mb in pack_bins(list(range(len(groups))), sizes, budget, window=max(len(groups), 1)):
         batch = collate([groups[i] for i in mb], pad_id=0, share_prompt=share_prompt).to(device)
         if every_token:
             values = model(batch, every_token=True).cpu()  # (T,); attribute heads (T, A)
             outputs = values[batch.read_index.cpu()]
-            values = head.scalar(values) if head else values
+            values = kind.rewards(values)
             cu = batch.cu_seqlens.cpu().tolist()
             segs = [values[cu[j] : cu[j + 1]].numpy() for j in range(len(cu) - 1)]
         else:
             outputs, segs = model(batch).cpu(), None
         # (N + P,) rewards, then values at step ends; attribute heads: (N, A) outputs, their scalar the reward
-        rewards = head.scalar(outputs) if head else outputs
+        rewards = kind.rewards(outputs)
         at, step_at = 0, len(batch.last_index)
         for i in mb:
             k = len(groups[i].seqs)
             todo[i].rewards = rewards[at : at + k].tolist()
-            todo[i].values = outputs[at : at + k].tolist() if head else None
+            todo[i].values = outputs[at : at + k].tolist()
             todo[i].token_values = segs[at : at + k] if segs else None
             if groups[i].steps is not None:
                 todo[i].step_values = []
@@ -258,19 +257,15 @@ def segment_rewards(scored: Scored, values: np.ndarray, bounds: list[int], compl
     return out + [float(values[len(scored.ids) - 1])]
 
 
-def output_row(result: RowResult, segments: bool, per_token: bool, head: AttributeHead | None = None) -> dict:
-    """The input row with `rewards` (attribute heads: the scalar reward) and, for attribute heads, `attributes`:
-    {name: predicted rating per completion, on the ratings' own scale (AttributeHead.raw)}."""
+def output_row(result: RowResult, segments: bool, per_token: bool, kind: RewardKind) -> dict:
+    """The input row with `rewards` (attribute heads: the scalar reward) and what the kind adds (kind.score_fields:
+    attribute heads' `attributes`, a process reward model's `step_rewards`)."""
     row = dict(result.row)
     row["rewards"] = result.rewards
-    if head is not None and result.values is not None:
-        raw = head.raw(torch.tensor(result.values, dtype=torch.float64)).T.tolist()
-        row["attributes"] = dict(zip(head.names, raw, strict=True))
+    row.update(kind.score_fields(result.values, result.step_values))
     if result.error:
         row["error"] = result.error
         return row
-    if result.step_values is not None:
-        row["step_rewards"] = [torch.sigmoid(torch.tensor(v, dtype=torch.float64)).tolist() for v in result.step_values]
     if segments:
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in result.example.completions]
         row["segment_rewards"] = [
@@ -285,29 +280,27 @@ def output_row(result: RowResult, segments: bool, per_token: bool, head: Attribu
     return row
 
 
-def report(
-    results: list[RowResult],
-    cfg: LossConfig,
-    report_dir: Path | None = None,
-    head: AttributeHead | None = None,
-) -> dict:
+def report(results: list[RowResult], cfg: LossConfig, kind: RewardKind, report_dir: Path | None = None) -> dict:
     """`bigrm eval`'s metrics over the scored rows (see bigrm.evaluation.diagnostics): the ranking ones of the reward
-    (attribute heads: of the scalar reward, plus the per-attribute ones of bigrm.evaluation.ratings.report); with
-    report_dir, also drawn there (bigrm.evaluation.report), subsets by the rows' `subset`, else by their file.
-    Stepwise files report step metrics."""
+    (attribute heads: of the scalar reward) when the rows are ranked, then the kind's (kind.eval_metrics: a process
+    reward model's step metrics, an attribute head's per-attribute ones); with report_dir, also drawn there
+    (bigrm.evaluation.report), subsets by the rows' `subset`, else by their file."""
     done = [r for r in results if r.rewards is not None]
     if not done:
         raise DataError("no row could be scored")
-    if done[0].step_values is not None:  # a stepwise file: step metrics, no ranking
-        if report_dir is not None:
-            raise DataError("--report draws rankings; a stepwise file has none (its step metrics are printed)")
-        out, drawn = _step_report(done), None
+    examples = [r.example for r in done]
+    labels = SegmentLabels.of([e.labels for e in examples], [len(e.completions) for e in examples], torch.float64)
+    if any(e.labels.ranked for e in examples):
+        out, drawn = _ranking_report(done, labels, cfg)
+    elif report_dir is not None:
+        raise DataError("--report draws rankings; a stepwise file has none (its step metrics are printed)")
     else:
-        out, drawn = _ranking_report(done, cfg)
-        labels = drawn[1]
-        if head is not None and labels.seg_attributes is not None:
-            values = torch.tensor([v for r in done for v in r.values], dtype=torch.float64)
-            out.update(ratings.report(values, labels.seg_attributes, head))
+        out, drawn = {}, None
+    outputs = torch.tensor([v for r in done for v in r.values], dtype=torch.float64)  # as the model lays them out:
+    at_steps = [x for r in done for v in r.step_values or [] for x in v]  # every completion, then every step end
+    if at_steps:
+        outputs = torch.cat([outputs, torch.tensor(at_steps, dtype=torch.float64)])
+    out.update(kind.eval_metrics([kind.eval_part(outputs, labels)]))
     out["num_rows_skipped"] = len(results) - len(done)
     reasons = [r.error for r in results if r.rewards is None and r.error]
     out["skipped"] = reasons[:SKIPPED_LISTED] + (
@@ -320,24 +313,12 @@ def report(
     return out
 
 
-def _step_report(done: list[RowResult]) -> dict:
-    from bigrm.evaluation.steps import step_report
-
-    solutions = [v for r in done for v in r.step_values]
-    return step_report(
-        torch.tensor([x for v in solutions for x in v], dtype=torch.float64),
-        torch.tensor([y for r in done for s in r.example.labels.steps for y in s], dtype=torch.float64),
-        torch.repeat_interleave(torch.arange(len(solutions)), torch.tensor([len(v) for v in solutions])),
-    )
-
-
-def _ranking_report(done: list[RowResult], cfg: LossConfig) -> tuple[dict, tuple]:
+def _ranking_report(done: list[RowResult], labels: SegmentLabels, cfg: LossConfig) -> tuple[dict, tuple]:
     """(metrics, what eval_report draws them from: rewards, labels, lengths and subset names)."""
     from bigrm.evaluation.diagnostics import ranking_report
     from bigrm.evaluation.report import source_file
 
     examples = [r.example for r in done]
-    labels = SegmentLabels.of([e.labels for e in examples], [len(e.completions) for e in examples], torch.float64)
     subsets = [r.row.get("subset") for r in done]
     rewards = torch.tensor([x for r in done for x in r.rewards], dtype=torch.float64)  # (N,)
     lengths = torch.tensor([len(s.ids) - s.completion_start for r in done for s in r.scored])  # (N,)

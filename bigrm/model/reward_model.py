@@ -22,18 +22,17 @@ from bigrm.data.packing import PackedBatch
 from bigrm.errors import ConfigError
 from bigrm.model.adapters import quantization_config
 from bigrm.model.attention import attention_needs, check_backend, hf_attn_implementation
-from bigrm.model.heads import read_head
 from bigrm.model.packed_attention import packed_inputs
 
 
 class RewardModel(nn.Module):
-    """Wraps the HF classifier so DeepSpeed drives one forward: packed batch → (N,) rewards, or (N, A) head outputs
-    for a classifier whose config records attributes (bigrm.model.heads)."""
+    """Wraps the HF classifier so DeepSpeed drives one forward: packed batch → (N,) rewards, or with `vector` (N, A)
+    every output of an A-output head (a reward kind's, bigrm.kinds)."""
 
-    def __init__(self, classifier: nn.Module, attn: str):
+    def __init__(self, classifier: nn.Module, attn: str, vector: bool = False):
         super().__init__()
         self.classifier = classifier
-        self.attributes = read_head(classifier.config)  # None: one scalar reward
+        self.vector = vector
         self.attn = attn
         self.needs = attention_needs(classifier.config)
         check_backend(attn, self.needs)
@@ -44,8 +43,8 @@ class RewardModel(nn.Module):
 
     def forward(self, batch: PackedBatch, every_token: bool = False) -> torch.Tensor:
         """(N,) one reward per scored segment, read at its final token, followed by (P,) the value at each step end
-        when the batch has stepwise segments (batch.read_index); or (T,) the value at every token. With attributes:
-        (N, A) / (T, A), every output of the head (stepwise rows never reach an attribute head)."""
+        when the batch has stepwise segments (batch.read_index); or (T,) the value at every token. With `vector`:
+        (N, A) / (T, A), every output of the head."""
         dtype = next(self.classifier.parameters()).dtype
         mask, extra = packed_inputs(batch, self.attn, self.needs, dtype)
         hidden = self.backbone(
@@ -56,7 +55,7 @@ class RewardModel(nn.Module):
         head = self.classifier.score
         bias = None if head.bias is None else head.bias.float()
         values = nn.functional.linear(picked.float(), head.weight.float(), bias)
-        return values if self.attributes else values[:, 0]
+        return values if self.vector else values[:, 0]
 
 
 def _int8_cast_notice(record: logging.LogRecord) -> bool:

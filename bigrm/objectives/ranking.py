@@ -18,7 +18,8 @@ extras this is exactly TRL's RewardTrainer loss; for K > 2 per_prompt is Instruc
 computed on a dense (G, K, K) grid built by scatter: no Python loop over pairs or prompts.
 
 Unranked prompts (stepwise solutions, rank -1 and weight 0 in packing.SegmentLabels) have no ranking or extra term:
-their steps are trained by bigrm.objectives.steps, which `total_loss` adds with weight loss.step_coef.
+their steps are trained by bigrm.objectives.steps, which the steps kind (bigrm.kinds.steps) adds with weight
+loss.step_coef.
 """
 
 from __future__ import annotations

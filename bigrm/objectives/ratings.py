@@ -2,7 +2,8 @@
     (1/A) Σ_a  Σ_{present ratings i of a} w_g(i) (v_ia - t_ia)²  /  Σ_{present ratings i of a} w_g(i)
 with w_g(i) the weight of completion i's row; a missing rating (NaN) is masked out of both sums, and an attribute
 with no rating in the step adds 0. The step's denominators come from labels alone (`rating_sums`), like the ranking
-loss's (bigrm.objectives.ranking.denominators); bigrm.objectives.total adds the term, times loss.attribute_coef.
+loss's (bigrm.objectives.ranking.denominators); the attributes kind (bigrm.kinds.attributes) adds the term, times
+loss.attribute_coef.
 """
 
 from __future__ import annotations

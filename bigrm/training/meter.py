@@ -16,8 +16,7 @@ import torch
 from bigrm import dist
 from bigrm.config import LossConfig
 from bigrm.data.packing import PackedBatch
-from bigrm.evaluation.ratings import train_metrics
-from bigrm.model.heads import AttributeHead
+from bigrm.kinds import RewardKind, Scalar
 from bigrm.objectives.ranking import Stats, metrics
 
 
@@ -32,22 +31,17 @@ class Tokens:
 
 
 class Meter:
-    def __init__(self, device: torch.device, budget: int, peak_tflops: float | None, head: AttributeHead | None = None):
-        self.device, self.budget, self.peak, self.head = device, budget, peak_tflops, head
+    def __init__(self, device: torch.device, budget: int, peak_tflops: float | None, kind: RewardKind | None = None):
+        self.device, self.budget, self.peak, self.kind = device, budget, peak_tflops, kind or Scalar()
         self.stats, self.tokens = Stats.zeros(device), Tokens()
-        self.ratings = self._no_ratings()  # (2, A) attribute heads' rating sums (objectives.total), else None
+        self.sums = self.kind.new_sums(device)  # the kind's additive sums beside the ranking statistics, or None
         self.clock = time.perf_counter()
 
-    def _no_ratings(self) -> torch.Tensor | None:
-        if self.head is None:
-            return None
-        return torch.zeros(2, len(self.head.names), dtype=torch.float64, device=self.device)
-
-    def add(self, stats: Stats, batch: PackedBatch, model_flops: float, ratings: torch.Tensor | None = None) -> None:
-        """One micro-batch of this rank."""
+    def add(self, stats: Stats, batch: PackedBatch, model_flops: float, sums: torch.Tensor | None = None) -> None:
+        """One micro-batch of this rank: its statistics and (`sums`) what its kind's loss summed."""
         self.stats += stats
-        if ratings is not None:
-            self.ratings += ratings
+        if sums is not None:
+            self.sums += sums
         t = self.tokens
         t.real, t.processed = t.real + batch.real_tokens, t.processed + batch.processed_tokens
         t.budget, t.model_flops = t.budget + self.budget, t.model_flops + model_flops
@@ -64,8 +58,8 @@ class Meter:
     def read(self, cfg: LossConfig, lr: float) -> dict[str, float]:
         """Collective: the window's figures over all ranks; the next window starts now."""
         local = torch.tensor(astuple(self.tokens), dtype=torch.float64, device=self.device)
-        ratings = [] if self.ratings is None else [self.ratings.flatten()]
-        stats, tokens, *ratings = (x.cpu() for x in dist.all_sum_each(self.stats.stack(), local, *ratings))
+        sums = [] if self.sums is None else [self.sums.flatten()]
+        stats, tokens, *sums = (x.cpu() for x in dist.all_sum_each(self.stats.stack(), local, *sums))
         elapsed, world = time.perf_counter() - self.clock, dist.world()
         t = Tokens(*tokens.tolist())
         logged = metrics(Stats.unstack(stats), cfg)
@@ -77,12 +71,12 @@ class Meter:
             budget_fill=t.real / t.budget,
             tflops_per_gpu=t.model_flops / elapsed / world / 1e12,
         )
-        if ratings:
-            logged.update(train_metrics(ratings[0].reshape(2, -1), self.head))
+        if sums:
+            logged.update(self.kind.train_metrics(sums[0]))
         if self.peak:
             logged["mfu"] = logged["tflops_per_gpu"] / self.peak
         if self.device.type == "cuda":  # this rank's high-water mark since the start: what a larger run must fit in
             logged["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        self.stats, self.tokens, self.ratings = Stats.zeros(self.device), Tokens(), self._no_ratings()
+        self.stats, self.tokens, self.sums = Stats.zeros(self.device), Tokens(), self.kind.new_sums(self.device)
         self.clock = time.perf_counter()
         return logged

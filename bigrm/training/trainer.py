@@ -20,11 +20,10 @@ from bigrm.config import Config
 from bigrm.data import pipeline
 from bigrm.data.packing import Update, collate
 from bigrm.data.tokenizer import load_tokenizer
-from bigrm.evaluation.evaluate import evaluate_rewards
 from bigrm.evaluation.report import write_for_groups
+from bigrm.kinds import RewardKind, for_run, outputs_for
 from bigrm.model import adapters, flops
 from bigrm.model.attention import read_attention_needs, resolve_attn
-from bigrm.model.heads import AttributeHead, record_head
 from bigrm.model.reward_model import (
     RewardModel,
     check_model_path,
@@ -33,11 +32,12 @@ from bigrm.model.reward_model import (
     parameter_counts,
     write_random_init,
 )
+from bigrm.objectives.normaliser import Normaliser
 from bigrm.objectives.ranking import Stats, metrics
-from bigrm.objectives.total import Normaliser, total_loss
 from bigrm.progress import transformers_bars
 from bigrm.training import ds_config, preemption
 from bigrm.training.divergence import Watch
+from bigrm.training.evaluate import evaluate_rewards
 from bigrm.training.meter import Meter
 from bigrm.training.plan import check_resumable, plan, plan_fingerprint
 from bigrm.training.sinks import check_installed, open_sinks
@@ -75,9 +75,8 @@ def model_dir(cfg: Config, out: Path, dtype: torch.dtype) -> str:
             if not path:
                 tiny.write_tiny(out / "tiny-llama")
             if not path or random_init:
-                outputs = len(cfg.data.attributes) or 1
                 src = path or str(out / "tiny-llama")
-                write_random_init(src, str(out / "random-init"), cfg.train.seed, dtype, outputs)
+                write_random_init(src, str(out / "random-init"), cfg.train.seed, dtype, outputs_for(cfg))
     return str(out / "random-init") if (not path or random_init) else path
 
 
@@ -96,7 +95,7 @@ class Trainer:
         self.tracker: Tracker | None = None  # rank 0's console lines, progress bar, log.jsonl, report_to sinks
         self.tokenizer = None
         self.data: pipeline.Dataset | None = None
-        self.head: AttributeHead | None = None  # with data.attributes: what the head's outputs mean
+        self.kind: RewardKind | None = None  # what the value head means (bigrm.kinds)
         self.updates: list[Update] = []  # every optimizer update of the run, the same on every rank
         self.fingerprint: dict = {}  # what a resume must find unchanged (plan_fingerprint)
         self.engine = None  # DeepSpeed around RewardModel
@@ -143,8 +142,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(self.cfg, self.out)
         # one process per machine tokenises into the token cache while the others poll its lock: no collective waits
         self.data = pipeline.build(self.cfg, self.tokenizer, self.out)
-        if self.cfg.data.attributes:  # the targets' scale: the training ratings'
-            self.head = AttributeHead.of(self.cfg, self.data.attribute_stats)
+        self.kind = for_run(self.cfg, self.data)
         self.updates = plan(self.cfg, self.data)
         opened = []
         if dist.is_main():
@@ -166,25 +164,21 @@ class Trainer:
         )
         # while it lives, from_pretrained loads straight into ZeRO-3 shards
         self.hf_ds_config = HfDeepSpeedConfig(ds) if ds["zero_optimization"]["stage"] == 3 else None
-        head = self.head
-        outputs = len(head.names) if head else 1
+        kind = self.kind
         with transformers_bars():
             classifier = load_classifier(
-                path, self.dtype, attn, self.tokenizer, cfg.model.gradient_checkpointing, cfg.quantization, outputs
+                path, self.dtype, attn, self.tokenizer, cfg.model.gradient_checkpointing, cfg.quantization, kind.outputs
             )
         # checkpoints and exports carry the convention, so scoring reads the token the head was trained at
         setattr(classifier.config, export.CONVENTION_KEY, cfg.data.reward_convention)
-        if head:  # and what each output means, so exports, scoring and merging read them back
-            record_head(classifier.config, head)
-        if self.data.stepwise:  # a process reward model: exported as a token classifier (bigrm.artifacts.export)
-            setattr(classifier.config, export.SEPARATOR_KEY, cfg.data.step_separator)
+        kind.record(classifier.config)  # and the kind, so exports, scoring and merging read the head as trained
         if cfg.lora.r:
             adapters.add_lora(classifier, cfg.lora)
             base = str(Path(path).resolve()) if Path(path).is_dir() else path
             self.lora = adapters.Settings(base, cfg.lora, cfg.quantization)
         if cfg.model.compile:
             compile_blocks(classifier)
-        model = RewardModel(classifier, attn)
+        model = RewardModel(classifier, attn, kind.vector)
         self.verify = export.verification_groups(self.data.eval or self.data.train, model.needs.smallest_window)
         trained = [p for p in model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trained, config=ds)
@@ -227,7 +221,7 @@ class Trainer:
             )
         self.tracker.bar.update(self.start)
         loss = self.cfg.loss  # labels only: computed once
-        self.norms = [Normaliser.of(g, loss, rated=self.head is not None) for g in self.data.train]
+        self.norms = [self.kind.share(g, loss) for g in self.data.train]
         if self.start:
             self.epoch = self.updates[self.start - 1].epoch
             if dist.is_main():  # the resumed epoch's statistics so far (summed over ranks)
@@ -236,7 +230,7 @@ class Trainer:
                 so_far = torch.nn.functional.pad(so_far, (0, len(Stats.zeros().stack()) - len(so_far)))
                 self.epoch_stats += Stats.unstack(so_far)
         peak = flops.peak_tflops(self.t.peak_tflops, self.device, self.dtype == torch.bfloat16)
-        self.meter = Meter(self.device, self.t.max_tokens_per_batch, peak, self.head)
+        self.meter = Meter(self.device, self.t.max_tokens_per_batch, peak, self.kind)
         self.engine.train()
 
     def remaining(self) -> Iterator[tuple[int, Update]]:
@@ -258,12 +252,12 @@ class Trainer:
             pairs = flops.causal_pairs(packed.cu_seqlens, packed.seg_parent)  # on the CPU copy: no device sync
             batch = packed.to(self.device)
             values = self.engine(batch)  # (N + P,) rewards, then values at step ends; attribute heads (N, A)
-            loss, stats, rating_stats = total_loss(values, batch.labels, self.cfg.loss, norm, self.head)
+            loss, stats, sums = self.kind.loss(values, batch.labels, self.cfg.loss, norm)
             self.nonfinite |= ~torch.isfinite(loss.detach())  # stays on the device: no sync per micro-batch
             # DeepSpeed averages over ranks and micro-batches: undo that, the update normalises itself
             self.engine.backward(loss * dist.world() * t.micro_batches_per_step)
             self.engine.step()
-            self.meter.add(stats, batch, self.model_flops(batch.real_tokens, pairs), rating_stats)
+            self.meter.add(stats, batch, self.model_flops(batch.real_tokens, pairs), sums)
             self.epoch_stats += stats
         self.tracker.step()
 
@@ -317,7 +311,7 @@ class Trainer:
             device=self.device,
             cfg=self.cfg.loss,
             share_prompt=t.share_prompt,
-            head=self.head,
+            kind=self.kind,
         )
         self.engine.train()
         self.tracker.log("eval", result, n)

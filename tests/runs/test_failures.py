@@ -22,19 +22,19 @@ ARGS = [*SMALL, "--max_steps", "2", "--data.synthetic.num_train", "120", "--data
 FAULTS = {
     "none": "",
     # the export differs from the trained model: rank 0 finds it, every rank raises ExportError
-    "export": "from bigrm.artifacts import export\n"
-    "real = export.plain_rewards\nexport.plain_rewards = lambda *a: real(*a) + 1",
+    "export": "from bigrm.kinds import RewardKind\n"
+    "real = RewardKind.plain_rewards\nRewardKind.plain_rewards = lambda *a: real(*a) + 1",
     # rank 1 alone fails inside its second micro-batch, while rank 0 waits in a collective
     "step": """
 import torch.distributed as td
-from bigrm.training import trainer as train
-real, calls = train.total_loss, []
+from bigrm.kinds import RewardKind
+real, calls = RewardKind.loss, []
 def failing(*args, **kwargs):
     calls.append(1)
     if td.get_rank() == 1 and len(calls) == 2:
         raise RuntimeError("injected failure on rank 1")
     return real(*args, **kwargs)
-train.total_loss = failing
+RewardKind.loss = failing
 """,
 }
 

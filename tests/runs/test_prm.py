@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from bigrm import cli
-from bigrm.artifacts import export
 from bigrm.builtin.synthetic import make_rows, make_step_rows
+from bigrm.kinds.steps import SEPARATOR_KEY
 from tests.helpers.runs import launch
 from tests.helpers.steps import ARGS, write
 
@@ -33,7 +33,7 @@ def test_synthetic_step_task_trains_and_exports_a_token_classifier(synthetic_run
     assert "pairwise_accuracy" not in metrics  # nothing was ranked
     assert not (out / "eval_report").exists()  # nor drawn
     config = json.loads((out / "final" / "config.json").read_text())
-    assert config[export.SEPARATOR_KEY] == "\n" and config["architectures"] == ["LlamaForTokenClassification"]
+    assert config[SEPARATOR_KEY] == "\n" and config["architectures"] == ["LlamaForTokenClassification"]
 
     # bigrm score's step rewards are what the export gives, re-loaded with plain transformers, at the separators
     data = out / "synthetic-eval.jsonl"

@@ -19,6 +19,7 @@ from bigrm.config import DataConfig
 from bigrm.data.rows import load_examples
 from bigrm.data.sequences import Group
 from bigrm.data.tokenise import tokenize_examples
+from bigrm.kinds import RewardKind
 from tests.helpers.paths import HH_DATA, REPO
 from tests.helpers.runs import ENV, SMALL, command, launch, rewards_with_plain_transformers, train_losses
 
@@ -87,10 +88,9 @@ def test_zero3_two_ranks_end_to_end(tmp_path, monkeypatch, capsys):
     again = rewards_with_plain_transformers(tmp_path / "exported", groups)
     assert [x for r in again for x in r] == pytest.approx([x for r in rewards for x in r], abs=1e-6)
     # ... and an export that does not reproduce the model's rewards stops with an error
-    from bigrm.artifacts import export
 
-    real = export.plain_rewards
-    monkeypatch.setattr(export, "plain_rewards", lambda *a: real(*a) + 0.01)
+    real = RewardKind.plain_rewards
+    monkeypatch.setattr(RewardKind, "plain_rewards", lambda *a: real(*a) + 0.01)
     assert cli.export_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "bad")]) == 2
     assert "does not reproduce the trained model" in capsys.readouterr().err
 

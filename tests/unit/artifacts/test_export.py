@@ -13,6 +13,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from bigrm.artifacts import checkpoint, export
 from bigrm.errors import ExportError
+from bigrm.kinds import RewardKind
 from bigrm.model.reward_model import load_classifier
 
 
@@ -68,8 +69,8 @@ def test_a_checkpoint_exports_to_a_plain_classifier_with_the_same_rewards(tmp_pa
 
 def test_an_export_that_does_not_reproduce_the_model_raises(tmp_path, llama_dir, monkeypatch):
     ckpt = fake_checkpoint(tmp_path, llama_dir, sequences(1))
-    real = export.plain_rewards
-    monkeypatch.setattr(export, "plain_rewards", lambda *a: real(*a) + 0.01)
+    real = RewardKind.plain_rewards
+    monkeypatch.setattr(RewardKind, "plain_rewards", lambda *a: real(*a) + 0.01)
     with pytest.raises(ExportError, match="does not reproduce the trained model"):
         export.export_checkpoint(ckpt, tmp_path / "out")
 

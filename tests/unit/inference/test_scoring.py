@@ -117,7 +117,7 @@ def test_invalid_rows_stop_or_come_back_with_their_reason(tmp_path, llama_dir):
     rows = [{"prompt": "p", "ranked_outputs": ["a", "b"]}, {"prompt": "p", "ranked_outputs": ["a"]}]
     data = write(tmp_path / "bad.jsonl", rows)
     with pytest.raises(DataError, match="line 2: field 'ranked_outputs': needs at least 2"):
-        model, tok, _ = scoring.load_model(str(llama_dir), torch.device("cpu"))
+        model, tok, _, _ = scoring.load_model(str(llama_dir), torch.device("cpu"))
         scoring.prepare(str(data), DataConfig(), tok)
     out = run_score(tmp_path, llama_dir, data, "--data.skip_invalid", "true")
     assert out[0]["rewards"] is not None and "error" not in out[0]
@@ -171,7 +171,7 @@ def test_scored_rows_get_the_training_regression_targets(tmp_path, llama_dir):
         {"prompt": "q", "completions": [" d", " e"], "scores": [5, 0]},
     ]
     data = write(tmp_path / "scored.jsonl", rows)
-    _, tok, _ = scoring.load_model(str(llama_dir), torch.device("cpu"))
+    _, tok, _, _ = scoring.load_model(str(llama_dir), torch.device("cpu"))
     prepared = [r.example.labels.targets for r in scoring.prepare(str(data), DataConfig(), tok)]
     trained = [e.labels.targets for e in load_file(str(data), DataConfig())[0]]
     assert prepared == trained and all(t is not None for t in prepared)

@@ -14,6 +14,7 @@ from bigrm.artifacts import export
 from bigrm.config import LoraConfig, QuantizationConfig
 from bigrm.data.packing import collate
 from bigrm.errors import ConfigError
+from bigrm.kinds import Scalar
 from bigrm.model import adapters
 from bigrm.model.reward_model import RewardModel, load_classifier, parameter_counts
 from tests.helpers.groups import random_groups
@@ -124,7 +125,7 @@ def test_packed_adapter_forward_equals_per_sequence_and_merged_export(arch, bits
     )
     export.save_classifier(merged, merged.state_dict(), tok, tmp_path / "merged")
     assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
-    reloaded = export.plain_rewards(tmp_path / "merged", [s.tolist() for g in groups for s in g.seqs], "cpu")
+    reloaded = Scalar().plain_rewards(tmp_path / "merged", [s.tolist() for g in groups for s in g.seqs], "cpu")
     # 4-bit: the merge adds the adapters into exactly the de-quantised weights the adapted forward used
     torch.testing.assert_close(reloaded, alone, atol=tol, rtol=1e-5)
 

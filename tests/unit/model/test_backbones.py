@@ -21,6 +21,7 @@ from bigrm.data.packing import collate
 from bigrm.data.sequences import Group
 from bigrm.errors import ConfigError
 from bigrm.inference import scoring
+from bigrm.kinds import Scalar
 from bigrm.model.attention import attention_needs, read_attention_needs, resolve_attn
 from bigrm.model.packed_attention import SegmentRows
 from bigrm.model.reward_model import RewardModel, load_classifier
@@ -181,7 +182,7 @@ def test_bigrm_score_equals_plain_transformers(backbone_dir, tmp_path, family):
     """`bigrm score`'s path (its attention chosen for the model: eager for soft-capping on CPU), with and without
     shared prompts, against each scored sequence alone through plain transformers."""
     path = backbone_dir(family)
-    model, tokenizer, _ = scoring.load_model(str(path), torch.device("cpu"), "fp32")
+    model, tokenizer, _, _ = scoring.load_model(str(path), torch.device("cpu"), "fp32")
     assert model.attn == ("eager" if family in SOFTCAPPED else "sdpa")
     plain = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
     for share in (False, True):
@@ -222,7 +223,7 @@ def test_export_check_includes_a_sequence_longer_than_the_window(backbone_dir, m
         batch, seqs, _ = export._verify_batch(verify, 0, torch.device("cpu"))
         with torch.no_grad():
             expected = model(batch)
-        return export.check(expected, export.plain_rewards(path, seqs, torch.device("cpu")), 1e-4, path)
+        return export.check(expected, Scalar().plain_rewards(path, seqs, torch.device("cpu")), 1e-4, path)
 
     assert problem(short) is None  # what the old self-check saw
     assert "does not reproduce the trained model" in problem(export.verification_groups(held_out, 8))

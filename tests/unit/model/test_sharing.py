@@ -91,7 +91,7 @@ def test_eval_and_score_with_shared_prompts_match(llama_dir, tmp_path):
 
     from bigrm import cli
     from bigrm.config import LossConfig
-    from bigrm.evaluation.evaluate import evaluate_rewards
+    from bigrm.training.evaluate import evaluate_rewards
 
     tok = AutoTokenizer.from_pretrained(llama_dir)
     model = RewardModel(load_classifier(str(llama_dir), torch.float32, "sdpa", tok), "sdpa").eval()

@@ -19,10 +19,11 @@ from bigrm.data.packing import SegmentLabels, collate
 from bigrm.data.rows import Example, Labels
 from bigrm.data.sequences import Group
 from bigrm.errors import ConfigError, ExportError
+from bigrm.kinds import Attributes
+from bigrm.kinds.attributes import MERGED_KEY
 from bigrm.model import adapters
 from bigrm.model.heads import AttributeHead, merged_head, read_head, record_head
 from bigrm.model.reward_model import RewardModel, load_classifier
-from bigrm.objectives.total import Normaliser, total_loss
 from tests.helpers.attributes import NAMES, plain_logits
 from tests.helpers.groups import random_groups
 
@@ -42,10 +43,11 @@ def make_labels() -> tuple[list[Labels], list[int]]:
 
 
 HEAD = AttributeHead(NAMES, (1.0, 0.5, -0.25), (2.0, 1.5, 2.5), (1.5, 0.5, 2.0))
+KIND = Attributes(HEAD)
 
 
 def reference_loss(values: torch.Tensor, labels: list[Labels], head: AttributeHead, coef: float) -> torch.Tensor:
-    """loss.total_loss's definition, one pair and one rating at a time (pairwise, per_prompt)."""
+    """the attributes kind's loss, one pair and one rating at a time (pairwise, per_prompt)."""
     rows, at = [], 0
     for lab in labels:
         rows.append(list(range(at, at + len(lab.ranks))))
@@ -76,7 +78,7 @@ def test_loss_and_gradients_equal_a_python_loop_with_masked_ratings():
     cfg = LossConfig(attribute_coef=0.7)
     values = torch.randn(sum(ks), len(NAMES), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     got_v = values.clone().requires_grad_(True)
-    loss, _, sums = total_loss(got_v, SegmentLabels.of(labels, ks, torch.float64), cfg, head=HEAD)
+    loss, _, sums = KIND.loss(got_v, SegmentLabels.of(labels, ks, torch.float64), cfg, None)
     loss.backward()
     ref_v = values.clone().requires_grad_(True)
     expected = reference_loss(ref_v, labels, HEAD, 0.7)
@@ -95,17 +97,17 @@ def test_step_denominators_make_micro_batches_add_up_to_the_step():
     labels, ks = make_labels()
     cfg = LossConfig()
     values = torch.randn(sum(ks), len(NAMES), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    whole, _, sums = total_loss(values, SegmentLabels.of(labels, ks, torch.float64), cfg, head=HEAD)
+    whole, _, sums = KIND.loss(values, SegmentLabels.of(labels, ks, torch.float64), cfg, None)
     groups = [
         Group(tuple(np.zeros(2, np.int64) for _ in range(k)), "g", lab) for lab, k in zip(labels, ks, strict=True)
     ]
-    norm = sum(Normaliser.of(g, cfg, rated=True) for g in groups)
-    np.testing.assert_allclose(norm.rating_sums, sums[1].numpy())
+    norm = sum(KIND.share(g, cfg) for g in groups)
+    np.testing.assert_allclose(norm.term, sums[1].numpy())
     parts = 0.0
     for lo, hi in ((0, 2), (2, 5)):
         seg = sum(ks[:lo]), sum(ks[:hi])
-        part, _, _ = total_loss(
-            values[seg[0] : seg[1]], SegmentLabels.of(labels[lo:hi], ks[lo:hi], torch.float64), cfg, norm, HEAD
+        part, _, _ = KIND.loss(
+            values[seg[0] : seg[1]], SegmentLabels.of(labels[lo:hi], ks[lo:hi], torch.float64), cfg, norm
         )  # fmt: skip
         parts = parts + part
     torch.testing.assert_close(parts, whole, atol=1e-12, rtol=1e-12)
@@ -161,8 +163,8 @@ def test_n_head_export_and_merged_export_load_in_plain_transformers(llama_dir, t
     classifier, tok = attribute_classifier(llama_dir)
     groups = random_groups(4, 400, n_groups=3)
     with torch.no_grad():
-        packed = RewardModel(classifier, "sdpa")(collate(groups, tok.pad_token_id))
-    export.save_classifier(classifier, classifier.state_dict(), tok, tmp_path / "heads")
+        packed = RewardModel(classifier, "sdpa", vector=True)(collate(groups, tok.pad_token_id))
+    export.save_classifier(classifier, classifier.state_dict(), tok, tmp_path / "heads", kind=KIND)
     config = json.loads((tmp_path / "heads" / "config.json").read_text())
     assert config["id2label"] == {"0": "helpfulness", "1": "correctness", "2": "verbosity"}
     assert config["problem_type"] == "regression" and config["bigrm_attributes"]["weights"] == [1.0, 0.5, -0.25]
@@ -170,17 +172,17 @@ def test_n_head_export_and_merged_export_load_in_plain_transformers(llama_dir, t
     assert packed.shape == heads.shape == (sum(len(g.seqs) for g in groups), 3)
     torch.testing.assert_close(packed, heads, atol=1e-5, rtol=0)
 
-    export.merge_attributes(classifier)
-    export.save_classifier(classifier, classifier.state_dict(), tok, tmp_path / "merged")
+    merged_kind = KIND.merge(classifier)
+    export.save_classifier(classifier, classifier.state_dict(), tok, tmp_path / "merged", kind=merged_kind)
     merged = plain_logits(tmp_path / "merged", groups, num_labels=1)
     assert merged.shape[1] == 1 and read_head(classifier.config) is None
     assert (
-        AttributeHead.from_dict(json.loads((tmp_path / "merged" / "config.json").read_text())[export.MERGED_KEY])
+        AttributeHead.from_dict(json.loads((tmp_path / "merged" / "config.json").read_text())[MERGED_KEY])
         == HEAD
     )
     torch.testing.assert_close(merged[:, 0], HEAD.scalar(heads), atol=1e-5, rtol=0)
     with pytest.raises(ExportError, match="scalar head"):
-        export.merge_attributes(classifier)
+        merged_kind.merge(classifier)
 
 
 @pytest.mark.parametrize("bits", [0, 4])
@@ -188,11 +190,11 @@ def test_lora_and_qlora_train_save_and_merge_n_heads(llama_dir, bits):
     classifier, tok = attribute_classifier(llama_dir, bits=bits, lora=True)
     assert classifier.score.weight.shape[0] == 3 and classifier.score.weight.requires_grad
     groups = random_groups(5, 400, n_groups=3)
-    model = RewardModel(classifier, "sdpa")
+    model = RewardModel(classifier, "sdpa", vector=True)
     batch = collate(groups, tok.pad_token_id)
     ks = [len(g.seqs) for g in groups]
     ratings = [Labels(tuple(range(k)), attributes=tuple((float(i), NAN, 1.0) for i in range(k))) for k in ks]
-    loss, _, _ = total_loss(model.train()(batch), SegmentLabels.of(ratings, ks), LossConfig(), head=HEAD)
+    loss, _, _ = KIND.loss(model.train()(batch), SegmentLabels.of(ratings, ks), LossConfig(), None)
     loss.backward()
     assert classifier.score.weight.grad[[0, 2]].abs().sum(1).min() > 0  # every rated output's row trains
     assert any(
@@ -206,7 +208,7 @@ def test_lora_and_qlora_train_save_and_merge_n_heads(llama_dir, bits):
     with torch.no_grad():
         adapted = model(batch)
         record_head(merged.config, HEAD)
-        torch.testing.assert_close(RewardModel(merged, "sdpa")(batch), adapted, atol=5e-5, rtol=1e-5)
+        torch.testing.assert_close(RewardModel(merged, "sdpa", vector=True)(batch), adapted, atol=5e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ one 2-rank ZeRO-3 run

@@ -19,6 +19,7 @@ from bigrm.data.token_store import TokenStore, concat
 from bigrm.data.tokenise import encode_examples
 from bigrm.errors import DataError
 from bigrm.inference import scoring
+from bigrm.kinds import Steps
 from bigrm.model.reward_model import RewardModel, load_classifier
 from tests.helpers.steps import write
 
@@ -113,7 +114,7 @@ def test_token_classifier_export_gives_sigmoid_of_the_value_and_loads_back(llama
     tok = AutoTokenizer.from_pretrained(llama_dir)
     classifier = load_classifier(str(llama_dir), torch.float32, "sdpa", tok).eval()
     dest = tmp_path / "prm"
-    export.save_classifier(classifier, classifier.state_dict(), tok, dest, separator="\n")
+    export.save_classifier(classifier, classifier.state_dict(), tok, dest, kind=Steps("\n"))
     assert json.loads((dest / "config.json").read_text())["architectures"] == ["LlamaForTokenClassification"]
     text = PROMPT + " great the\n awful it\n"
     ids = tok(text, return_tensors="pt")["input_ids"]
@@ -127,7 +128,8 @@ def test_token_classifier_export_gives_sigmoid_of_the_value_and_loads_back(llama
     label_1 = [e["score"] if e["entity"] == "LABEL_1" else 1 - e["score"] for e in found]
     assert len(found) >= len(ids[0]) - 2  # every token but the special ones
     assert label_1 == pytest.approx([torch.sigmoid(value)[e["index"]].item() for e in found], abs=1e-5)
-    model, _, _ = scoring.load_model(str(dest), torch.device("cpu"))
+    model, _, _, kind = scoring.load_model(str(dest), torch.device("cpu"))
+    assert isinstance(kind, Steps) and kind.separator == "\n"
     batch = collate(list(store_of([write(tmp_path / "s.jsonl", stepwise_rows()[:2])], tok, 64)), tok.pad_token_id)
     with torch.no_grad():
         back, trained = model(batch), RewardModel(classifier, "sdpa")(batch)

@@ -14,9 +14,9 @@ from bigrm.data.packing import SegmentLabels
 from bigrm.data.rows import Labels
 from bigrm.data.sequences import Group
 from bigrm.evaluation.steps import auroc, step_report
+from bigrm.kinds import Steps
 from bigrm.objectives.ranking import denominators, metrics, ranking_loss
 from bigrm.objectives.steps import step_denominator, step_loss
-from bigrm.objectives.total import total_loss
 
 
 def stepwise(rng: random.Random, k: int) -> Labels:
@@ -80,7 +80,7 @@ def test_stepwise_solutions_are_never_ranked_and_the_step_loss_adds_with_its_coe
     n_steps = sum(len(s) for lab in steps for s in lab.steps)
     at_steps = torch.randn(n_steps, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 
-    got, stats, _ = total_loss(torch.cat([rewards, at_steps]), SegmentLabels.of(mixed, ks, torch.float64), cfg)
+    got, stats, _ = Steps().loss(torch.cat([rewards, at_steps]), SegmentLabels.of(mixed, ks, torch.float64), cfg, None)
     ranked_rewards = torch.cat([rewards[3:7], rewards[8:10]])
     alone, _ = ranking_loss(ranked_rewards, SegmentLabels.of(ranked, [4, 2], torch.float64), cfg)
     assert got.item() == pytest.approx(alone.item() + 0.7 * reference(list(at_steps), steps, False).item(), abs=1e-12)
@@ -98,7 +98,8 @@ def test_stepwise_solutions_are_never_ranked_and_the_step_loss_adds_with_its_coe
 def test_stepwise_only_batches_have_no_ranking_figures():
     labels = [stepwise(random.Random(0), 2)]
     n = sum(len(s) for s in labels[0].steps)
-    loss, stats, _ = total_loss(torch.zeros(2 + n, dtype=torch.float64), SegmentLabels.of(labels, [2]), LossConfig())
+    values, labels = torch.zeros(2 + n, dtype=torch.float64), SegmentLabels.of(labels, [2])
+    loss, stats, _ = Steps().loss(values, labels, LossConfig(), None)
     assert loss.item() == pytest.approx(math.log(2))
     assert set(metrics(stats, LossConfig())) == {"loss", "step_loss", "step_accuracy", "num_steps"}
 

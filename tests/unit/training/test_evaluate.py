@@ -15,8 +15,8 @@ from bigrm.config import LossConfig
 from bigrm.data.packing import PackedBatch
 from bigrm.data.rows import Labels
 from bigrm.data.sequences import Group
-from bigrm.evaluation.evaluate import evaluate_rewards, shard
 from bigrm.objectives.ranking import Stats, metrics
+from bigrm.training.evaluate import evaluate_rewards, shard
 
 CPU = torch.device("cpu")
 PAD = 0

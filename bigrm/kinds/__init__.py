@@ -1,0 +1,38 @@
+"""Reward kinds: what a reward model's value head means, one module each (kinds.base says what a kind answers).
+
+    scalar      one reward per completion (kinds.scalar)
+    steps       a process reward model, values at reasoning steps' ends (kinds.steps)
+    attributes  one output per rated attribute, their weighted sum the reward (kinds.attributes)
+
+A new kind is a module with a RewardKind subclass and its place in KINDS.
+"""
+
+from __future__ import annotations
+
+from bigrm.config import Config
+from bigrm.data.pipeline import Dataset
+from bigrm.kinds.attributes import Attributes
+from bigrm.kinds.base import RewardKind
+from bigrm.kinds.scalar import Scalar
+from bigrm.kinds.steps import Steps
+
+KINDS: tuple[type[RewardKind], ...] = (Attributes, Steps, Scalar)  # the first that claims a run or a model is it
+
+
+def outputs_for(cfg: Config) -> int:
+    """The value head's width a run needs, known from its options before any data is read."""
+    return next(n for n in (kind.outputs_for(cfg) for kind in KINDS) if n is not None)
+
+
+def for_run(cfg: Config, data: Dataset) -> RewardKind:
+    """The kind a run trains, from its options and training data."""
+    return next(k for k in (kind.for_run(cfg, data) for kind in KINDS) if k is not None)
+
+
+def for_model(config, stepwise_rows: bool = False) -> RewardKind:
+    """The kind a trained model's transformers config records; `stepwise_rows`: it is to score stepwise rows, which
+    any one-output model scores at each step's end as a process reward model."""
+    return next(k for k in (kind.for_model(config, stepwise_rows) for kind in KINDS) if k is not None)
+
+
+__all__ = ["KINDS", "Attributes", "RewardKind", "Scalar", "Steps", "for_model", "for_run", "outputs_for"]
