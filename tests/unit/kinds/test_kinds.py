@@ -1,0 +1,120 @@
+"""Which kind a run or a model is, what each kind records and reads back, and that a new kind plugs in."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from bigrm import kinds, options
+from bigrm.config import LossConfig
+from bigrm.data.packing import collate
+from bigrm.data.pipeline import Dataset
+from bigrm.data.rows import Labels
+from bigrm.data.sequences import Group
+from bigrm.errors import ExportError
+from bigrm.kinds import Attributes, Scalar, Steps
+from bigrm.model.heads import AttributeHead
+from bigrm.training.evaluate import evaluate_rewards
+from bigrm.training.meter import Meter
+
+HEAD = AttributeHead(("a", "b"), (1.0, -0.5), (1.0, 2.0), (2.0, 0.5))
+
+
+def data(stepwise: bool = False, stats: dict | None = None) -> Dataset:
+    return Dataset([], [], [], [], attribute_stats=stats, stepwise=stepwise)
+
+
+def test_the_run_options_and_data_choose_the_kind():
+    plain = options.build({})
+    assert type(kinds.for_run(plain, data())) is Scalar and kinds.outputs_for(plain) == 1
+    steps = kinds.for_run(options.build({"data.step_separator": " ;"}), data(stepwise=True))
+    assert type(steps) is Steps and steps.separator == " ;" and steps.outputs == 1
+    rated = options.build({"data.attributes": ["a", "b"], "loss.attribute_weights": [1.0, -0.5]})
+    kind = kinds.for_run(rated, data(stats={"mean": [1.0, 2.0], "std": [2.0, 0.5]}))
+    assert type(kind) is Attributes and kind.head == HEAD and kind.outputs == kinds.outputs_for(rated) == 2
+    assert kind.vector and not steps.vector
+
+
+@pytest.mark.parametrize("kind", [Scalar(), Steps("\n\n"), Attributes(HEAD)], ids=lambda k: k.name)
+def test_what_a_kind_records_reads_back_as_that_kind(kind):
+    config = LlamaConfig(num_labels=kind.outputs)
+    kind.record(config)
+    back = kinds.for_model(LlamaConfig.from_dict(config.to_dict()))
+    assert type(back) is type(kind) and vars(back) == vars(kind)
+
+
+def test_stepwise_rows_are_scored_as_a_process_reward_model_by_any_one_output_model():
+    assert type(kinds.for_model(LlamaConfig(), stepwise_rows=True)) is Steps
+    config = LlamaConfig()
+    Attributes(HEAD).record(config)
+    assert type(kinds.for_model(config, stepwise_rows=True)) is Attributes
+
+
+def test_score_fields_and_data_defaults():
+    assert Scalar().score_fields([0.5], None) == {} and Scalar().data_defaults() == {}
+    assert Steps().score_fields([1.0], [[0.0, 2.0]]) == {"step_rewards": [[0.5, pytest.approx(0.8807970779778823)]]}
+    fields = Attributes(HEAD).score_fields([[1.0, -2.0]], None)
+    assert fields == {"attributes": {"a": [3.0], "b": [1.0]}}  # raw scale: mean + std * v
+    assert Attributes(HEAD).data_defaults() == {"data.attributes": ["a", "b"]}
+
+
+def test_only_an_attribute_head_merges():
+    with pytest.raises(ExportError, match="scalar head"):
+        Scalar().merge(torch.nn.Linear(2, 1))
+
+
+class Doubled(Scalar):
+    """A kind written as a test would add one: a reward twice the head's output, plus an L1 term it logs."""
+
+    name = "doubled"
+
+    @classmethod
+    def for_run(cls, cfg, data):
+        return cls() if cfg.train.run_name == "doubled" else None
+
+    def rewards(self, values):
+        return 2 * values
+
+    def loss(self, values, labels, cfg, norm):
+        loss, stats, _ = super().loss(self.rewards(values), labels, cfg, norm)
+        l1 = values.abs().sum().double().reshape(1)
+        return loss + l1[0], stats, l1
+
+    def new_sums(self, device):
+        return torch.zeros(1, dtype=torch.float64, device=device)
+
+    def train_metrics(self, sums):
+        return {"l1": float(sums[0])}
+
+    def eval_part(self, values, labels):
+        return values.detach().cpu()
+
+    def eval_metrics(self, parts):
+        return {"max_abs": float(torch.cat(parts).abs().max())}
+
+
+def test_a_new_kind_is_one_class_and_its_registration(monkeypatch):
+    monkeypatch.setattr(kinds, "KINDS", (Doubled, *kinds.KINDS))
+    kind = kinds.for_run(options.build({"train.run_name": "doubled"}), data())
+    assert type(kind) is Doubled
+    groups = [Group((np.array([1, 2]), np.array([3])), "g0", Labels()), Group((np.array([4]),) * 2, "g1", Labels())]
+    values = {1: torch.tensor([0.5, -1.0]), 2: torch.tensor([0.25, 0.25])}
+
+    def model(batch):  # a fixed value per group, found from its first token
+        return torch.cat([values[1] if int(batch.input_ids[0, 0]) == 1 else values[2]])
+
+    cfg = LossConfig()
+    metrics, rewards = evaluate_rewards(
+        model, groups[:1], budget=64, window=8, pad_id=0, device=torch.device("cpu"), cfg=cfg, kind=kind
+    )
+    assert rewards.tolist() == [1.0, -2.0] and metrics["max_abs"] == 1.0
+    assert metrics["pairwise_accuracy"] == 1.0  # 2 * 0.5 > 2 * -1.0
+    batch = collate(groups[:1], 0)
+    loss, stats, sums = kind.loss(values[1], batch.labels, cfg, kind.share(groups[0], cfg))
+    assert loss.item() == pytest.approx(np.log1p(np.exp(-3.0)) + 1.5) and sums.tolist() == [1.5]
+    meter = Meter(torch.device("cpu"), 64, None, kind)  # the log window sums what the kind's loss returns
+    meter.add(stats, batch, 0.0, sums)
+    meter.add(stats, batch, 0.0, sums)
+    assert meter.read(cfg, 1e-5)["l1"] == 3.0
