@@ -15,7 +15,7 @@ from math import nan
 import numpy as np
 import torch
 
-from bigrm.data.rows import Labels
+from bigrm.data.labels import Labels
 from bigrm.data.sequences import Group
 from bigrm.errors import DataError
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bigrm.data.rows import Example, Labels
+from bigrm.data.examples import Example
+from bigrm.data.labels import Labels
 from bigrm.data.sequences import Group, Tokenized
 
 ARRAYS = (
