@@ -46,9 +46,10 @@ from models import write_config
 
 from bigrm import precision
 from bigrm.config import ATTN_IMPLS, LossConfig
+from bigrm.data.examples import Example
 from bigrm.data.formats import split_implicit
+from bigrm.data.labels import Labels
 from bigrm.data.packing import collate, layout_tokens, pack_bins
-from bigrm.data.rows import Example, Labels
 from bigrm.data.tokenise import tokenize_examples
 from bigrm.model.attention import read_attention_needs, resolve_attn
 from bigrm.model.reward_model import RewardModel, load_classifier, write_random_init

@@ -11,7 +11,8 @@ from dataclasses import replace
 from typing import Any
 
 from bigrm.config import STEPS_WITH_ATTRIBUTES, DataConfig
-from bigrm.data.rows import Example, Labels, RowError, Text, _check_messages, _completion, _finite_number, _is_messages
+from bigrm.data.examples import Example, RowError, Text, check_messages, completion, finite_number, is_messages
+from bigrm.data.labels import Labels
 from bigrm.errors import DataError
 
 Drawn = tuple[Text, list[Any], list[str], list[int] | None]  # prompt, raw completions, their fields, ranks
@@ -47,7 +48,7 @@ class RowFormat:
         margin = row.get(cfg.margin_column)
         if margin is None:
             margin = 0.0
-        elif not _finite_number(margin):
+        elif not finite_number(margin):
             return RowError(where, cfg.margin_column, f"must be a number within float32's range, got {margin!r}")
         return self.example(row, float(margin), cfg, where)
 
@@ -56,8 +57,8 @@ class RowFormat:
         prompt = row.get(cfg.prompt_column)
         if prompt is None:
             return RowError(where, cfg.prompt_column, "missing")
-        if _is_messages(prompt):
-            problem = _check_messages(prompt, cfg.prompt_column)
+        if is_messages(prompt):
+            problem = check_messages(prompt, cfg.prompt_column)
             if problem:
                 return RowError(where, cfg.prompt_column, problem)
         elif not isinstance(prompt, str):
@@ -92,7 +93,7 @@ def _completions(prompt: Text, raw: list[Any], fields: list[str], where: str) ->
     """The validated completions: each well-formed, chat messages only under a chat prompt, no two the same."""
     completions = []
     for value, name in zip(raw, fields, strict=True):
-        text, problem = _completion(value, name)
+        text, problem = completion(value, name)
         if problem:
             return RowError(where, name, problem)
         if isinstance(text, list) and not isinstance(prompt, list):
@@ -128,7 +129,7 @@ class Listed(RowFormat):
         raw, fields, ranks = [], [], []
         for i, entry in enumerate(listed):
             # a list that is not one chat conversation is a block of completions tied at this rank
-            block = self.by_position and isinstance(entry, list) and not _is_messages(entry)
+            block = self.by_position and isinstance(entry, list) and not is_messages(entry)
             if block and not entry:
                 return RowError(where, f"{col}[{i}]", "an empty list of tied completions")
             for j, value in enumerate(entry if block else [entry]):
@@ -172,7 +173,7 @@ class Scored(Listed):
         scores, k = row.get(cfg.scores_column), len(labels.ranks)  # one rank per completion so far
         if not isinstance(scores, list) or len(scores) != k:
             return RowError(where, cfg.scores_column, f"needs one number per completion ({k})")
-        bad = next((i for i, v in enumerate(scores) if not _finite_number(v)), None)
+        bad = next((i for i, v in enumerate(scores) if not finite_number(v)), None)
         if bad is not None:
             return RowError(
                 where,
@@ -220,7 +221,7 @@ class Stepwise(RowFormat):
             got = f"{len(labels)} labels" if isinstance(labels, list) else repr(labels)
             return RowError(where, lab, f"needs one label per step ({len(steps)}), got {got}")
         for i, v in enumerate(labels):
-            if not (isinstance(v, bool) or (_finite_number(v) and 0 <= v <= 1)):
+            if not (isinstance(v, bool) or (finite_number(v) and 0 <= v <= 1)):
                 return RowError(where, f"{lab}[{i}]", f"must be a boolean or a probability in [0, 1], got {v!r}")
         weight = _row_weight(row, cfg)
         if isinstance(weight, RowError):
@@ -275,7 +276,7 @@ class Implicit(RowFormat):
         for col in (cfg.chosen_column, cfg.rejected_column):
             if row.get(col) is None:
                 return RowError(where, col, "missing")
-            _, problem = _completion(row[col], col)
+            _, problem = completion(row[col], col)
             if problem:
                 return RowError(where, col, problem)
         split = split_implicit(row[cfg.chosen_column], row[cfg.rejected_column], cfg.assistant_marker)
@@ -360,7 +361,7 @@ def split_implicit(chosen: Text, rejected: Text, marker: str) -> tuple[Text, Tex
 def _row_weight(row: dict, cfg: DataConfig) -> float | RowError:
     weight = row.get(cfg.weight_column)
     weight = 1.0 if weight is None else weight
-    if not _finite_number(weight) or weight <= 0:
+    if not finite_number(weight) or weight <= 0:
         return RowError("", cfg.weight_column, f"must be a positive number within float32's range, got {weight!r}")
     return float(weight)
 
@@ -377,13 +378,13 @@ def attribute_ratings(
             columns.append([math.nan] * k)
             continue
         if single:
-            if not _finite_number(value):
+            if not finite_number(value):
                 return RowError(where, name, f"must be a number within float32's range or null, got {value!r}")
             columns.append([float(value)])
             continue
         if not isinstance(value, list) or len(value) != k:
             return RowError(where, name, f"needs a list of one rating (a number or null) per completion ({k})")
-        bad = next((i for i, v in enumerate(value) if v is not None and not _finite_number(v)), None)
+        bad = next((i for i, v in enumerate(value) if v is not None and not finite_number(v)), None)
         if bad is not None:
             return RowError(
                 where, f"{name}[{bad}]", f"must be a number within float32's range or null, got {value[bad]!r}"

@@ -9,13 +9,12 @@ every rank runs the same number of micro-batches per optimizer step (ZeRO-3 woul
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, fields
-from math import nan
+from dataclasses import dataclass, fields, make_dataclass
 
 import numpy as np
 import torch
 
-from bigrm.data.rows import Labels
+from bigrm.data.labels import LABELS, PROMPT, STEP, LabelField, Labels, step_counts
 from bigrm.data.sequences import Group
 from bigrm.errors import DataError
 
@@ -102,42 +101,18 @@ def plan_epoch(
     return updates
 
 
-@dataclass
-class SegmentLabels:
-    """The labels (data.Labels) of a set of prompts laid out per scored segment and per prompt: what the loss reads."""
-
-    seg_group: torch.Tensor  # (N,) prompt of each scored segment, 0..G-1, segments grouped in prompt order
-    seg_rank: torch.Tensor  # (N,) 0 = best within its prompt, equal for ties
-    seg_score: torch.Tensor  # (N,) raw score of scored rows, NaN for others
-    seg_target: torch.Tensor  # (N,) standardised score of scored rows, NaN for others
-    group_margin: torch.Tensor  # (G,)
-    group_weight: torch.Tensor  # (G,) the prompt's share of the ranking loss; 0 for unranked (stepwise) prompts
-    num_groups: int
-    seg_attributes: torch.Tensor | None = None  # (N, A) attribute ratings (bigrm.model.heads), NaN where missing
-    # stepwise segments: every step of the batch, segments in order, steps in order within a segment
-    step_seg: torch.Tensor | None = None  # (P,) scored segment of each step, 0..N-1
-    step_label: torch.Tensor | None = None  # (P,) in [0, 1]
-    step_weight: torch.Tensor | None = None  # (P,) the weight of the step's row
-    step_last: torch.Tensor | None = None  # (P,) the step is its solution's last
+class LabelTensors:
+    """What SegmentLabels does; its fields are made from the label specification (data.labels.LABELS) below."""
 
     @staticmethod
     def of(labels: list[Labels], ks: list[int], dtype: torch.dtype = torch.float32) -> SegmentLabels:
-        """Prompt g has ks[g] completions; `dtype` is that of scores, targets, margins and weights."""
+        """Prompt g has ks[g] completions; `dtype` is that of every float label (scores, targets, margins, ...)."""
         prompts = list(zip(labels, ks, strict=True))
-
-        def per_completion(values, kind: torch.dtype) -> torch.Tensor:
-            return torch.tensor([v for lab, k in prompts for v in values(lab, k)], dtype=kind)
-
         return SegmentLabels(
             seg_group=torch.repeat_interleave(torch.arange(len(ks)), torch.tensor(ks, dtype=torch.long)),
-            seg_rank=per_completion(lambda lab, k: lab.ranks or range(k), torch.long),
-            seg_score=per_completion(lambda lab, k: lab.scores or [nan] * k, dtype),
-            seg_target=per_completion(lambda lab, k: lab.targets or [nan] * k, dtype),
-            group_margin=torch.tensor([lab.margin for lab in labels], dtype=dtype),
-            group_weight=torch.tensor([lab.weight * lab.ranked for lab in labels], dtype=dtype),
             num_groups=len(labels),
-            seg_attributes=_attributes(prompts, dtype),
-            **step_labels(labels, ks, dtype),
+            **{f.tensor: _tensor(f, prompts, dtype) for f in LABELS},
+            **_step_layout(prompts),
         )
 
     @property
@@ -148,35 +123,70 @@ class SegmentLabels:
         return SegmentLabels(**{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
 
 
-def _attributes(prompts: list[tuple[Labels, int]], dtype: torch.dtype) -> torch.Tensor | None:
-    """(N, A) ratings of prompts that carry attributes (NaN rows for any that do not); None when none does."""
-    width = next((len(lab.attributes[0]) for lab, _ in prompts if lab.attributes), None)
-    if width is None:
+def _optional(f: LabelField) -> bool:
+    """Whether the field's tensor is None in batches without it: per-step ones (no steps) and rated ones (no width)."""
+    return STEP in (f.per, f.laid) or f.width
+
+
+def _tensor(f: LabelField, prompts: list[tuple[Labels, int]], dtype: torch.dtype) -> torch.Tensor | None:
+    """A label field's values, laid out per scored segment, per prompt, or per step, in that order."""
+    width = 0
+    if f.width:  # rated: as wide as the first prompt's ratings; None when no prompt has any
+        width = next((len(v[0]) for lab, _ in prompts if (v := getattr(lab, f.name))), None)
+        if width is None:
+            return None
+    values = []
+    for lab, k in prompts:
+        got = f.values(lab, k, width)
+        if f.laid == STEP:  # one value per completion, repeated over its steps
+            got = [v for v, n in zip(got, step_counts(lab, k), strict=True) for _ in range(n)]
+        if f.times:
+            got = [v * getattr(lab, f.times) for v in got]
+        values += got
+    if STEP in (f.per, f.laid) and not values:  # no prompt is stepwise
         return None
-    rows = [r for lab, k in prompts for r in (lab.attributes or [(nan,) * width] * k)]
-    return torch.tensor(rows, dtype=dtype).reshape(len(rows), width)
+    kind = {"i": torch.long, "b": torch.bool}.get(np.dtype(f.dtype).kind, dtype)
+    tensor = torch.tensor(values, dtype=kind)
+    return tensor.reshape(len(values), width) if f.width else tensor
 
 
-def step_labels(labels: list[Labels], ks: list[int], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """SegmentLabels' step fields: empty when no prompt is stepwise."""
-    seg, label, weight, last, n = [], [], [], [], 0
-    for lab, k in zip(labels, ks, strict=True):
-        for j in range(k):
-            if lab.steps is not None:
-                steps = lab.steps[j]
-                seg += [n] * len(steps)
-                label += steps
-                weight += [lab.step_weights[j]] * len(steps)
-                last += [i == len(steps) - 1 for i in range(len(steps))]
+def _step_layout(prompts: list[tuple[Labels, int]]) -> dict[str, torch.Tensor]:
+    """step_seg and step_last: none when no prompt is stepwise."""
+    seg, last, n = [], [], 0
+    for lab, k in prompts:
+        for count in step_counts(lab, k):
+            seg += [n] * count
+            last += [i == count - 1 for i in range(count)]
             n += 1
     if not seg:
         return {}
-    return {
-        "step_seg": torch.tensor(seg, dtype=torch.long),
-        "step_label": torch.tensor(label, dtype=dtype),
-        "step_weight": torch.tensor(weight, dtype=dtype),
-        "step_last": torch.tensor(last, dtype=torch.bool),
-    }
+    return {"step_seg": torch.tensor(seg, dtype=torch.long), "step_last": torch.tensor(last, dtype=torch.bool)}
+
+
+def _shape(f: LabelField) -> str:
+    return "(P,)" if _optional(f) and not f.width else "(N, A)" if f.width else "(G,)" if f.per == PROMPT else "(N,)"
+
+
+SegmentLabels = make_dataclass(
+    "SegmentLabels",
+    [
+        ("seg_group", torch.Tensor),  # (N,) prompt of each scored segment, 0..G-1, segments grouped in prompt order
+        *((f.tensor, torch.Tensor) for f in LABELS if not _optional(f)),
+        ("num_groups", int),
+        *((f.tensor, torch.Tensor | None, None) for f in LABELS if _optional(f)),
+        # stepwise segments: every step of the batch, segments in order, steps in order within a segment
+        ("step_seg", torch.Tensor | None, None),  # (P,) scored segment of each step, 0..N-1
+        ("step_last", torch.Tensor | None, None),  # (P,) the step is its solution's last
+    ],
+    bases=(LabelTensors,),
+    namespace={
+        "__module__": __name__,
+        "__doc__": "The labels (data.labels.Labels) of a set of prompts laid out for the loss, N scored segments of G "
+        "prompts with P steps (None: a batch without them): seg_group, num_groups, step_seg, step_last and one tensor "
+        "per label field: "
+        + ", ".join(f"{f.tensor} {_shape(f)} Labels.{f.name}" + (f" × {f.times}" if f.times else "") for f in LABELS),
+    },
+)
 
 
 def _to(value, device: torch.device | str):

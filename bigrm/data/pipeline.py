@@ -20,8 +20,9 @@ import numpy as np
 from bigrm.builtin import synthetic, synthetic_attributes
 from bigrm.config import Config, attribute_weights
 from bigrm.data import token_cache
+from bigrm.data.examples import Example
 from bigrm.data.packing import check_budget
-from bigrm.data.rows import Example, file_specs, load_examples, prompt_key
+from bigrm.data.rows import file_specs, load_examples, prompt_key
 from bigrm.data.sequences import Group
 from bigrm.data.token_store import TokenStore, concat
 from bigrm.data.tokenise import default_workers, encode_examples

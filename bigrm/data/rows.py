@@ -22,52 +22,11 @@ from typing import Any
 
 from bigrm import progress
 from bigrm.config import DataConfig
+from bigrm.data import formats
+from bigrm.data.examples import Example, RowError, Text
+from bigrm.data.labels import Labels
 from bigrm.errors import DataError
 from bigrm.hashing import file_hash
-
-Text = str | list[dict]  # plain text, or chat messages [{"role", "content"}, ...]
-
-
-@dataclass(frozen=True)
-class Labels:
-    """What a prompt's completions are trained toward, declared once: Example and sequences.Group carry it, and
-    packing.collate lays it out per segment (packing.SegmentLabels) for the loss."""
-
-    ranks: tuple[int, ...] = ()  # per completion, 0 = best; equal ranks are ties; empty means 0..K-1; -1: unranked
-    scores: tuple[float, ...] | None = None  # scored rows: the raw scores
-    targets: tuple[float, ...] | None = None  # scored rows: scores standardised over their file
-    margin: float = 0.0  # subtracted inside every pair's loss
-    weight: float = 1.0  # the prompt's share of the loss
-    # with data.attributes: per completion, its rating of each attribute in data.attributes' order, NaN = missing
-    attributes: tuple[tuple[float, ...], ...] | None = None
-    # stepwise groups (ranks all -1): per completion, each step's label in [0, 1] and the row's weight
-    steps: tuple[tuple[float, ...], ...] | None = None
-    step_weights: tuple[float, ...] | None = None
-
-    @property
-    def ranked(self) -> bool:
-        """Whether the completions are compared with each other (stepwise solutions never are)."""
-        return not self.ranks or self.ranks[0] >= 0
-
-
-@dataclass(frozen=True)
-class Example:
-    prompt: Text
-    completions: tuple[Text, ...]  # best first (scored rows: in the row's order)
-    source: str  # "file:line N" / "file:row N", for error messages further down the chain
-    labels: Labels = Labels()
-    # stepwise: per completion, the character offset in its text where each step (with its separator) ends
-    step_ends: tuple[tuple[int, ...], ...] | None = None
-
-
-@dataclass
-class RowError:
-    where: str
-    field: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.where}: field {self.field!r}: {self.reason}"
 
 
 @dataclass
@@ -198,45 +157,13 @@ class Locator:
         return f"{self.path}:row {index}"
 
 
-def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(m, dict) for m in value) and len(value) > 0
-
-
-ROLES = ("system", "user", "assistant", "tool")  # what chat templates render; anything else is a typo or a dialect
-
-
-def _check_messages(value: list, field: str) -> str | None:
-    for i, m in enumerate(value):
-        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            return f"message {i} needs string 'role' and 'content'"
-        if m["role"] not in ROLES:
-            return f"message {i} has role {m['role']!r}, not one of {', '.join(ROLES)}"
-        if not m["content"].strip():
-            return f"message {i} has empty content"
-    return None
-
-
-def _completion(value: Any, field: str) -> tuple[Text | None, str | None]:
-    """A completion is a non-empty string or a non-empty list of chat messages."""
-    if isinstance(value, str):
-        return (value, None) if value.strip() else (None, "empty completion")
-    if _is_messages(value):
-        problem = _check_messages(value, field)
-        return (value, None) if problem is None else (None, problem)
-    return None, f"must be a non-empty string or a list of chat messages, got {type(value).__name__}"
-
-
 def detect_format(columns: set[str], cfg: DataConfig, path: str) -> str:
     """The name of the file's format (bigrm.data.formats.FORMATS), from its first row's columns."""
-    from bigrm.data import formats  # formats builds on this module's types and checks: imported once both exist
-
     return formats.detect(columns, cfg, path).name
 
 
 def parse_row(row: Any, fmt: str, cfg: DataConfig, where: str) -> Example | RowError:
     """One row of a file of format `fmt` (a name in bigrm.data.formats.FORMATS) as an Example, or what is wrong."""
-    from bigrm.data import formats
-
     return formats.FORMATS[fmt].parse(row, cfg, where)
 
 
@@ -265,14 +192,6 @@ def group_solutions(examples: list[Example], size: int) -> list[Example]:
                 Example(part[0].prompt, completions, source, labels, tuple(s for e in part for s in e.step_ends))
             )
     return groups
-
-
-FLOAT32_MAX = 3.4028234663852886e38  # labels are float32 tensors (packing.SegmentLabels): larger becomes inf
-
-
-def _finite_number(value: Any) -> bool:
-    """A JSON number (not a numeric string: "1.5" is rejected, not converted) that float32 holds as a finite value."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= FLOAT32_MAX
 
 
 def standardise_scores(examples: list[Example]) -> list[Example]:

@@ -28,7 +28,8 @@ from typing import NamedTuple
 import numpy as np
 
 from bigrm.config import DataConfig
-from bigrm.data.rows import Labels, Text
+from bigrm.data.examples import Text
+from bigrm.data.labels import Labels
 from bigrm.errors import DataError
 
 

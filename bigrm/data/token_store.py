@@ -1,21 +1,17 @@
 """Tokenised groups as flat arrays on disk, memory-mapped: every rank reads the same pages, none holds a copy.
 
-A store is a directory of .npy arrays (written by `save`, opened by `TokenStore.load`):
+Indexing a store gives a sequences.Group whose sequences are views of `tokens`, so packing, planning, evaluation
+and fingerprints read it as they read any list of groups. A store is a directory of .npy arrays (written by `save`,
+opened by `TokenStore.load`):
   tokens         (T,) int32 (uint32 when the vocabulary needs it): every scored sequence end to end
   seq_offsets    (S + 1,) int64: sequence s is tokens[seq_offsets[s]:seq_offsets[s + 1]]
   group_offsets  (G + 1,) int64: group g is sequences group_offsets[g]..group_offsets[g + 1] - 1
-  ranks, scores, targets          (S,) per sequence: data.Labels' fields (NaN where a group has none)
-  has_scores, has_targets         (G,) bool
-  margin, weight                  (G,) float64
-  attributes                      (S, A) float64: data.Labels.attributes, NaN where missing (A = 0 without them)
   source_bytes, source_offsets    every group's source ("file:line N") as UTF-8, end to end
-  step_offsets   (S + 1,) int64: sequence s's steps are step_index[step_offsets[s]:step_offsets[s + 1]] (stepwise)
+  step_offsets   (S + 1,) int64: sequence s's steps are entries step_offsets[s]:step_offsets[s + 1] of step_index
+                 and of every per-step column (stepwise)
   step_index     (P,) int64: each step's last token, an index into its sequence
-  step_labels    (P,) float64: each step's label in [0, 1]
-  step_weights   (S,) float64: the row weight of each stepwise sequence (NaN for others)
-  has_steps      (G,) bool
-Indexing a store gives a sequences.Group whose sequences are views of `tokens`, so packing, planning, evaluation
-and fingerprints read it as they read any list of groups.
+and a column per field of data.labels.Labels (LABELS), holding its `missing` value where a prompt has none, with a
+(G,) bool flag column for the fields a prompt may lack (A: the number of data.attributes, 0 without them):
 """
 
 from __future__ import annotations
@@ -25,29 +21,23 @@ from pathlib import Path
 
 import numpy as np
 
-from bigrm.data.rows import Example, Labels
+from bigrm.data.examples import Example
+from bigrm.data.labels import LABELS, PROMPT, STEP, LabelField, Labels
 from bigrm.data.sequences import Group, Tokenized
 
-ARRAYS = (
-    "tokens",
-    "seq_offsets",
-    "group_offsets",
-    "ranks",
-    "scores",
-    "targets",
-    "has_scores",
-    "has_targets",
-    "margin",
-    "weight",
-    "source_bytes",
-    "source_offsets",
-    "attributes",
-    "step_offsets",
-    "step_index",
-    "step_labels",
-    "step_weights",
-    "has_steps",
-)
+LAYOUT = ("tokens", "seq_offsets", "group_offsets", "source_bytes", "source_offsets", "step_offsets", "step_index")
+FLAGS = tuple(dict.fromkeys(f.flag for f in LABELS if f.flag))
+STEP_FLAGS = tuple(dict.fromkeys(f.flag for f in LABELS if f.per == STEP))  # a group has steps when one is set
+ARRAYS = LAYOUT + tuple(f.column for f in LABELS) + FLAGS
+
+
+def _listed(f: LabelField) -> str:
+    shape = "(S, A)" if f.width else {PROMPT: "(G,)", STEP: "(P,)"}.get(f.per, "(S,)")
+    flag = f", flag {f.flag}" if f.flag else ""
+    return f"  {f.column:<14} {shape} {np.dtype(f.dtype).name}: Labels.{f.name} per {f.per}{flag}\n"
+
+
+__doc__ = (__doc__ or "") + "".join(map(_listed, LABELS))
 
 
 def _offsets(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -60,41 +50,27 @@ class TokenStore(Sequence[Group]):
         if missing:
             raise ValueError(f"a token store needs {sorted(missing)}")
         self.a = arrays
+        # per label field: its column, and its flag column (None: every group carries it, or none: a 0-wide column)
+        self._labels = [(f, arrays[f.column], arrays[f.flag] if f.flag else None) for f in LABELS]
 
     @staticmethod
     def of(done: Tokenized, examples: list[Example], num_attributes: int = 0) -> TokenStore:
         """The store of encode_examples' result; labels and sources come from the kept examples (each with
-        `num_attributes` ratings per completion)."""
+        `num_attributes` ratings per completion: the width of every rated field's column)."""
         kept = [examples[i] for i in done.kept]
         ks = [len(e.completions) for e in kept]
         dtype = np.int32 if not len(done.tokens) or done.tokens.max() <= np.iinfo(np.int32).max else np.uint32
-
-        def per_seq(values, default) -> np.ndarray:
-            return np.array([v for e, k in zip(kept, ks, strict=True) for v in (values(e) or default(k))], np.float64)
-
         sources = [e.source.encode() for e in kept]
         return TokenStore(
             {
                 "tokens": done.tokens.astype(dtype),
                 "seq_offsets": _offsets(done.lengths),
                 "group_offsets": _offsets(ks),
-                "ranks": per_seq(lambda e: e.labels.ranks, range).astype(np.int64),
-                "scores": per_seq(lambda e: e.labels.scores, lambda k: [np.nan] * k),
-                "targets": per_seq(lambda e: e.labels.targets, lambda k: [np.nan] * k),
-                "has_scores": np.array([e.labels.scores is not None for e in kept], dtype=bool),
-                "has_targets": np.array([e.labels.targets is not None for e in kept], dtype=bool),
-                "margin": np.array([e.labels.margin for e in kept], dtype=np.float64),
-                "weight": np.array([e.labels.weight for e in kept], dtype=np.float64),
                 "source_bytes": np.frombuffer(b"".join(sources), dtype=np.uint8),
                 "source_offsets": _offsets([len(s) for s in sources]),
-                "attributes": np.array(
-                    [r for e in kept for r in (e.labels.attributes or ())], dtype=np.float64
-                ).reshape(len(done.lengths), num_attributes),
                 "step_offsets": _offsets(done.step_counts),
                 "step_index": done.step_index.astype(np.int64),
-                "step_labels": np.array([v for e in kept for s in e.labels.steps or () for v in s], np.float64),
-                "step_weights": per_seq(lambda e: e.labels.step_weights, lambda k: [np.nan] * k),
-                "has_steps": np.array([e.labels.steps is not None for e in kept], dtype=bool),
+                **_label_columns([e.labels for e in kept], ks, num_attributes),
             }
         )
 
@@ -117,25 +93,14 @@ class TokenStore(Sequence[Group]):
         lo, hi = int(a["group_offsets"][g]), int(a["group_offsets"][g + 1])
         bounds = a["seq_offsets"][lo : hi + 1].tolist()
         seqs = tuple(a["tokens"][b:e] for b, e in zip(bounds[:-1], bounds[1:], strict=True))
-        steps = labels_of_steps = weights = None
-        if a["has_steps"][g]:
+        steps = None  # per sequence, the (first, end) of its steps
+        if any(a[flag][g] for flag in STEP_FLAGS):
             cuts = a["step_offsets"][lo : hi + 1].tolist()
-            pieces = list(zip(cuts[:-1], cuts[1:], strict=True))
-            steps = tuple(a["step_index"][b:e] for b, e in pieces)
-            labels_of_steps = tuple(tuple(a["step_labels"][b:e].tolist()) for b, e in pieces)
-            weights = tuple(a["step_weights"][lo:hi].tolist())
-        labels = Labels(
-            ranks=tuple(a["ranks"][lo:hi].tolist()),
-            scores=tuple(a["scores"][lo:hi].tolist()) if a["has_scores"][g] else None,
-            targets=tuple(a["targets"][lo:hi].tolist()) if a["has_targets"][g] else None,
-            margin=float(a["margin"][g]),
-            weight=float(a["weight"][g]),
-            attributes=tuple(map(tuple, a["attributes"][lo:hi].tolist())) if a["attributes"].shape[1] else None,
-            steps=labels_of_steps,
-            step_weights=weights,
-        )
+            steps = list(zip(cuts[:-1], cuts[1:], strict=True))
+        labels = Labels(*(_label(f, column, flag, g, lo, hi, steps) for f, column, flag in self._labels))
         s, e = int(a["source_offsets"][g]), int(a["source_offsets"][g + 1])
-        return Group(seqs, bytes(a["source_bytes"][s:e]).decode(), labels, steps)
+        ends = None if steps is None else tuple(a["step_index"][b:e] for b, e in steps)
+        return Group(seqs, bytes(a["source_bytes"][s:e]).decode(), labels, ends)
 
     def __getitem__(self, index):
         if isinstance(index, slice):
@@ -154,24 +119,44 @@ class TokenStore(Sequence[Group]):
         return len(self.a["tokens"])
 
 
+def _label_columns(labels: list[Labels], ks: list[int], width: int) -> dict[str, np.ndarray]:
+    """Every label field's column over prompts of ks completions (rated fields `width` wide), and the flags."""
+    columns = {}
+    for f in LABELS:
+        column = np.array([v for lab, k in zip(labels, ks, strict=True) for v in f.values(lab, k, width)], f.dtype)
+        columns[f.column] = column.reshape(sum(ks), width) if f.width else column
+        if f.flag:
+            columns.setdefault(f.flag, np.array([getattr(lab, f.name) is not None for lab in labels], dtype=bool))
+    return columns
+
+
+def _label(f: LabelField, column: np.ndarray, flag: np.ndarray | None, g: int, lo: int, hi: int, steps: list | None):
+    """Group g's value of a label field (its sequences are lo..hi - 1, `steps` their steps' (first, end)): None where
+    the group has none."""
+    if (flag is not None and not flag[g]) or (f.width and not column.shape[1]):
+        return None
+    if f.per == PROMPT:
+        return column[g].item()
+    if f.per == STEP:
+        return tuple(tuple(column[b:e].tolist()) for b, e in steps)
+    values = column[lo:hi].tolist()
+    return tuple(map(tuple, values)) if f.width else tuple(values)
+
+
 def concat(stores: list[TokenStore]) -> TokenStore:
     """The stores' groups one after another."""
 
-    def joined(name: str, counts: str | None = None) -> np.ndarray:
-        """Offset arrays are shifted by what precedes them (`counts`: the array they index)."""
-        if counts is None:
+    def joined(name: str) -> np.ndarray:
+        """An offset array is shifted by the entries it indexes in the stores before (its last offset counts them)."""
+        if not name.endswith("offsets"):
             return np.concatenate([s.a[name] for s in stores])
         parts, shift = [np.zeros(1, dtype=np.int64)], 0
         for s in stores:
             parts.append(np.asarray(s.a[name][1:]) + shift)
-            shift += len(s.a[counts])
+            shift += int(s.a[name][-1])
         return np.concatenate(parts)
 
-    arrays = {name: joined(name) for name in ARRAYS if not name.endswith("offsets")}
-    arrays["seq_offsets"] = joined("seq_offsets", "tokens")
-    arrays["group_offsets"] = joined("group_offsets", "ranks")
-    arrays["source_offsets"] = joined("source_offsets", "source_bytes")
-    arrays["step_offsets"] = joined("step_offsets", "step_index")
+    arrays = {name: joined(name) for name in ARRAYS}
     if arrays["tokens"].dtype != np.uint32 and any(s.a["tokens"].dtype == np.uint32 for s in stores):
         arrays["tokens"] = arrays["tokens"].astype(np.uint32)
     return TokenStore(arrays)

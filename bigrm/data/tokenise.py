@@ -13,7 +13,8 @@ import numpy as np
 
 from bigrm import progress
 from bigrm.config import DataConfig
-from bigrm.data.rows import Example, listed
+from bigrm.data.examples import Example
+from bigrm.data.rows import listed
 from bigrm.data.sequences import (
     Encoded,
     EncodeReport,

@@ -22,9 +22,10 @@ import torch
 from bigrm import precision, progress
 from bigrm.artifacts import checkpoint, export
 from bigrm.config import DataConfig, LossConfig
+from bigrm.data.examples import Example, RowError
 from bigrm.data.formats import FORMATS
 from bigrm.data.packing import SegmentLabels, check_budget, collate, layout_tokens, pack_bins
-from bigrm.data.rows import Example, RowError, listed, parse_row, read_file, standardise_scores
+from bigrm.data.rows import listed, parse_row, read_file, standardise_scores
 from bigrm.data.sequences import EncodeReport, Group, Scored, scored_sequence, step_positions
 from bigrm.data.tokenizer import prepare_tokenizer
 from bigrm.errors import DataError

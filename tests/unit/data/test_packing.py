@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from bigrm.data.labels import Labels
 from bigrm.data.packing import Update, collate, first_fit_decreasing, pack_bins, plan_epoch
-from bigrm.data.rows import Labels
 from bigrm.data.sequences import Group
 
 # ---------------------------------------------------------------- bins

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from bigrm.config import DataConfig
-from bigrm.data.rows import Example, file_specs, load_examples, load_file, mix, parse_row, read_rows
+from bigrm.data.examples import Example
+from bigrm.data.rows import file_specs, load_examples, load_file, mix, parse_row, read_rows
 from bigrm.errors import DataError
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf-harmless-base-test.jsonl.gz"

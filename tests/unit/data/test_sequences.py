@@ -7,7 +7,8 @@ import pytest
 from tokenizers import processors
 
 from bigrm.builtin.tiny import build_tokenizer
-from bigrm.data.rows import Example, Labels
+from bigrm.data.examples import Example
+from bigrm.data.labels import Labels
 from bigrm.data.sequences import EncodeReport, encode, render, truncate
 from bigrm.data.tokenise import tokenize_examples
 from bigrm.errors import DataError
@@ -384,7 +385,7 @@ def test_worker_processes_end_quietly_under_the_trainers_signal_handlers():
 
     script = """
 from bigrm.training import preemption
-from bigrm.data.rows import Example
+from bigrm.data.examples import Example
 from bigrm.data.tokenise import CHUNK, encode_examples
 from bigrm.builtin.tiny import build_tokenizer
 preemption.terminate_on_signals()

@@ -9,9 +9,9 @@ from transformers import LlamaConfig
 
 from bigrm import kinds, options
 from bigrm.config import LossConfig
+from bigrm.data.labels import Labels
 from bigrm.data.packing import collate
 from bigrm.data.pipeline import Dataset
-from bigrm.data.rows import Labels
 from bigrm.data.sequences import Group
 from bigrm.errors import ExportError
 from bigrm.kinds import Attributes, Scalar, Steps

@@ -15,8 +15,9 @@ from transformers import AutoTokenizer
 from bigrm import options
 from bigrm.artifacts import export
 from bigrm.config import LoraConfig, LossConfig, QuantizationConfig, attribute_weights
+from bigrm.data.examples import Example
+from bigrm.data.labels import Labels
 from bigrm.data.packing import SegmentLabels, collate
-from bigrm.data.rows import Example, Labels
 from bigrm.data.sequences import Group
 from bigrm.errors import ConfigError, ExportError
 from bigrm.kinds import Attributes

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from bigrm.config import LossConfig
+from bigrm.data.labels import Labels
 from bigrm.data.packing import SegmentLabels
-from bigrm.data.rows import Labels
 from bigrm.data.sequences import Group
 from bigrm.objectives.ranking import denominators, group_units, metrics, pair_grid, ranking_loss, terms
 

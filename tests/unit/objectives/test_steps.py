@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from bigrm.config import LossConfig
+from bigrm.data.labels import Labels
 from bigrm.data.packing import SegmentLabels
-from bigrm.data.rows import Labels
 from bigrm.data.sequences import Group
 from bigrm.evaluation.steps import auroc, step_report
 from bigrm.kinds import Steps

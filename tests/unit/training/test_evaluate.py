@@ -12,8 +12,8 @@ import torch
 
 from bigrm import dist
 from bigrm.config import LossConfig
+from bigrm.data.labels import Labels
 from bigrm.data.packing import PackedBatch
-from bigrm.data.rows import Labels
 from bigrm.data.sequences import Group
 from bigrm.objectives.ranking import Stats, metrics
 from bigrm.training.evaluate import evaluate_rewards, shard
