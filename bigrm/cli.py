@@ -141,9 +141,11 @@ def _help(p: ArgumentParser, sections: tuple[str, ...] = ()) -> int:
 
 
 def _args(p: ArgumentParser, argv: list[str], sections: tuple[str, ...]) -> tuple[Namespace, list[str]]:
-    """(the command's own options, the `sections`' options for _sections)."""
+    """(the command's own options, the `sections`' options for _sections), each checked before any model loads."""
     rest, extra = options.split_sections(argv, sections)
-    return options.parse_args(p, rest), extra
+    args = options.parse_args(p, rest)
+    options.parse_args(options.parser(sections), extra)  # their defaults come from the model: only their types here
+    return args, extra
 
 
 def score_main(argv: list[str]) -> int:
@@ -155,7 +157,7 @@ def score_main(argv: list[str]) -> int:
         "--separator",
         type=str | None,
         default=None,
-        help="with --segments: split text completions after each SEPARATOR",
+        help="with --segments: split text completions after each SEPARATOR instead",
     )
     p.add_argument("--per-token", dest="per_token", action="store_true", help="value at every completion token")
     if _asks_help(argv):

@@ -31,18 +31,17 @@ HINTS = typing.get_type_hints(Config)  # section name → its dataclass
 set_parsing_settings(docstring_parse_attribute_docstrings=True, unset_sentinel=True)
 
 
-def _leaves(cls: type, prefix: str = "") -> dict[str, dataclasses.Field]:
-    out: dict[str, dataclasses.Field] = {}
+def _leaves(cls: type, prefix: str = "") -> list[str]:
+    """The dotted name of every option under `cls`."""
+    out: list[str] = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            out.update(_leaves(hints[f.name], f"{prefix}{f.name}."))
-        else:
-            out[prefix + f.name] = f
+        nested = dataclasses.is_dataclass(hints[f.name])
+        out += _leaves(hints[f.name], f"{prefix}{f.name}.") if nested else [prefix + f.name]
     return out
 
 
-LEAVES = _leaves(Config)
+LEAVES = tuple(_leaves(Config))
 
 
 def resolve_key(key: str, sections: tuple[str, ...] = SECTIONS) -> str | None:
@@ -87,7 +86,7 @@ def parser(sections: tuple[str, ...] = SECTIONS, **kwargs: Any) -> ArgumentParse
     p = ArgumentParser(exit_on_error=False, allow_abbrev=False, **kwargs)
     for name in sections:
         # a plain argument group: jsonargparse's class group would add `--data FILE.yaml`, and score's --data is rows
-        group = p.add_argument_group(HINTS[name].__doc__.rstrip("."))
+        group = p.add_argument_group((HINTS[name].__doc__ or name).rstrip("."))
         group.add_class_arguments(HINTS[name], name, as_group=False)
     return p
 

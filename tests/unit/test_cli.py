@@ -44,6 +44,7 @@ def test_help_lists_every_option_with_its_default(main, listed, capsys):
     [
         (cli.score_main, [*MODEL_ARGS, "--dtype", "fp16"], "--dtype: expected Literal['auto', 'bf16', 'fp32']. Got"),
         (cli.score_main, [*MODEL_ARGS, "--loss.tie_coef", "1"], "unrecognized arguments: --loss.tie_coef 1"),
+        (cli.eval_main, [*MODEL_ARGS, "--max_length", "abc"], "--data.max_length: expected int. Got value: abc"),
         (cli.eval_main, MODEL_ARGS[2:], "the following arguments are required: model"),
         (cli.export_main, ["--checkpoint", "c", "--out", "o", "--merge"], "unrecognized arguments: --merge"),
         (cli.train_main, ["--objective", "listwise"], "--loss.objective: expected Literal['pairwise', 'listmle']"),

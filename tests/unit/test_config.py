@@ -75,6 +75,8 @@ def test_bad_overrides():
         options.from_argv(["--data.overlong=cut"])
     with pytest.raises(ConfigError, match=r"--quantization.bits: expected Literal\[0, 4, 8\]. Got value: 3"):
         options.from_argv(["--r", "8", "--bits", "3"])
+    with pytest.raises(ConfigError, match="train.report_to: `none` stands alone"):
+        options.from_argv(["--report_to", "[none, wandb]"])
     with pytest.raises(ConfigError, match=r"stepwise rows .* and data.attributes .* cannot be trained in one run"):
         options.from_argv(["--data.synthetic.task", "steps", "--data.attributes", "[a, b]"])
 
@@ -101,7 +103,7 @@ def test_bare_keys_are_unique_or_rejected(monkeypatch):
         ["--model", "m", "--data", "f.jsonl", "--tie_threshold=0.2", "--segments"],
         ["--data.max_length", "5"],
     )
-    monkeypatch.setattr(options, "LEAVES", {"a.x": None, "b.x": None, "b.y": None})
+    monkeypatch.setattr(options, "LEAVES", ("a.x", "b.x", "b.y"))
     assert options.split_sections(["--y", "1"], ("a", "b")) == ([], ["--b.y", "1"])
     with pytest.raises(ConfigError, match="--x is ambiguous: use one of a.x, b.x"):
         options.split_sections(["--x", "1"], ("a", "b"))
