@@ -9,6 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
+from jsonargparse import ArgumentParser, Namespace
+
 from bigrm import config, dist, options, precision
 from bigrm.errors import BigrmError, ConfigError
 from bigrm.kinds import RewardKind
@@ -27,7 +29,7 @@ def _run(fn, *args) -> int:
 
 def train_main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
+    if _asks_help(argv):
         print(options.help_text())
         return 0
 
@@ -59,18 +61,14 @@ def _sections(extra: list[str], allowed: tuple[str, ...], convention: str | None
     """`--data.x value` (and for eval `--loss.x value`) options, as in training; `data.reward_convention` defaults to
     `convention`, the one the model records (it was trained to score that token), and the data options the model's
     kind reads its labels with to the kind's (kind.data_defaults: an attribute head's names)."""
-    values = options.parse_overrides(extra)
-    for key, value in kind.data_defaults().items():
-        values.setdefault(key, value)
-    outside = [k for k in values if not k.startswith(allowed)]
-    if outside:
-        raise ConfigError(f"only {', '.join(a + '*' for a in allowed)} options apply here: {', '.join(outside)}")
-    given = values.setdefault("data.reward_convention", convention or config.DataConfig.reward_convention)
+    defaults = {"data.reward_convention": convention or config.DataConfig.reward_convention, **kind.data_defaults()}
+    cfg = options.parse(extra, allowed, defaults)
+    given = cfg.data.reward_convention
     if convention and given != convention:
         print(f"warning: scoring with data.reward_convention={given}; the model was trained with {convention}")
     recorded = " (recorded in the model)" if given == convention else ""
     print(f"rewards read as data.reward_convention={given}{recorded}")
-    return options.build(values)
+    return cfg
 
 
 def writable(path: str, flag: str) -> None:
@@ -98,13 +96,18 @@ def report_dir(path: str) -> None:
         raise ConfigError(f"--report {path}: cannot create it ({err.strerror})") from err
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="exported directory or a bigrm checkpoint (checkpoints/step-*)")
-    p.add_argument("--data", required=True, help="rows in any training format (.jsonl, .json, .parquet, a dir)")
+def _required(p: ArgumentParser, flag: str, help: str, **kwargs) -> None:
+    # no default at all (not jsonargparse's Unset): the help shows none, and a missing flag is an error
+    p.add_argument(flag, required=True, default=argparse.SUPPRESS, help=help, **kwargs)
+
+
+def _model_args(p: ArgumentParser) -> None:
+    _required(p, "--model", "exported directory or a bigrm checkpoint (checkpoints/step-*)")
+    _required(p, "--data", "rows in any training format (.jsonl, .json, .parquet, a dir)", metavar="FILE")
     p.add_argument("--max_tokens_per_batch", type=int, default=16384, help="token budget of one packed forward")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    p.add_argument("--dtype", default="auto", choices=precision.CHOICES)
-    p.add_argument("--attn_impl", default="auto", choices=config.ATTN_IMPLS)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device")
+    p.add_argument("--dtype", type=precision.Name, default="auto", help="auto: the dtype the model was saved in")
+    p.add_argument("--attn_impl", type=config.AttnImpl, default="auto", help="as model.attn_impl in training")
     p.add_argument("--share_prompt", action="store_true", help="encode each prompt once (rewards unchanged)")
 
 
@@ -114,34 +117,59 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(
-        prog=f"bigrm {prog}",
-        description=description,
-        epilog="--data.KEY VALUE options (columns, max_length, skip_invalid, overlong, ...) and, for eval, "
-        "--loss.KEY VALUE options (the reported loss and tie_threshold) work as in training; see `bigrm train --help`.",
-    )
+def _parser(prog: str, description: str) -> ArgumentParser:
+    return ArgumentParser(prog=f"bigrm {prog}", description=description, exit_on_error=False, allow_abbrev=False)
+
+
+def _asks_help(argv: list[str]) -> bool:
+    return "-h" in argv or "--help" in argv
+
+
+def _help(p: ArgumentParser, sections: tuple[str, ...] = ()) -> int:
+    """The command's own options, then those of the training `sections` it takes."""
+    print(p.format_help())
+    if sections:
+        keys = " and ".join(f"--{s}.KEY" for s in sections)
+        print(f"{keys} VALUE options as in training (bare --KEY too); data.reward_convention defaults to the one the")
+        print("model records, data.attributes to its attribute head's names:\n")
+        print(options.parser(sections, add_help=False, usage=argparse.SUPPRESS).format_help())
+    return 0
+
+
+def _args(p: ArgumentParser, argv: list[str], sections: tuple[str, ...]) -> tuple[Namespace, list[str]]:
+    """(the command's own options, the `sections`' options for _sections), each checked before any model loads."""
+    rest, extra = options.split_sections(argv, sections)
+    args = options.parse_args(p, rest)
+    options.parse_args(options.parser(sections), extra)  # their defaults come from the model: only their types here
+    return args, extra
 
 
 def score_main(argv: list[str]) -> int:
     p = _parser("score", "Write each input row with `rewards` aligned with its completions.")
     _model_args(p)
-    p.add_argument("--out", required=True, help="output JSON Lines file")
+    _required(p, "--out", "output JSON Lines file")
     p.add_argument("--segments", action="store_true", help="reward every piece of completions given as lists")
-    p.add_argument("--separator", help="with --segments: split text completions after each SEPARATOR instead")
+    p.add_argument(
+        "--separator",
+        type=str | None,
+        default=None,
+        help="with --segments: split text completions after each SEPARATOR instead",
+    )
     p.add_argument("--per-token", dest="per_token", action="store_true", help="value at every completion token")
-    args, extra = p.parse_known_args(argv)
+    if _asks_help(argv):
+        return _help(p, ("data",))
 
     def score() -> None:
         import torch
 
         from bigrm.inference import scoring
 
+        args, extra = _args(p, argv, ("data",))
         writable(args.out, "--out")
         device = torch.device(args.device)
         model, tokenizer, convention, kind = scoring.load_model(args.model, device, args.dtype, args.attn_impl)
         segments = args.segments or args.separator is not None
-        cfg = _sections(extra, ("data.",), convention, kind)
+        cfg = _sections(extra, ("data",), convention, kind)
         results = scoring.prepare(args.data, cfg.data, tokenizer, segments, args.separator)
         print(f"prompt truncation (data.max_length={cfg.data.max_length}): {scoring.cut_summary(results)}")
         every, kind = segments or args.per_token, scoring.kind_for_rows(model, results)
@@ -160,20 +188,24 @@ def score_main(argv: list[str]) -> int:
 def eval_main(argv: list[str]) -> int:
     p = _parser("eval", "Ranking metrics and reward diagnostics of a reward model on a labelled file.")
     _model_args(p)
-    p.add_argument("--out", help="also write the metrics to this JSON file")
+    p.add_argument("--out", type=str | None, default=None, help="also write the metrics to this JSON file")
     p.add_argument(
         "--report",
+        type=str | None,
+        default=None,
         metavar="DIR",
         help="also draw the eval there: PNG plots (calibration, reward histograms, reward vs length, accuracy by K "
         "and subset), report.md embedding them, report.json with the numbers drawn (needs bigrm[report])",
     )
-    args, extra = p.parse_known_args(argv)
+    if _asks_help(argv):
+        return _help(p, ("data", "loss"))
 
     def evaluate() -> None:
         import torch
 
         from bigrm.inference import scoring
 
+        args, extra = _args(p, argv, ("data", "loss"))
         if args.out:
             writable(args.out, "--out")
         if args.report:
@@ -181,7 +213,7 @@ def eval_main(argv: list[str]) -> int:
         device = torch.device(args.device)
         model, tokenizer, convention, kind = scoring.load_model(args.model, device, args.dtype, args.attn_impl)
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries the metrics JSON alone
-            cfg = _sections(extra, ("data.", "loss."), convention, kind)
+            cfg = _sections(extra, ("data", "loss"), convention, kind)
             results = scoring.prepare(args.data, cfg.data, tokenizer)
             print(f"prompt truncation (data.max_length={cfg.data.max_length}): {scoring.cut_summary(results)}")
         kind = scoring.kind_for_rows(model, results)
@@ -196,12 +228,10 @@ def eval_main(argv: list[str]) -> int:
 
 
 def export_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="bigrm export", description="A training checkpoint → a verified plain Hugging Face classifier."
-    )
-    p.add_argument("--checkpoint", required=True, help="a complete checkpoint directory (checkpoints/step-*)")
-    p.add_argument("--out", required=True, help="directory to write")
-    p.add_argument("--dtype", default="auto", choices=precision.CHOICES, help="auto: the training dtype")
+    p = _parser("export", "A training checkpoint → a verified plain Hugging Face classifier.")
+    _required(p, "--checkpoint", "a complete checkpoint directory (checkpoints/step-*)")
+    _required(p, "--out", "directory to write")
+    p.add_argument("--dtype", type=precision.Name, default="auto", help="auto: the training dtype")
     p.add_argument(
         "--merge-attributes",
         dest="merge_attributes",
@@ -210,11 +240,13 @@ def export_main(argv: list[str]) -> int:
         "Σ_a w_a v_a (loss.attribute_weights), the head's rows combined by the weights, for consumers that read one "
         "score (RewardBench, TRL, OpenRLHF)",
     )
-    args = p.parse_args(argv)
+    if _asks_help(argv):
+        return _help(p)
 
     def do_export() -> None:
         from bigrm.artifacts.export import export_checkpoint
 
+        args = options.parse_args(p, argv)
         path, out, dtype = Path(args.checkpoint), Path(args.out), precision.saved(args.dtype)
         rewards = export_checkpoint(path, out, dtype, args.merge_attributes)
         print(f"exported {args.checkpoint} → {args.out} (verified on {len(rewards)} held-out sequences)")
@@ -223,13 +255,12 @@ def export_main(argv: list[str]) -> int:
 
 
 def prepare_main(argv: list[str]) -> int:
-    if "-h" in argv or "--help" in argv:
+    if _asks_help(argv):
         print(
-            "usage: bigrm prepare [--config FILE.yaml] [--section.key VALUE ...]\n"
             "Validate and tokenise the data of a training run into the token cache (data.cache_dir) ahead of time, "
             "with every core (data.num_proc), and print the report training prints. A training run with the same "
-            "data options, tokenizer and files memory-maps it instead of tokenising. Takes the training options:\n"
-            + options.help_text()
+            "data options, tokenizer and files memory-maps it instead of tokenising. Takes the training options:\n\n"
+            + options.help_text("bigrm prepare")
         )
         return 0
 

@@ -1,179 +1,183 @@
-"""YAML recipes and `--key value` arguments → a checked Config (the schema is bigrm.config).
+"""YAML recipes and `--key value` arguments → a checked Config, parsed by jsonargparse over bigrm.config's types.
 
-    launch/train.py [--config FILE.yaml] [--section.key VALUE | --key VALUE | --key=VALUE ...]
-A bare key works when its name is unique across sections; the deepspeed launcher's `--local_rank` is accepted and
-ignored; `--help` lists every option with its default and documentation.
+    launch/train.py [--config FILE.yaml] [--section.key VALUE | --section.key=VALUE | --key VALUE ...]
+The recipe (without --config the built-in tiny one) is read first wherever --config stands, then the other options;
+a bare `--key` is `--section.key` when the name is unique among the sections parsed; the deepspeed launcher's
+`--local_rank` is accepted and ignored; `--help` lists every option with its type, default and field docstring.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import re
 import sys
 import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 
 from bigrm.config import Config
 from bigrm.errors import ConfigError
 
 RECIPES = Path(__file__).parent / "recipes"
 DEFAULT_RECIPE = RECIPES / "tiny.yaml"
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+HINTS = typing.get_type_hints(Config)  # section name → its dataclass
+
+# each option's help is its field's docstring; an explicit YAML null is checked against the type, not taken as unset
+set_parsing_settings(docstring_parse_attribute_docstrings=True, unset_sentinel=True)
 
 
-def _leaves(cls: type, prefix: str = "") -> dict[str, dataclasses.Field]:
-    out: dict[str, dataclasses.Field] = {}
+def _leaves(cls: type, prefix: str = "") -> list[str]:
+    """The dotted name of every option under `cls`."""
+    out: list[str] = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            out.update(_leaves(hints[f.name], f"{prefix}{f.name}."))
-        else:
-            out[prefix + f.name] = f
+        nested = dataclasses.is_dataclass(hints[f.name])
+        out += _leaves(hints[f.name], f"{prefix}{f.name}.") if nested else [prefix + f.name]
     return out
 
 
-def _field_type(dotted: str) -> type:
-    cls: type = Config
-    *parents, name = dotted.split(".")
-    for part in parents:
-        cls = typing.get_type_hints(cls)[part]
-    return typing.get_type_hints(cls)[name]
+LEAVES = tuple(_leaves(Config))
 
 
-LEAVES = _leaves(Config)
-
-
-def resolve_key(key: str) -> str:
-    """`train.lr` or the bare `lr` when the bare name is unique."""
-    if key in LEAVES:
-        return key
-    matches = [k for k in LEAVES if k.rsplit(".", 1)[-1] == key]
-    if len(matches) == 1:
-        return matches[0]
-    if matches:
+def resolve_key(key: str, sections: tuple[str, ...] = SECTIONS) -> str | None:
+    """`train.lr` for the bare `lr` when the name is unique among `sections`' options; None when it names none."""
+    matches = [k for k in LEAVES if k.rsplit(".", 1)[-1] == key and k.split(".", 1)[0] in sections]
+    if len(matches) > 1:
         raise ConfigError(f"--{key} is ambiguous: use one of {', '.join(matches)}")
-    raise ConfigError(f"unknown option {key!r} (see --help for the list)")
+    return matches[0] if matches else None
 
 
-def _coerce(dotted: str, value: Any, where: str) -> Any:
-    kind = _field_type(dotted)
-    if kind is float and isinstance(value, str):  # YAML 1.1 reads `3e-3` (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-        list: isinstance(value, list),
-    }[kind]
-    if kind is str and value is None:
-        return ""
-    if kind is list and isinstance(value, str):  # `--report_to wandb`: one item
-        return [value]
-    if not ok:
-        raise ConfigError(f"{where}{dotted}: expected {kind.__name__}, got {value!r}")
-    return float(value) if kind is float else value
+def _dotted(arg: str, sections: tuple[str, ...]) -> str | None:
+    """The `section.key` that the argument `--key[=VALUE]` sets, when it is one of `sections`' options."""
+    if not arg.startswith("--"):
+        return None
+    key = arg[2:].split("=", 1)[0]
+    if "." in key:
+        return key if key.split(".", 1)[0] in sections else None
+    return resolve_key(key, sections)
 
 
-def _flatten(tree: dict, where: str, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = prefix + str(key)
-        if isinstance(value, dict) and dotted not in LEAVES:
-            flat.update(_flatten(value, where, dotted + "."))
-        elif dotted in LEAVES:
-            flat[dotted] = value
-        else:
-            raise ConfigError(f"{where}unknown option {dotted!r}")
-    return flat
+def split_sections(argv: list[str], sections: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(the other arguments, `sections`' options with their values, each spelt `--section.key`)."""
+    rest: list[str] = []
+    picked: list[str] = []
+    i = 0
+    while i < len(argv):
+        dotted = _dotted(argv[i], sections)
+        if dotted is None:
+            rest.append(argv[i])
+            i += 1
+        elif "=" in argv[i]:
+            picked.append(f"--{dotted}={argv[i].split('=', 1)[1]}")
+            i += 1
+        else:  # every section option takes a value
+            picked += [f"--{dotted}", *argv[i + 1 : i + 2]]
+            i += 2
+    return rest, picked
 
 
-def build(values: dict[str, Any]) -> Config:
-    """Config from dotted keys; each section is constructed once so its __post_init__ checks run."""
-
-    def make(cls: type, prefix: str) -> Any:
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            hint = typing.get_type_hints(cls)[f.name]
-            if dataclasses.is_dataclass(hint):
-                kwargs[f.name] = make(hint, f"{prefix}{f.name}.")
-            elif prefix + f.name in values:
-                kwargs[f.name] = values[prefix + f.name]
-        return cls(**kwargs)
-
-    return make(Config, "")
+def parser(sections: tuple[str, ...] = SECTIONS, **kwargs: Any) -> ArgumentParser:
+    """`--section.key` options of Config's `sections`, typed and documented by bigrm.config; errors raise."""
+    p = ArgumentParser(exit_on_error=False, allow_abbrev=False, **kwargs)
+    for name in sections:
+        # a plain argument group: jsonargparse's class group would add `--data FILE.yaml`, and score's --data is rows
+        group = p.add_argument_group((HINTS[name].__doc__ or name).rstrip("."))
+        group.add_class_arguments(HINTS[name], name, as_group=False)
+    return p
 
 
-def load(config_path: str | Path | None, overrides: list[str]) -> Config:
-    """YAML file (or the built-in tiny recipe) updated by `--key value` / `--key=value` pairs."""
-    path = Path(config_path) if config_path else DEFAULT_RECIPE
+def train_parser(prog: str = "launch/train.py") -> ArgumentParser:
+    p = parser(prog=prog, usage=f"{prog} [--config FILE.yaml] [--section.key VALUE | --key VALUE ...]")
+    p.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        default=None,
+        help=f"YAML recipe of sections, read before the other options wherever it stands. Default: the built-in "
+        f"{DEFAULT_RECIPE.name}.",
+    )
+    p.add_argument("--local_rank", type=int | None, default=None, help="Set by the deepspeed launcher; ignored.")
+    return p
+
+
+def _one_line(err: Exception, where: str | None) -> str:
+    """jsonargparse's message on one line, naming the option (`--key` on the command line, `FILE: key` in a recipe)."""
+    text = " ".join(str(err).split()).replace("Expected a ", "expected ").replace("typing.", "")
+    text = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", text)
+    keyed = re.match(r'Parser key "([^"]+)": (.*)', text)
+    if keyed:
+        key, what = keyed.groups()
+        union = re.search(r"Subtypes: \[(.*)\] Errors: .* Given value: (.*)$", what)
+        if union:  # its report on each type of the union, folded
+            what = f"Got value: {union[2]}, expected one of {union[1]}"
+        text = f"{'--' if where is None else ''}{key}: {what}"
+    return f"{where}: {text}" if where else text
+
+
+def _call(fn: typing.Callable, where: str | None, *args: Any, **kwargs: Any) -> Any:
+    """fn's result; its ArgumentError as a one-line ConfigError (`where`: the recipe read, None: the command line,
+    "": values given in code)."""
+    try:
+        return fn(*args, **kwargs)
+    except argparse.ArgumentError as err:
+        raise ConfigError(_one_line(err, where)) from None
+
+
+def parse_args(p: ArgumentParser, argv: list[str], **kwargs: Any) -> Namespace:
+    """p's options from argv; a bad one is a one-line ConfigError naming it."""
+    return _call(p.parse_args, None, argv, **kwargs)
+
+
+def _config(p: ArgumentParser, ns: Namespace, sections: tuple[str, ...]) -> Config:
+    """The dataclasses, built (and checked by their __post_init__) from parsed values; other sections default."""
+    made = p.instantiate(ns)  # builds the nested data.synthetic; the sections are plain groups, built here
+    return Config(**{name: HINTS[name](**vars(made[name])) for name in sections})
+
+
+def parse(argv: list[str], sections: tuple[str, ...], defaults: dict[str, Any]) -> Config:
+    """`sections`' options from argv (`--section.key VALUE`, or bare keys), over `defaults` (dotted keys)."""
+    p = parser(sections)
+    p.set_defaults(defaults)
+    rest, picked = split_sections(argv, sections)
+    return _config(p, parse_args(p, [*picked, *rest]), sections)
+
+
+def _recipe(p: ArgumentParser, path: Path) -> Namespace:
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read config {path}: {err}") from err
+        raise ConfigError(f"cannot read config {path}: {' '.join(str(err).split())}") from err
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    values = {k: _coerce(k, v, f"{path}: ") for k, v in _flatten(tree, f"{path}: ").items()}
-    values.update(parse_overrides(overrides))
-    return build(values)
+    return _call(p.parse_object, str(path), tree)  # YAML 1.1 reads `3e-3` as a string: a float option takes it
 
 
-def parse_overrides(argv: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"expected --key value, got {arg!r}")
-        if "=" in arg:
-            key, raw = arg[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(argv):
-                raise ConfigError(f"{arg} needs a value")
-            key, raw = arg[2:], argv[i + 1]
-            i += 2
-        dotted = resolve_key(key)
-        value = raw if _field_type(dotted) is str else yaml.safe_load(raw)
-        out[dotted] = _coerce(dotted, value, "command line: --")
-    return out
+def from_argv(argv: list[str] | None = None) -> Config:
+    """The training options: the recipe (or the built-in tiny one) updated by the other arguments."""
+    p = train_parser()
+    rest, picked = split_sections(sys.argv[1:] if argv is None else argv, SECTIONS)
+    args = [*rest, *picked]
+    recipe = parse_args(p, args).config  # every argument checked before the recipe is read
+    ns = _recipe(p, Path(recipe) if recipe else DEFAULT_RECIPE)
+    return _config(p, parse_args(p, args, namespace=ns), SECTIONS)
 
 
-def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
-    """Pull out --config and the launcher's --local_rank (the deepspeed launcher appends it)."""
-    config, rest, i = None, [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--local_rank"):
-            i += 1 if "=" in arg else 2
-        elif arg == "--config":
-            if i + 1 >= len(argv):
-                raise ConfigError("--config needs a path")
-            config, i = argv[i + 1], i + 2
-        elif arg.startswith("--config="):
-            config, i = arg.split("=", 1)[1], i + 1
-        else:
-            rest.append(arg)
-            i += 1
-    return config, rest
+def load(config_path: str | Path | None, overrides: list[str]) -> Config:
+    return from_argv([*(["--config", str(config_path)] if config_path else []), *overrides])
 
 
-def help_text() -> str:
-    lines = [
-        "usage: launch/train.py [--config FILE.yaml] [--section.key VALUE | --key VALUE ...]",
-        f"With no --config the built-in recipe {DEFAULT_RECIPE.name} is used. Options:",
-    ]
-    defaults = dataclasses.asdict(Config())
-    for dotted, f in LEAVES.items():
-        value = defaults
-        for part in dotted.split("."):
-            value = value[part]
-        lines.append(f"  --{dotted} (default {value!r})\n      {f.metadata['help']}")
-    return "\n".join(lines)
+def build(values: dict[str, Any]) -> Config:
+    """Config from dotted keys (`{"data.max_length": 64}`), checked as options are; the rest keep their defaults."""
+    p = parser()
+    return _config(p, _call(p.parse_object, "", values), SECTIONS)
+
+
+def help_text(prog: str = "launch/train.py") -> str:
+    return train_parser(prog).format_help()
 
 
 def to_dict(cfg: Config) -> dict:
@@ -182,8 +186,3 @@ def to_dict(cfg: Config) -> dict:
 
 def dump(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def from_argv(argv: list[str] | None = None) -> Config:
-    config, rest = split_argv(sys.argv[1:] if argv is None else argv)
-    return load(config, rest)

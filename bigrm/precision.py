@@ -5,13 +5,14 @@ Names only at import, so that the config schema can list the choices without imp
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:
     import torch
 
+Name = Literal["auto", "bf16", "fp32"]  # auto: see `training` and `saved`
+CHOICES = get_args(Name)
 TORCH_NAMES = {"bf16": "bfloat16", "fp32": "float32"}  # what users write → torch's dtype
-CHOICES = ("auto", *TORCH_NAMES)  # auto: see `training` and `saved`
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -177,5 +177,5 @@ def test_report_to_takes_one_name_a_list_or_none(given, resolved):
 def test_report_to_refuses_unknown_trackers():
     from bigrm.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="train.report_to: 'mlflow'"):
+    with pytest.raises(ConfigError, match="--train.report_to: Got value: mlflow, expected one of"):
         options.from_argv(["--report_to", "mlflow"])

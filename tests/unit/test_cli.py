@@ -1,0 +1,67 @@
+"""The `bigrm` command line: every subcommand's --help, and bad options as one `error:` line with exit code 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from bigrm import cli
+
+MODEL_ARGS = ["--model", "no-model", "--data", "no-data.jsonl", "--out", "scores.jsonl"]
+
+
+def test_console_script_dispatches_to_train(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["bigrm", "train", "--help"])
+    assert cli.main() == 0
+    assert "--train.lr" in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", ["bigrm", "fly"])
+    assert cli.main() == 2
+    assert cli.train_main(["--lr", "nope"]) == 2
+    assert "--train.lr: expected float" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("main", "listed"),
+    [
+        (cli.score_main, ["--data FILE", "--out OUT", "--segments", "--separator", "--per-token", "--data.max_length"]),
+        (cli.eval_main, ["--report DIR", "--share_prompt", "--data.overlong", "--loss.tie_threshold"]),
+        (cli.export_main, ["--checkpoint", "--merge-attributes", "--dtype {auto,bf16,fp32}"]),
+        (cli.prepare_main, ["usage: bigrm prepare", "--data.num_proc", "--config FILE.yaml"]),
+    ],
+)
+def test_help_lists_every_option_with_its_default(main, listed, capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert all(flag in text for flag in listed), [flag for flag in listed if flag not in text]
+    if main in (cli.score_main, cli.eval_main):  # the sections' options, documented as in training
+        flat = " ".join(text.split())
+        doc = "Most tokens in one scored sequence (prompt + completion + EOS)."
+        assert f"--data.max_length MAX_LENGTH {doc} (type: int, default: 1024)" in flat
+        assert "--loss." not in text if main is cli.score_main else "--train." not in text
+
+
+@pytest.mark.parametrize(
+    ("main", "argv", "message"),
+    [
+        (cli.score_main, [*MODEL_ARGS, "--dtype", "fp16"], "--dtype: expected Literal['auto', 'bf16', 'fp32']. Got"),
+        (cli.score_main, [*MODEL_ARGS, "--loss.tie_coef", "1"], "unrecognized arguments: --loss.tie_coef 1"),
+        (cli.eval_main, [*MODEL_ARGS, "--max_length", "abc"], "--data.max_length: expected int. Got value: abc"),
+        (cli.eval_main, MODEL_ARGS[2:], "the following arguments are required: model"),
+        (cli.export_main, ["--checkpoint", "c", "--out", "o", "--merge"], "unrecognized arguments: --merge"),
+        (cli.train_main, ["--objective", "listwise"], "--loss.objective: expected Literal['pairwise', 'listmle']"),
+        (cli.prepare_main, ["--no_such_key", "1"], "unrecognized arguments: --no_such_key 1"),
+    ],
+)
+def test_a_bad_option_is_one_error_line_on_rank_0(main, argv, message, capsys, monkeypatch):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    monkeypatch.setenv("RANK", "1")  # the other ranks meet the same option: they stay quiet
+    assert main(argv) == 2
+    assert capsys.readouterr().err == ""
+
+
+def test_a_bad_recipe_names_its_file(tmp_path, capsys):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("train:\n  epochs: 1\n  lr: fast\n")
+    assert cli.train_main(["--config", str(path)]) == 2
+    assert capsys.readouterr().err == f"error: {path}: train.lr: expected float. Got value: fast\n"
