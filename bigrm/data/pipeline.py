@@ -7,6 +7,7 @@ that a training run with the same options then memory-maps, and prints the same 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -14,6 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -213,13 +215,24 @@ def rating_stats(examples: list[Example], num_attributes: int) -> dict:
     return {"mean": mean, "std": std}
 
 
+def load(
+    cfg: Config, out: Path, first: contextlib.AbstractContextManager | None = None, writes: bool = True
+) -> tuple[Any, Dataset]:
+    """(tokenizer, Dataset) of `cfg`: the synthetic task's files written to `out` by the process that `writes`, inside
+    `first` (where several processes share `out`: one that lets it finish before the others go on, dist.main_first),
+    then the tokenizer and the tokenised data."""
+    with first or contextlib.nullcontext():
+        if writes and not cfg.data.train_files:
+            write_synthetic(cfg, out)
+    tokenizer = load_tokenizer(cfg, out)
+    # one process per machine tokenises into the token cache while the others poll its lock: no collective waits
+    return tokenizer, build(cfg, tokenizer, out)
+
+
 def prepare(cfg: Config) -> Dataset:
     """Fill the token cache for `cfg` (the synthetic task's files are written to train.output_dir)."""
     if not cfg.data.cache:
         raise ConfigError("bigrm prepare fills the token cache: data.cache must be true")
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(cfg, out)
-    if not cfg.data.train_files:
-        write_synthetic(cfg, out)
-    return build(cfg, tokenizer, out)
+    return load(cfg, out)[1]

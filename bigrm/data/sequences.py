@@ -11,11 +11,11 @@ The scored sequence of a completion, and so the token whose value is the reward,
   openrlhf  the text (chat rows: their rendering) with trailing newlines stripped, then " " + EOS unless it already
             ends in EOS, with no special tokens added (OpenRLHF's reward dataset).
 The reward is the value head's output at that sequence's final token. Training, evaluation, scoring and export all
-use this one definition (`render` and `encode` below); exports record the convention in their config.
+use this one definition (`render`, `encode_batch` and `fit` below); exports record the convention in their config.
 
 Over-long sequences: the prompt is cut from the left (leading special tokens such as BOS are kept) until the
 sequence fits max_length; a completion that alone does not fit is an error or a counted skip (data.overlong).
-Many examples are tokenised at once, in worker processes, by bigrm.data.tokenise.
+Examples are tokenised many at once (bigrm.data.tokenise.scored_chunk), for training and scoring alike.
 """
 
 from __future__ import annotations
@@ -100,14 +100,7 @@ class Encoded(NamedTuple):
     n_lead: int  # leading special tokens (BOS...), never cut
     prompt_end: int  # index of the first token that is not wholly prompt
     ends: list[int] | None  # character end of each token in the rendered text (EOS: the text's length); None
-    # when encode_batch was asked not to read them (training reads them only to locate stepwise rows' steps)
-
-
-def encode(tokenizer, text: str, start: int, chat: bool, convention: str = DataConfig.reward_convention) -> Encoded:
-    """One rendered text (completion starting at character `start`) as the scored token sequence of `convention`.
-
-    Chat renderings already hold the template's special tokens, so they are never added again."""
-    return encode_batch(tokenizer, [text], [start], [chat], convention)[0]
+    # when encode_batch was asked not to read them (only steps and segments are located with them)
 
 
 def encode_batch(
@@ -118,7 +111,9 @@ def encode_batch(
     convention: str = DataConfig.reward_convention,
     with_ends: bool = True,
 ) -> list[Encoded]:
-    """`encode` of many texts, with one fast-tokenizer call per kind of text (chat renderings, plain text)."""
+    """Rendered texts (completions starting at characters `starts`) as the scored token sequences of `convention`,
+    with one fast-tokenizer call per kind of text. Chat renderings already hold the template's special tokens, so
+    they are never added again."""
     if convention == "openrlhf":
         eos_text = tokenizer.eos_token
         if eos_text is None:
@@ -173,60 +168,57 @@ def truncate(ids: list[int], n_lead: int, prompt_end: int, max_length: int) -> t
     return ids[:n_lead] + ids[n_lead + excess :], excess
 
 
-@dataclass(frozen=True)
-class Scored:
+class Scored(NamedTuple):
     """A completion's scored sequence, with what scoring parts of it needs."""
 
     ids: list[int]
     completion_start: int  # index of the first completion token
     cut: int  # prompt tokens cut from the left
-    ends: list[int]  # character end of each token in `text`
+    ends: list[int] | None  # character end of each token in `text` (None: Encoded's were not read)
     text: str  # the rendered prompt + completion
     char_start: int  # where the completion starts in `text`
+    steps: np.ndarray | str | None = None  # stepwise: each step's last token index (step_positions), or why none
+
+
+def fit(enc: Encoded, text: str, start: int, max_length: int) -> Scored | int:
+    """An encoded completion (rendered as `text`, from character `start`) cut to max_length, or the completion's
+    token count when it alone exceeds max_length."""
+    fitted = truncate(enc.ids, enc.n_lead, enc.prompt_end, max_length)
+    if fitted is None:
+        return len(enc.ids) - enc.prompt_end + enc.n_lead
+    ids, cut = fitted
+    ends = enc.ends[: enc.n_lead] + enc.ends[enc.n_lead + cut :] if enc.ends is not None and cut else enc.ends
+    return Scored(ids, enc.prompt_end - cut, cut, ends, text, start)
 
 
 def scored_sequence(
     tokenizer, prompt: Text, completion: Text, max_length: int, convention: str = DataConfig.reward_convention
 ) -> Scored | int:
-    """The scored sequence, or the completion's token count when it alone exceeds max_length."""
+    """One completion's scored sequence, token ends read (or its token count when it alone exceeds max_length):
+    what scored_chunk gives for it, tokenised alone."""
     text, start = render(tokenizer, prompt, completion)
-    enc = encode(tokenizer, text, start, chat=isinstance(prompt, list), convention=convention)
-    fitted = truncate(enc.ids, enc.n_lead, enc.prompt_end, max_length)
-    if fitted is None:
-        return len(enc.ids) - enc.prompt_end + enc.n_lead
-    ids, cut = fitted
-    ends = enc.ends[: enc.n_lead] + enc.ends[enc.n_lead + cut :]
-    return Scored(ids, enc.prompt_end - cut, cut, ends, text, start)
+    enc = encode_batch(tokenizer, [text], [start], [isinstance(prompt, list)], convention)[0]
+    return fit(enc, text, start, max_length)
 
 
-def step_positions(
-    ends: list[int],
-    prompt_end: int,
-    text: str,
-    start: int,
-    completion: str,
-    step_ends: tuple[int, ...],
-    cut: int,
-    convention: str,
-) -> np.ndarray | str:
-    """Where each step of a stepwise completion ends in its scored sequence: the token whose text ends exactly at
-    the step's end (its separator's last token), or why there is none. `ends` and `prompt_end` are Encoded's (or,
-    with cut=0, a Scored's), `cut` the prompt tokens truncate removed after them."""
+def step_positions(seq: Scored, completion: str, step_ends: tuple[int, ...], convention: str) -> np.ndarray | str:
+    """Where each step of a stepwise completion ends in its scored sequence (read with token ends): the token whose
+    text ends exactly at the step's end (its separator's last token), or why there is none."""
     if convention == "openrlhf":
         return "stepwise rows need data.reward_convention trl or grpo (openrlhf strips the final separator)"
-    base = text.find(completion, start)  # chat templates render the completion somewhere after the prompt
+    base = seq.text.find(completion, seq.char_start)  # chat templates render the completion somewhere after the prompt
     if base < 0:
         return "the chat template changes the completion's text, so its steps cannot be found in the rendering"
-    out = []
+    out, ends = [], seq.ends
     for k, end in enumerate(step_ends):
         i = bisect.bisect_left(ends, base + end)  # the first token ending there: an appended EOS ends there too
-        if i < prompt_end or i == len(ends) or ends[i] != base + end or (out and i <= out[-1]):
+        if i < seq.completion_start or i == len(ends) or ends[i] != base + end or (out and i <= out[-1]):
             return (
                 f"step {k} does not end at a token boundary (the tokenizer merges data.step_separator with the "
                 "text around it); choose a separator it keeps apart"
             )
         out.append(i)
-    return np.asarray(out, dtype=np.int64) - cut
+    return np.asarray(out, dtype=np.int64)
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Validated examples → their scored token sequences, many at once: batched tokenizer calls, in forked worker
-processes when there are several chunks. What one sequence is (render, encode, truncate) is bigrm.data.sequences'.
+"""Validated examples → their scored token sequences, many at once: batched tokenizer calls (`scored_chunk`, what
+training, evaluation and scoring all tokenise with), in forked worker processes when there are several chunks. What
+one sequence is (render, encode_batch, fit) is bigrm.data.sequences'.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from bigrm.config import DataConfig
 from bigrm.data.examples import Example
 from bigrm.data.rows import listed
 from bigrm.data.sequences import (
-    Encoded,
     EncodeReport,
     Group,
+    Scored,
     Tokenized,
     encode_batch,
+    fit,
     prompt_heads,
     render,
     step_positions,
-    truncate,
 )
 from bigrm.errors import DataError
 
@@ -33,8 +34,12 @@ def _too_long(max_length: int) -> str:
     return f"completion alone longer than data.max_length={max_length}"
 
 
-def tokenize_chunk(examples: list[Example], tokenizer, max_length: int, convention: str) -> Tokenized:
-    """Render every completion, tokenise them in one batch, then cut prompts to max_length."""
+def scored_chunk(
+    examples: list[Example], tokenizer, max_length: int, convention: str, with_ends: bool = False
+) -> list[list[Scored | int]]:
+    """Every example's completions rendered, tokenised in one batch and `fit` to max_length (an int: the token count
+    of a completion that alone does not fit), stepwise ones with their step positions. Token ends are read (a
+    Python tuple per token, costlier than the tokenising) only `with_ends` or for stepwise examples."""
     texts, starts, chats = [], [], []
     for ex in examples:
         chat = isinstance(ex.prompt, list)
@@ -44,55 +49,47 @@ def tokenize_chunk(examples: list[Example], tokenizer, max_length: int, conventi
             texts.append(text)
             starts.append(start)
             chats.append(chat)
-    stepwise = any(ex.step_ends is not None for ex in examples)  # locating steps needs every token's end
-    encoded = encode_batch(tokenizer, texts, starts, chats, convention, with_ends=stepwise)
-    return _fit_chunk(examples, encoded, texts, starts, max_length, convention)
+    with_ends = with_ends or any(ex.step_ends is not None for ex in examples)
+    encoded = zip(encode_batch(tokenizer, texts, starts, chats, convention, with_ends), texts, starts, strict=True)
+    out = []
+    for ex in examples:
+        seqs = []
+        for k, completion in enumerate(ex.completions):
+            seq = fit(*next(encoded), max_length)
+            if ex.step_ends is not None and not isinstance(seq, int):
+                seq = seq._replace(steps=step_positions(seq, completion, ex.step_ends[k], convention))
+            seqs.append(seq)
+        out.append(seqs)
+    return out
 
 
-def _fit_chunk(
-    examples: list[Example],
-    encoded: list[Encoded],
-    texts: list[str],
-    starts: list[int],
-    max_length: int,
-    convention: str,
-) -> Tokenized:
-    """The examples' encoded completions (in order, with the texts and starts they were encoded from) cut to
-    max_length and laid flat; an example with a completion that cannot fit is left out whole."""
-    encoded = iter(encoded)
+def tokenize_chunk(examples: list[Example], tokenizer, max_length: int, convention: str) -> Tokenized:
+    """The examples' scored sequences laid flat; an example with a completion that cannot fit is left out whole."""
     report, kept_seqs, kept, overlong = EncodeReport(), [], [], []
-    step_counts, step_index, step_errors, at = [], [], [], 0
-    for i, ex in enumerate(examples):
-        seqs, cut, cut_tokens, bad, steps = [], 0, 0, None, []
-        for k in range(len(ex.completions)):
-            enc = next(encoded)
-            at += 1
-            fitted = truncate(enc.ids, enc.n_lead, enc.prompt_end, max_length)
-            if fitted is None:
-                bad = bad or (k, len(enc.ids) - enc.prompt_end + enc.n_lead)
-                continue
-            if ex.step_ends is not None:
-                where = step_positions(
-                    enc.ends, enc.prompt_end, texts[at - 1], starts[at - 1], ex.completions[k], ex.step_ends[k],
-                    fitted[1], convention,
-                )  # fmt: skip
-                if isinstance(where, str):
-                    step_errors.append(f"{ex.source}: completion {k}: {where}")
-                    where = np.zeros(0, dtype=np.int64)
-                steps.append(where)
-            seqs.append(fitted[0])
-            cut += fitted[1] > 0
-            cut_tokens += fitted[1]
+    step_counts, step_index, step_errors = [], [], []
+    scored = scored_chunk(examples, tokenizer, max_length, convention)
+    for i, (ex, seqs) in enumerate(zip(examples, scored, strict=True)):
+        # unusable steps stop the run even in an example left out as overlong
+        step_errors += [
+            f"{ex.source}: completion {k}: {s.steps}"
+            for k, s in enumerate(seqs)
+            if not isinstance(s, int) and isinstance(s.steps, str)
+        ]
+        bad = next(((k, s) for k, s in enumerate(seqs) if isinstance(s, int)), None)
         if bad is not None:
             overlong.append(f"{ex.source}: completion {bad[0]}: {bad[1]} tokens")
             report.skipped[_too_long(max_length)] += 1
             continue
-        report.prompts_cut += cut
-        report.prompt_tokens_cut += cut_tokens
+        report.prompts_cut += sum(s.cut > 0 for s in seqs)
+        report.prompt_tokens_cut += sum(s.cut for s in seqs)
         kept.append(i)
-        kept_seqs += seqs
-        step_counts += [len(s) for s in steps] if steps else [0] * len(seqs)
-        step_index += steps
+        kept_seqs += [s.ids for s in seqs]
+        if ex.step_ends is None:
+            step_counts += [0] * len(seqs)
+        else:
+            steps = [np.zeros(0, dtype=np.int64) if isinstance(s.steps, str) else s.steps for s in seqs]
+            step_counts += [len(s) for s in steps]
+            step_index += steps
     lengths = np.fromiter(map(len, kept_seqs), dtype=np.int64, count=len(kept_seqs))
     return Tokenized(
         # token ids are below 2**32: half the bytes workers send back

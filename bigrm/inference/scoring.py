@@ -1,7 +1,7 @@
 """A trained reward model → rewards for the rows of a file (`bigrm score`, `bigrm eval`).
 
-Rows go through the same validation and the same scored-sequence definition as training, are packed under a token
-budget and forwarded without padding. Parts of a completion can be scored too:
+Rows go through the same validation and the same batched tokenising as training (bigrm.data.tokenise.scored_chunk),
+are packed under a token budget and forwarded without padding. Parts of a completion can be scored too:
   segments   a completion given as a list of pieces (["step 1 ...", "step 2 ..."]) or split at a separator string
              is rewarded at the end of every piece: the value at the last token that ends at or before the piece's
              end (the final piece's value is the completion's reward, read at the scored sequence's last token);
@@ -25,8 +25,9 @@ from bigrm.config import DataConfig, LossConfig
 from bigrm.data.examples import Example, RowError
 from bigrm.data.formats import FORMATS
 from bigrm.data.packing import SegmentLabels, check_budget, collate, layout_tokens, pack_bins
-from bigrm.data.rows import listed, parse_row, read_file, standardise_scores
-from bigrm.data.sequences import EncodeReport, Group, Scored, scored_sequence, step_positions
+from bigrm.data.rows import RowFile, listed, parse_row, read_file, standardise_scores
+from bigrm.data.sequences import EncodeReport, Group, Scored
+from bigrm.data.tokenise import CHUNK, TOKENISE, scored_chunk
 from bigrm.data.tokenizer import prepare_tokenizer
 from bigrm.errors import DataError
 from bigrm.kinds import RewardKind, for_model
@@ -125,35 +126,33 @@ def prepare(path: str, cfg: DataConfig, tokenizer, segments: bool = False, separ
     Invalid rows stop the run with all errors listed unless cfg.skip_invalid; over-long completions follow
     cfg.overlong. Skipped rows stay in the output with their reason."""
     file = read_file(path, cfg)
-    fmt, locate, results, errors = file.fmt, file.locate, [], []
+    results, stops, todo = [], [], []  # stops: per row, whether its error stops the run (unless skip_invalid)
     for i, row in enumerate(progress.each(file.rows, f"read {Path(path).name}", unit="row")):
-        result = RowResult(row if isinstance(row, dict) else {"row": row})
-        results.append(result)
-        bounds = None
-        if segments and not separator and isinstance(row, dict):
-            split = _split_pieces(row, fmt, cfg)
-            if isinstance(split, str):
-                result.error = f"{locate(i)}: {split}"
-                errors.append(result.error)
+        results.append(RowResult(row if isinstance(row, dict) else {"row": row}))
+        stops.append(True)
+        parsed = _parsed(row, i, file, cfg, segments and not separator)
+        if isinstance(parsed, str):
+            results[i].error = parsed
+        else:
+            todo.append((i, *parsed))
+    # training's batched tokenising, token ends read only where segments (or steps) are located
+    for lo in progress.each(range(0, len(todo), CHUNK), *TOKENISE):
+        chunk = todo[lo : lo + CHUNK]
+        examples = [parsed for _, parsed, _ in chunk]
+        scored = scored_chunk(examples, tokenizer, cfg.max_length, cfg.reward_convention, with_ends=segments)
+        for (i, parsed, bounds), seqs in zip(chunk, scored, strict=True):
+            result = results[i]
+            stops[i] = _take_sequences(result, parsed, seqs, cfg)
+            if result.error:
                 continue
-            row, bounds = split
-        parsed = parse_row(row, fmt, cfg, locate(i))
-        if isinstance(parsed, RowError):
-            result.error = str(parsed)
-            errors.append(result.error)
-            continue
-        _scored_sequences(result, parsed, tokenizer, cfg, errors)
-        if result.error:
-            if cfg.overlong == "error" and result.error not in errors:
-                errors.append(result.error)
-            continue
-        result.example = parsed
-        if segments:
-            texts = [c if isinstance(c, str) else c[-1]["content"] for c in parsed.completions]
-            result.boundaries = bounds if bounds is not None else [_separator_bounds(t, separator) for t in texts]
+            result.example = parsed
+            if segments:
+                texts = [c if isinstance(c, str) else c[-1]["content"] for c in parsed.completions]
+                result.boundaries = bounds if bounds is not None else [_separator_bounds(t, separator) for t in texts]
     done = [r for r in results if r.example is not None]
     for r, example in zip(done, standardise_scores([r.example for r in done]), strict=True):
         r.example = example  # regression targets over the file's scores, exactly as training computes them
+    errors = [r.error for r, stop in zip(results, stops, strict=True) if r.error and stop]
     if errors and not cfg.skip_invalid:
         raise DataError(
             f"{len(errors)} row(s) cannot be scored (see skip_invalid / overlong):{listed(errors, cfg.max_errors)}"
@@ -161,31 +160,33 @@ def prepare(path: str, cfg: DataConfig, tokenizer, segments: bool = False, separ
     return results
 
 
-def _scored_sequences(result: RowResult, parsed: Example, tokenizer, cfg: DataConfig, errors: list[str]) -> None:
+def _parsed(row, i: int, file: RowFile, cfg: DataConfig, pieces: bool) -> tuple[Example, list[list[int]] | None] | str:
+    """The row's validated example with, for completions given as `pieces`, the pieces' ends; or why it has none."""
+    bounds = None
+    if pieces and isinstance(row, dict):
+        split = _split_pieces(row, file.fmt, cfg)
+        if isinstance(split, str):
+            return f"{file.locate(i)}: {split}"
+        row, bounds = split
+    parsed = parse_row(row, file.fmt, cfg, file.locate(i))
+    return str(parsed) if isinstance(parsed, RowError) else (parsed, bounds)
+
+
+def _take_sequences(result: RowResult, parsed: Example, seqs: list[Scored | int], cfg: DataConfig) -> bool:
     """Fill result.scored (and result.steps) with each completion's scored sequence, or set result.error: a
-    completion longer than max_length (listed by the caller per data.overlong) or unusable steps (always listed)."""
-    for k, completion in enumerate(parsed.completions):
-        scored = scored_sequence(tokenizer, parsed.prompt, completion, cfg.max_length, cfg.reward_convention)
+    completion longer than max_length or unusable steps; whether that error stops the run (steps: always, an
+    over-long completion: per data.overlong)."""
+    for k, scored in enumerate(seqs):
         if isinstance(scored, int):
             result.error = f"{parsed.source}: completion {k}: {scored} tokens, longer than max_length"
-            break
+            return cfg.overlong == "error"
         result.scored.append(scored)
-        if parsed.step_ends is not None:
-            where = step_positions(
-                scored.ends,
-                scored.completion_start,
-                scored.text,
-                scored.char_start,
-                completion,
-                parsed.step_ends[k],
-                0,
-                cfg.reward_convention,
-            )
-            if isinstance(where, str):  # unusable steps: an invalid row, whatever data.overlong says
-                result.error = f"{parsed.source}: completion {k}: {where}"
-                errors.append(result.error)
-                break
-            result.steps = [*(result.steps or []), where]
+        if isinstance(scored.steps, str):
+            result.error = f"{parsed.source}: completion {k}: {scored.steps}"
+            return True
+        if scored.steps is not None:
+            result.steps = [*(result.steps or []), scored.steps]
+    return True
 
 
 def cut_summary(results: list[RowResult]) -> str:

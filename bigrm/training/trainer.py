@@ -19,7 +19,6 @@ from bigrm.builtin import tiny
 from bigrm.config import Config
 from bigrm.data import pipeline
 from bigrm.data.packing import Update, collate
-from bigrm.data.tokenizer import load_tokenizer
 from bigrm.evaluation.report import write_for_groups
 from bigrm.kinds import RewardKind, for_run, outputs_for
 from bigrm.model import adapters, flops
@@ -136,12 +135,8 @@ class Trainer:
         self._build_engine(path, attn)
 
     def _load_data(self) -> None:
-        with dist.main_first():  # rank 0 writes the synthetic task's files before anyone reads them
-            if dist.is_main() and not self.cfg.data.train_files:
-                pipeline.write_synthetic(self.cfg, self.out)
-        self.tokenizer = load_tokenizer(self.cfg, self.out)
-        # one process per machine tokenises into the token cache while the others poll its lock: no collective waits
-        self.data = pipeline.build(self.cfg, self.tokenizer, self.out)
+        # rank 0 writes the synthetic task's files before anyone reads them
+        self.tokenizer, self.data = pipeline.load(self.cfg, self.out, dist.main_first(), dist.is_main())
         self.kind = for_run(self.cfg, self.data)
         self.updates = plan(self.cfg, self.data)
         opened = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import replace
 
@@ -41,6 +42,28 @@ def test_the_synthetic_task_takes_the_files_path(tmp_path, tok):
     data = pipeline.build(cfg, tok, tmp_path)
     assert (len(data.train), len(data.eval)) == (30, 6) and data.train_files == [list(range(30))]
     assert data.log[0] == "train data: 30 rows read, 0 skipped" and data.log[1] == "eval data: 6 rows read, 0 skipped"
+
+
+def test_load_writes_the_synthetic_task_inside_first_then_reads_it(tmp_path, llama_dir):
+    """The trainer's and `bigrm prepare`'s one path: the writing process writes inside `first` (the others' wait);
+    a process that does not write reads what the writer wrote."""
+    cfg = config({"synthetic": replace(Config().data.synthetic, num_train=30, num_eval=6)})
+    cfg.model = replace(cfg.model, path=str(llama_dir))
+    seen = []
+
+    @contextlib.contextmanager
+    def first():
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+        yield
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+
+    tokenizer, data = pipeline.load(cfg, tmp_path, first())
+    assert seen == [[], ["synthetic-eval.jsonl", "synthetic-train.jsonl"]]
+    assert (len(data.train), len(data.eval)) == (30, 6) and tokenizer.pad_token_id != tokenizer.eos_token_id
+    train = tmp_path / "synthetic-train.jsonl"
+    train.write_text("".join(train.read_text().splitlines(keepends=True)[:10]))
+    _, reader = pipeline.load(cfg, tmp_path, first(), writes=False)
+    assert len(reader.train) == 10 and len(seen) == 4
 
 
 def test_eval_fraction_holds_out_prompts_of_every_file_by_seed(tmp_path, tok):

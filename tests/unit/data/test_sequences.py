@@ -9,8 +9,8 @@ from tokenizers import processors
 from bigrm.builtin.tiny import build_tokenizer
 from bigrm.data.examples import Example
 from bigrm.data.labels import Labels
-from bigrm.data.sequences import EncodeReport, encode, render, truncate
-from bigrm.data.tokenise import tokenize_examples
+from bigrm.data.sequences import Encoded, EncodeReport, Scored, encode_batch, fit, render, scored_sequence, truncate
+from bigrm.data.tokenise import scored_chunk, tokenize_examples
 from bigrm.errors import DataError
 
 SOURCE = "train.jsonl:line 7"
@@ -33,6 +33,11 @@ def with_bos(tokenizer):
 
 def ids_of(tokenizer, text: str, special: bool = True) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def encode(tokenizer, text: str, start: int, chat: bool):
+    """One rendered text's Encoded, token ends read."""
+    return encode_batch(tokenizer, [text], [start], [chat])[0]
 
 
 def example(prompt, *completions, margin: float = 0.0, source: str = SOURCE) -> Example:
@@ -196,6 +201,45 @@ def test_truncate_cuts_the_prompt_after_leading_specials():
     assert truncate(ids, 1, 5, 3) is None
     assert truncate(ids, 0, 5, 3) == ([20, 21, 2], 5)
     assert truncate(ids, 0, 5, 2) is None
+
+
+def test_fit_keeps_the_ends_of_the_tokens_it_keeps():
+    ids, ends = [1, 10, 11, 12, 13, 20, 21, 2], [0, 2, 4, 6, 8, 10, 12, 12]  # BOS, prompt, completion, EOS
+    enc = Encoded(ids, 1, 5, ends)
+    assert fit(enc, "text", 8, 100) == Scored(ids, 5, 0, ends, "text", 8)
+    assert fit(enc, "text", 8, 6) == Scored([1, 12, 13, 20, 21, 2], 3, 2, [0, 6, 8, 10, 12, 12], "text", 8)
+    assert fit(enc._replace(ends=None), "text", 8, 6).ends is None
+    assert fit(enc, "text", 8, 3) == 4  # BOS and the completion's 3 tokens do not fit in 3
+
+
+def test_scored_chunk_is_each_completion_scored_alone(tok):
+    """One batch for every completion of every example, plain and chat: what scoring each alone gives, token ends
+    read only when asked for."""
+    examples = [
+        example(LONG_PROMPT, " Yes.", " No, the weather is bad"),
+        example(msgs("user", "hello"), "hi there", " hey"),
+        example("q", " the weather is fine" * 3, " ok"),
+    ]
+    alone = [[scored_sequence(tok, e.prompt, c, 20) for c in e.completions] for e in examples]
+    assert any(s.cut for s in alone[0]) and isinstance(alone[2][0], int)  # a cut prompt, a completion too long
+    assert scored_chunk(examples, tok, 20, "trl", with_ends=True) == alone
+    lean = [[s if isinstance(s, int) else s._replace(ends=None) for s in seqs] for seqs in alone]
+    assert scored_chunk(examples, tok, 20, "trl") == lean
+
+
+def test_steps_are_found_in_the_cut_sequence(tok):
+    """A stepwise completion's step ends index its scored sequence, whether or not its prompt was cut."""
+    completion = " the weather is fine\n the sea is calm\n"
+    step_ends = (len(" the weather is fine\n"), len(completion))
+    ex = Example(LONG_PROMPT, (completion,), SOURCE, step_ends=(step_ends,))
+    ((whole,),) = scored_chunk([ex], tok, 1024, "trl")
+    fits = len(whole.ids) - whole.completion_start + 3
+    ((cut,),) = scored_chunk([ex], tok, fits, "trl")
+    assert cut.cut > 0 and len(cut.ids) == fits
+    assert cut.steps.tolist() == (whole.steps - cut.cut).tolist()
+    assert [tok.decode([cut.ids[i]]) for i in cut.steps] == ["\n", "\n"]
+    ((bad,),) = scored_chunk([ex], tok, 1024, "openrlhf")
+    assert "need data.reward_convention trl or grpo" in bad.steps
 
 
 def test_long_prompt_is_cut_from_the_left(tok):

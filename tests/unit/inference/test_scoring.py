@@ -4,6 +4,7 @@ output on the matching prefix of the scored sequence, forwarded alone."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -128,6 +129,43 @@ def test_invalid_rows_stop_or_come_back_with_their_reason(tmp_path, llama_dir):
     assert out[0]["rewards"] is None and "longer than max_length" in out[0]["error"]
     assert cli.score_main(["--model", str(llama_dir), "--data", str(data), "--out", str(tmp_path / "x"),
                            "--train.lr", "1"]) == 2  # fmt: skip
+
+
+def test_unusable_steps_always_stop_and_overlong_rows_per_data_overlong(tmp_path, llama_dir):
+    """A row's reason is its first completion that cannot be scored; unusable steps stop the run whatever
+    data.overlong says, an over-long completion only with data.overlong: error; the reasons listed in row order."""
+    rows = [
+        {"prompt": "p", "completions": [" gre", "at"], "labels": [1, 0]},  # " great" is one token: no step end
+        {"prompt": "r", "completions": [" good" * 30, " fine"], "labels": [1, 0]},
+        {"prompt": "s", "completions": [" nice", " gre", "at"], "labels": [1, 1, 0]},
+        {"prompt": "q", "completions": [" good", " fine"], "labels": [1, 1]},
+    ]
+    data = write(tmp_path / "glued.jsonl", rows)
+    _, tok, _, _ = scoring.load_model(str(llama_dir), torch.device("cpu"))
+    cfg = DataConfig(step_separator="", max_length=20)
+    boundary = "step {} does not end at a token boundary"
+    reasons = [boundary.format(0), "longer than max_length", boundary.format(1)]
+    for overlong, stopping in (("error", [0, 1, 2]), ("skip", [0, 2])):
+        with pytest.raises(DataError, match=rf"{len(stopping)} row\(s\) cannot be scored") as err:
+            scoring.prepare(str(data), replace(cfg, overlong=overlong), tok)
+        listed = str(err.value).splitlines()[1:]
+        assert all(f"line {i + 1}: completion 0: " in line for i, line in zip(stopping, listed, strict=True))
+        assert all(reasons[i] in line for i, line in zip(stopping, listed, strict=True))
+    results = scoring.prepare(str(data), replace(cfg, skip_invalid=True), tok)
+    assert [r.example is None for r in results] == [True, True, True, False]
+    assert all(reason in r.error for reason, r in zip(reasons, results, strict=False))
+    (seq,) = results[3].scored
+    assert [seq.ends[i] for i in results[3].steps[0]] == [len("q good"), len("q good fine")]
+
+
+def test_token_ends_are_read_only_for_segments(tmp_path, llama_dir):
+    data = write(tmp_path / "r.jsonl", [{"prompt": "p", "ranked_outputs": [" a b", " c"]}])
+    _, tok, _, _ = scoring.load_model(str(llama_dir), torch.device("cpu"))
+    (plain,) = scoring.prepare(str(data), DataConfig(), tok)
+    (segmented,) = scoring.prepare(str(data), DataConfig(), tok, segments=True, separator=" ")
+    assert [s.ends for s in plain.scored] == [None, None]
+    assert [s._replace(ends=None) for s in segmented.scored] == plain.scored
+    assert [s.ends[-1] for s in segmented.scored] == [len("p a b"), len("p c")]  # the appended EOS ends the text
 
 
 def test_eval_on_real_hh_pairs_equals_plain_transformers(tmp_path, llama_dir, plain):
