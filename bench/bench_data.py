@@ -181,9 +181,9 @@ def main() -> None:
             row["today_cold_s"], groups = timed(today_build, cfg, tokenizer, path)
             row["tokens"] = sum(g.num_tokens for g in groups)
             del groups
-        row["new_cold_s"], data = timed(pipeline.build, cfg, tokenizer, work)
+        row["new_cold_s"], data = timed(pipeline.build, cfg.data, cfg.train.seed, tokenizer, work)
         row["tokens_new"] = data.train.num_tokens
-        row["new_warm_s"], _ = timed(pipeline.build, cfg, tokenizer, work)
+        row["new_warm_s"], _ = timed(pipeline.build, cfg.data, cfg.train.seed, tokenizer, work)
         for name, code in codes.items():
             if name == "new" or n <= args.today_max:
                 run, cache = work / f"run-{name}-{n}", work / f"cache-run-{name}-{n}"

@@ -388,6 +388,7 @@ class Config:
             )
 
 
-def attribute_weights(cfg: Config) -> tuple[float, ...]:
-    """The weights of the scalar reward of an attribute head: loss.attribute_weights, or 1 each (the sum) when empty."""
-    return tuple(float(w) for w in cfg.loss.attribute_weights) or (1.0,) * len(cfg.data.attributes)
+def attribute_weights(names: list[str], loss: LossConfig) -> tuple[float, ...]:
+    """The weights of the scalar reward of an attribute head over `names` (data.attributes): loss.attribute_weights,
+    or 1 each (the sum) when empty."""
+    return tuple(float(w) for w in loss.attribute_weights) or (1.0,) * len(names)

@@ -1,4 +1,4 @@
-"""Config → tokenised train/eval groups: files (or the synthetic task), validation, hold-out, tokenisation.
+"""Data options → tokenised train/eval groups: files (or the synthetic task), validation, hold-out, tokenisation.
 
 Runs entirely before the model is built, so bad data fails before any compute is spent. `bigrm prepare --config …`
 runs it ahead of training (`prepare`, e.g. on a CPU node before the GPU job): it fills the token cache (data.cache)
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from bigrm.builtin import synthetic, synthetic_attributes
-from bigrm.config import Config, attribute_weights
+from bigrm.config import Config, DataConfig, attribute_weights
 from bigrm.data import token_cache
 from bigrm.data.examples import Example
 from bigrm.data.packing import check_budget
@@ -43,21 +43,21 @@ class Dataset:
     stepwise: bool = False  # some training prompts are stepwise (a process reward model)
 
 
-def synthetic_paths(out_dir: Path, cfg: Config) -> tuple[list[Path], Path | None]:
+def synthetic_paths(out_dir: Path, d: DataConfig) -> tuple[list[Path], Path | None]:
     """(training files, eval file) of the built-in task: the attributes task adds a file of unrated ranked rows."""
     train = [out_dir / "synthetic-train.jsonl"]
-    if cfg.data.synthetic.task == "attributes":
+    if d.synthetic.task == "attributes":
         train.append(out_dir / "synthetic-train-ranked.jsonl")
-    return train, out_dir / "synthetic-eval.jsonl" if cfg.data.synthetic.num_eval else None
+    return train, out_dir / "synthetic-eval.jsonl" if d.synthetic.num_eval else None
 
 
-def write_synthetic(cfg: Config, out_dir: Path) -> None:
-    """The built-in task as JSON Lines files, so it takes the same path as user data."""
-    s = cfg.data.synthetic
-    train, held = synthetic_paths(out_dir, cfg)
-    seed = cfg.train.seed
+def write_synthetic(d: DataConfig, out_dir: Path, seed: int, weights: tuple[float, ...] = ()) -> None:
+    """The built-in task as JSON Lines files, so it takes the same path as user data; the attributes task ranks by
+    the `weights` of its attributes (config.attribute_weights)."""
+    s = d.synthetic
+    train, held = synthetic_paths(out_dir, d)
     if s.task == "attributes":
-        names, w = cfg.data.attributes, list(attribute_weights(cfg))
+        names, w = d.attributes, list(weights)
         files = [
             (train[0], synthetic_attributes.rated_rows(s.num_train, names, synthetic_attributes.MISSING, seed)),
             (train[1], synthetic_attributes.ranked_rows(s.num_train // 4, names, w, s.min_k, s.max_k, seed + 2, False)),
@@ -75,19 +75,20 @@ def write_synthetic(cfg: Config, out_dir: Path) -> None:
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def sources(cfg: Config, synthetic_dir: Path) -> tuple[list[tuple[str, float]], list[str]]:
+def sources(d: DataConfig, synthetic_dir: Path) -> tuple[list[tuple[str, float]], list[str]]:
     """(training files with their weights, eval files): data.train_files / eval_files, or the synthetic files that
     write_synthetic put in synthetic_dir."""
-    d = cfg.data
     if d.train_files:
         return file_specs(d.train_files), [str(p) for p in d.eval_files]
-    train_paths, eval_path = synthetic_paths(synthetic_dir, cfg)
+    train_paths, eval_path = synthetic_paths(synthetic_dir, d)
     return [(str(p), 1.0) for p in train_paths], [str(eval_path)] if eval_path else []
 
 
-def tokenise(cfg: Config, tokenizer, paths: list[str], eval_paths: list[str]) -> tuple[TokenStore, TokenStore, dict]:
-    """Validation, hold-out and tokenisation: (train, eval, {"train_file_groups": groups per file, "log": report})."""
-    d = cfg.data
+def tokenise(
+    d: DataConfig, seed: int, tokenizer, paths: list[str], eval_paths: list[str]
+) -> tuple[TokenStore, TokenStore, dict]:
+    """Validation, hold-out (seeded by `seed`) and tokenisation: (train, eval, {"train_file_groups": groups per file,
+    "log": report})."""
     log = []
     per_file, report = load_examples(paths, d)
     log.append(f"train data: {report.summary()}")
@@ -96,7 +97,7 @@ def tokenise(cfg: Config, tokenizer, paths: list[str], eval_paths: list[str]) ->
         eval_examples = [e for f in eval_files for e in f]
         log.append(f"eval data: {eval_report.summary()}")
     elif d.eval_fraction > 0:
-        rng = random.Random(cfg.train.seed)
+        rng = random.Random(seed)
         eval_examples, held_prompts = [], 0
         for i, examples in enumerate(per_file):
             # the unit held out is a prompt: its rows (several pairs, or a PRM's solutions split into groups) all
@@ -141,10 +142,9 @@ def tokenise(cfg: Config, tokenizer, paths: list[str], eval_paths: list[str]) ->
     return concat(train), evals, meta
 
 
-def cache_key(cfg: Config, tokenizer, paths: list[str], eval_paths: list[str]) -> str:
+def cache_key(d: DataConfig, seed: int, tokenizer, paths: list[str], eval_paths: list[str]) -> str:
     """Everything that decides the tokens: the files' contents and names (sources name them), the tokenizer, every
     data option (those that only say how to build are left out) and the hold-out's seed when there is one."""
-    d = cfg.data
     options = {k: v for k, v in asdict(d).items() if k not in ("cache", "cache_dir", "num_proc")}
     for path in [*paths, *eval_paths]:
         if not Path(path).exists():
@@ -155,7 +155,7 @@ def cache_key(cfg: Config, tokenizer, paths: list[str], eval_paths: list[str]) -
             "train": [(p, token_cache.digest_file(Path(p))) for p in paths],
             "eval": [(p, token_cache.digest_file(Path(p))) for p in eval_paths],
             "data": options,
-            "hold_out_seed": cfg.train.seed if d.eval_fraction > 0 and not eval_paths else None,
+            "hold_out_seed": seed if d.eval_fraction > 0 and not eval_paths else None,
             "tokenizer": token_cache.digest_tokenizer(tokenizer),
         }
     )
@@ -165,37 +165,35 @@ CACHE_ENV = "BIGRM_CACHE_DIR"
 CACHE_FORMAT = 4  # raised whenever what a cache holds, or how it is tokenised, changes
 
 
-def cache_root(cfg: Config) -> Path:
-    return Path(os.path.expanduser(cfg.data.cache_dir or os.environ.get(CACHE_ENV, "~/.cache/bigrm/tokens")))
+def cache_root(d: DataConfig) -> Path:
+    return Path(os.path.expanduser(d.cache_dir or os.environ.get(CACHE_ENV, "~/.cache/bigrm/tokens")))
 
 
-def build(cfg: Config, tokenizer, synthetic_dir: Path) -> Dataset:
+def build(d: DataConfig, seed: int, tokenizer, synthetic_dir: Path) -> Dataset:
     """The tokenised dataset: from the token cache (built by whichever process gets there first, see token_cache),
     or, with data.cache off, tokenised here."""
-    specs, eval_paths = sources(cfg, synthetic_dir)
+    specs, eval_paths = sources(d, synthetic_dir)
     paths = [p for p, _ in specs]
-    if cfg.data.cache:
+    if d.cache:
         started = time.perf_counter()
-        key = cache_key(cfg, tokenizer, paths, eval_paths)
+        key = cache_key(d, seed, tokenizer, paths, eval_paths)
 
         def write(tmp: Path) -> dict:
-            train, evals, meta = tokenise(cfg, tokenizer, paths, eval_paths)
+            train, evals, meta = tokenise(d, seed, tokenizer, paths, eval_paths)
             train.save(tmp / "train")
             evals.save(tmp / "eval")
             return meta
 
-        directory, built = token_cache.get_or_build(cache_root(cfg), key, write)
+        directory, built = token_cache.get_or_build(cache_root(d), key, write)
         meta = token_cache.read_complete(directory)["meta"]
         train, evals = TokenStore.load(directory / "train"), TokenStore.load(directory / "eval")
         how = "built" if built else "reused"
         log = [*meta["log"], f"token cache: {directory} ({how} in {time.perf_counter() - started:.1f} s)"]
     else:
-        train, evals, meta = tokenise(cfg, tokenizer, paths, eval_paths)
+        train, evals, meta = tokenise(d, seed, tokenizer, paths, eval_paths)
         log = meta["log"]
     bounds = np.cumsum([0, *meta["train_file_groups"]]).tolist()
     train_files = [list(range(lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-    for name, groups in (("train", train), ("eval", evals)):
-        check_budget(groups, cfg.train.max_tokens_per_batch, cfg.train.share_prompt, f"{name} ", "train.")
     stepwise = bool(train.a["has_steps"].any())
     return Dataset(train, train_files, [w for _, w in specs], evals, log, meta.get("attribute_stats"), stepwise)
 
@@ -220,13 +218,17 @@ def load(
 ) -> tuple[Any, Dataset]:
     """(tokenizer, Dataset) of `cfg`: the synthetic task's files written to `out` by the process that `writes`, inside
     `first` (where several processes share `out`: one that lets it finish before the others go on, dist.main_first),
-    then the tokenizer and the tokenised data."""
+    then the tokenizer and the tokenised data, every prompt checked to fit train.max_tokens_per_batch."""
+    d, t = cfg.data, cfg.train
     with first or contextlib.nullcontext():
-        if writes and not cfg.data.train_files:
-            write_synthetic(cfg, out)
-    tokenizer = load_tokenizer(cfg, out)
+        if writes and not d.train_files:
+            write_synthetic(d, out, t.seed, attribute_weights(d.attributes, cfg.loss))
+    tokenizer = load_tokenizer(cfg.model.path, out)
     # one process per machine tokenises into the token cache while the others poll its lock: no collective waits
-    return tokenizer, build(cfg, tokenizer, out)
+    data = build(d, t.seed, tokenizer, out)
+    for name, groups in (("train", data.train), ("eval", data.eval)):
+        check_budget(groups, t.max_tokens_per_batch, t.share_prompt, f"{name} ", "train.")
+    return tokenizer, data
 
 
 def prepare(cfg: Config) -> Dataset:

@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from bigrm.builtin import tiny
-from bigrm.config import Config
 
 
-def load_tokenizer(cfg: Config, out: Path):
-    """model.path's tokenizer, or the built-in tiny model's (written into `out` by the first process to need it)."""
+def load_tokenizer(model_path: str, out: Path):
+    """model.path's tokenizer, or (empty path) the built-in tiny model's, written into `out` when missing."""
     from transformers import AutoTokenizer
 
-    path = cfg.model.path
+    path = model_path
     if not path:
         path = out / "tiny-llama"
         if not (path / "tokenizer_config.json").exists():

@@ -9,7 +9,7 @@ A new kind is a module with a RewardKind subclass and its place in KINDS.
 
 from __future__ import annotations
 
-from bigrm.config import Config
+from bigrm.config import DataConfig, LossConfig
 from bigrm.data.pipeline import Dataset
 from bigrm.kinds.attributes import Attributes
 from bigrm.kinds.base import RewardKind
@@ -19,14 +19,14 @@ from bigrm.kinds.steps import Steps
 KINDS: tuple[type[RewardKind], ...] = (Attributes, Steps, Scalar)  # the first that claims a run or a model is it
 
 
-def outputs_for(cfg: Config) -> int:
-    """The value head's width a run needs, known from its options before any data is read."""
-    return next(n for n in (kind.outputs_for(cfg) for kind in KINDS) if n is not None)
+def outputs_for(data: DataConfig) -> int:
+    """The value head's width a run needs, known from its data options before any data is read."""
+    return next(n for n in (kind.outputs_for(data) for kind in KINDS) if n is not None)
 
 
-def for_run(cfg: Config, data: Dataset) -> RewardKind:
-    """The kind a run trains, from its options and training data."""
-    return next(k for k in (kind.for_run(cfg, data) for kind in KINDS) if k is not None)
+def for_run(data: DataConfig, loss: LossConfig, dataset: Dataset) -> RewardKind:
+    """The kind a run trains, from its data and loss options and its training data."""
+    return next(k for k in (kind.for_run(data, loss, dataset) for kind in KINDS) if k is not None)
 
 
 def for_model(config, stepwise_rows: bool = False) -> RewardKind:

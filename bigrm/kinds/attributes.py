@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from bigrm.config import Config, LossConfig
+from bigrm.config import DataConfig, LossConfig
 from bigrm.data.packing import SegmentLabels
 from bigrm.data.pipeline import Dataset
 from bigrm.data.sequences import Group
@@ -36,13 +36,13 @@ class Attributes(Scalar):
         self.head = head
 
     @staticmethod
-    def outputs_for(cfg: Config) -> int | None:
-        return len(cfg.data.attributes) or None
+    def outputs_for(data: DataConfig) -> int | None:
+        return len(data.attributes) or None
 
     @classmethod
-    def for_run(cls, cfg: Config, data: Dataset) -> Attributes | None:
+    def for_run(cls, data: DataConfig, loss: LossConfig, dataset: Dataset) -> Attributes | None:
         # the targets' scale: the training ratings'
-        return cls(AttributeHead.of(cfg, data.attribute_stats)) if cfg.data.attributes else None
+        return cls(AttributeHead.of(data.attributes, loss, dataset.attribute_stats)) if data.attributes else None
 
     @classmethod
     def for_model(cls, config, stepwise_rows: bool) -> Attributes | None:

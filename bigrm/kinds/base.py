@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from bigrm.config import Config, LossConfig
+from bigrm.config import DataConfig, LossConfig
 from bigrm.data.packing import SegmentLabels
 from bigrm.data.pipeline import Dataset
 from bigrm.data.sequences import Group
@@ -35,13 +35,13 @@ class RewardKind:
     # choosing the kind -------------------------------------------------------------------------------------------
 
     @staticmethod
-    def outputs_for(cfg: Config) -> int | None:
-        """The value head's width a run of this kind needs, known from the options alone; None: not this kind."""
+    def outputs_for(data: DataConfig) -> int | None:
+        """The value head's width a run of this kind needs, known from the data options alone; None: not this kind."""
         return 1
 
     @classmethod
-    def for_run(cls, cfg: Config, data: Dataset) -> RewardKind | None:
-        """This kind, when a run's options and training data call for it."""
+    def for_run(cls, data: DataConfig, loss: LossConfig, dataset: Dataset) -> RewardKind | None:
+        """This kind, when a run's data and loss options and its training data call for it."""
         return cls()
 
     @classmethod

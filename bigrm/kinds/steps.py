@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bigrm.config import Config, LossConfig
+from bigrm.config import DataConfig, LossConfig
 from bigrm.data.packing import SegmentLabels
 from bigrm.data.pipeline import Dataset
 from bigrm.data.sequences import Group
@@ -42,8 +42,8 @@ class Steps(Scalar):
         self.separator = separator  # None: scoring stepwise rows with a model that records none
 
     @classmethod
-    def for_run(cls, cfg: Config, data: Dataset) -> Steps | None:
-        return cls(cfg.data.step_separator) if data.stepwise else None
+    def for_run(cls, data: DataConfig, loss: LossConfig, dataset: Dataset) -> Steps | None:
+        return cls(data.step_separator) if dataset.stepwise else None
 
     @classmethod
     def for_model(cls, config, stepwise_rows: bool) -> Steps | None:

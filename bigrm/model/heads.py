@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bigrm.config import Config, attribute_weights
+from bigrm.config import LossConfig, attribute_weights
 
 CONFIG_KEY = "bigrm_attributes"  # config.json key holding AttributeHead.to_dict(), written by every attribute export
 
@@ -30,12 +30,12 @@ class AttributeHead:
     std: tuple[float, ...]
 
     @staticmethod
-    def of(cfg: Config, stats: dict) -> AttributeHead:
-        """The head of cfg's attributes; `stats` is rating_stats of the training examples."""
-        names = tuple(cfg.data.attributes)
-        if cfg.loss.attribute_targets == "raw":
-            return AttributeHead(names, attribute_weights(cfg), (0.0,) * len(names), (1.0,) * len(names))
-        return AttributeHead(names, attribute_weights(cfg), tuple(stats["mean"]), tuple(stats["std"]))
+    def of(attributes: list[str], loss: LossConfig, stats: dict) -> AttributeHead:
+        """The head of data.attributes; `stats` is rating_stats of the training examples."""
+        names, weights = tuple(attributes), attribute_weights(attributes, loss)
+        if loss.attribute_targets == "raw":
+            return AttributeHead(names, weights, (0.0,) * len(names), (1.0,) * len(names))
+        return AttributeHead(names, weights, tuple(stats["mean"]), tuple(stats["std"]))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,4 +1,4 @@
-"""Fill a DeepSpeed JSON from the run config: keys set to "auto" take our values; fixed values must agree."""
+"""Fill a DeepSpeed JSON from the training options: keys set to "auto" take our values; fixed values must agree."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bigrm.config import Config
+from bigrm.config import TrainConfig
 from bigrm.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]  # bigrm/training/ds_config.py → the repository
@@ -30,9 +30,9 @@ def _set(tree: dict, dotted: str, value: Any, source: Path) -> None:
         raise ConfigError(f'{source}: {dotted} is {current!r} but the run config implies {value!r}; set it to "auto"')
 
 
-def read(cfg: Config, cpu: bool) -> tuple[dict, Path]:
-    """The DeepSpeed JSON, checked for what bigrm cannot honour (called before any data or model work)."""
-    source = resolve_path(cfg.train.deepspeed_config)
+def read(t: TrainConfig, cpu: bool) -> tuple[dict, Path]:
+    """train.deepspeed_config's JSON, checked for what bigrm cannot honour (called before any data or model work)."""
+    source = resolve_path(t.deepspeed_config)
     try:
         ds = json.loads(source.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -52,9 +52,8 @@ def read(cfg: Config, cpu: bool) -> tuple[dict, Path]:
     return ds, source
 
 
-def build(cfg: Config, total_steps: int, bf16: bool, cpu: bool, hidden_size: int) -> dict:
-    ds, source = read(cfg, cpu)
-    t = cfg.train
+def build(t: TrainConfig, total_steps: int, bf16: bool, cpu: bool, hidden_size: int) -> dict:
+    ds, source = read(t, cpu)
     warmup = max(1, round(t.warmup_ratio * total_steps))
     filled = {
         "train_micro_batch_size_per_gpu": 1,  # one packed row; its size is set by max_tokens_per_batch

@@ -1,4 +1,4 @@
-"""Config + dataset → every optimizer update (an optimizer step) of the run, the same on every rank, and the
+"""Training options + dataset → every optimizer update (an optimizer step) of the run, the same on every rank, and the
 fingerprint of what fixes them, which a resume must find unchanged."""
 
 from __future__ import annotations
@@ -6,16 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from bigrm import dist
-from bigrm.config import Config
+from bigrm.config import TrainConfig
 from bigrm.data.packing import Update, layout_tokens, plan_epoch
 from bigrm.data.pipeline import Dataset
 from bigrm.data.rows import mix
 from bigrm.errors import CheckpointError
 
 
-def plan(cfg: Config, data: Dataset) -> list[Update]:
+def plan(t: TrainConfig, data: Dataset) -> list[Update]:
     """Every optimizer update of the run (train.max_steps of them at most); identical on every rank."""
-    t = cfg.train
     sizes = [layout_tokens(g, t.share_prompt) for g in data.train]
     updates = []
     for epoch in range(t.epochs):
@@ -33,9 +32,8 @@ def plan(cfg: Config, data: Dataset) -> list[Update]:
     return updates[: t.max_steps] if t.max_steps else updates
 
 
-def plan_fingerprint(cfg: Config, data: Dataset, updates: list[Update]) -> dict:
+def plan_fingerprint(t: TrainConfig, data: Dataset, updates: list[Update]) -> dict:
     """What fixes the data order: a resume with any of it changed would silently train on other batches."""
-    t = cfg.train
     return {
         "seed": t.seed,
         "epochs": t.epochs,

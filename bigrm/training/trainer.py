@@ -75,7 +75,7 @@ def model_dir(cfg: Config, out: Path, dtype: torch.dtype) -> str:
                 tiny.write_tiny(out / "tiny-llama")
             if not path or random_init:
                 src = path or str(out / "tiny-llama")
-                write_random_init(src, str(out / "random-init"), cfg.train.seed, dtype, outputs_for(cfg))
+                write_random_init(src, str(out / "random-init"), cfg.train.seed, dtype, outputs_for(cfg.data))
     return str(out / "random-init") if (not path or random_init) else path
 
 
@@ -126,7 +126,7 @@ class Trainer:
         set_seed(self.t.seed)
         # an impossible choice, or a model bigrm cannot run, stops the run before any work
         check_model_path(self.cfg.model.path, self.cfg.data.max_length)
-        ds_config.read(self.cfg, cpu=self.device.type != "cuda")
+        ds_config.read(self.t, cpu=self.device.type != "cuda")
         attn = resolve_attn(
             self.cfg.model.attn_impl, self.device.type == "cuda", read_attention_needs(self.cfg.model.path)
         )
@@ -137,8 +137,8 @@ class Trainer:
     def _load_data(self) -> None:
         # rank 0 writes the synthetic task's files before anyone reads them
         self.tokenizer, self.data = pipeline.load(self.cfg, self.out, dist.main_first(), dist.is_main())
-        self.kind = for_run(self.cfg, self.data)
-        self.updates = plan(self.cfg, self.data)
+        self.kind = for_run(self.cfg.data, self.cfg.loss, self.data)
+        self.updates = plan(self.t, self.data)
         opened = []
         if dist.is_main():
             config = options.to_dict(self.cfg)
@@ -155,7 +155,7 @@ class Trainer:
         cfg, bf16 = self.cfg, self.dtype == torch.bfloat16
         arch = AutoConfig.from_pretrained(path)
         ds = ds_config.build(
-            cfg, len(self.updates), bf16=bf16, cpu=self.device.type != "cuda", hidden_size=arch.hidden_size
+            cfg.train, len(self.updates), bf16=bf16, cpu=self.device.type != "cuda", hidden_size=arch.hidden_size
         )
         # while it lives, from_pretrained loads straight into ZeRO-3 shards
         self.hf_ds_config = HfDeepSpeedConfig(ds) if ds["zero_optimization"]["stage"] == 3 else None
@@ -177,7 +177,7 @@ class Trainer:
         self.verify = export.verification_groups(self.data.eval or self.data.train, model.needs.smallest_window)
         trained = [p for p in model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trained, config=ds)
-        self.fingerprint = plan_fingerprint(cfg, self.data, self.updates)
+        self.fingerprint = plan_fingerprint(cfg.train, self.data, self.updates)
         matmul = parameter_counts(model, matmul_only=True)
         self.model_flops = partial(
             flops.model_flops, matmul=matmul, hidden=arch.hidden_size, layers=arch.num_hidden_layers

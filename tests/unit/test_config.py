@@ -118,7 +118,7 @@ def test_dump_round_trips(tmp_path):
 
 def test_deepspeed_auto_values_filled():
     cfg = options.from_argv(["--micro_batches_per_step", "3", "--lr", "0.002", "--grad_clip", "0.5"])
-    ds = ds_config.build(cfg, total_steps=100, bf16=False, cpu=True, hidden_size=64)
+    ds = ds_config.build(cfg.train, total_steps=100, bf16=False, cpu=True, hidden_size=64)
     assert ds["gradient_accumulation_steps"] == 3
     assert ds["optimizer"]["params"]["lr"] == 0.002
     assert ds["optimizer"]["params"]["torch_adam"] is True
@@ -131,20 +131,20 @@ def test_deepspeed_auto_values_filled():
 
 def test_optimizer_is_torch_adamw_fused_on_gpus_unless_the_json_says(tmp_path):
     cfg = options.from_argv([])
-    gpu = ds_config.build(cfg, total_steps=10, bf16=True, cpu=False, hidden_size=32)["optimizer"]["params"]
-    cpu = ds_config.build(cfg, total_steps=10, bf16=False, cpu=True, hidden_size=32)["optimizer"]["params"]
+    gpu = ds_config.build(cfg.train, total_steps=10, bf16=True, cpu=False, hidden_size=32)["optimizer"]["params"]
+    cpu = ds_config.build(cfg.train, total_steps=10, bf16=False, cpu=True, hidden_size=32)["optimizer"]["params"]
     assert gpu["torch_adam"] is cpu["torch_adam"] is True and gpu["fused"] is True and cpu["fused"] is False
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 3}, "optimizer": {"params": {"torch_adam": False}}}))
     cfg = options.from_argv(["--deepspeed_config", str(path)])
-    params = ds_config.build(cfg, total_steps=10, bf16=True, cpu=False, hidden_size=32)["optimizer"]["params"]
+    params = ds_config.build(cfg.train, total_steps=10, bf16=True, cpu=False, hidden_size=32)["optimizer"]["params"]
     assert params["torch_adam"] is False and "fused" not in params  # DeepSpeed's FusedAdam takes no such option
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_every_shipped_stage_config_fills(stage):
     cfg = options.from_argv(["--deepspeed_config", f"ds_configs/zero{stage}.json"])
-    ds = ds_config.build(cfg, total_steps=10, bf16=True, cpu=False, hidden_size=32)
+    ds = ds_config.build(cfg.train, total_steps=10, bf16=True, cpu=False, hidden_size=32)
     assert ds["zero_optimization"]["stage"] == stage and ds["bf16"]["enabled"] is True
     assert "auto" not in json.dumps(ds)
 
@@ -154,7 +154,7 @@ def test_deepspeed_fixed_value_conflict_is_an_error(tmp_path):
     path.write_text(json.dumps({"gradient_accumulation_steps": 8, "zero_optimization": {"stage": 2}}))
     cfg = options.from_argv(["--deepspeed_config", str(path), "--micro_batches_per_step", "2"])
     with pytest.raises(ConfigError, match="gradient_accumulation_steps is 8"):
-        ds_config.build(cfg, total_steps=10, bf16=False, cpu=True, hidden_size=32)
+        ds_config.build(cfg.train, total_steps=10, bf16=False, cpu=True, hidden_size=32)
 
 
 @pytest.mark.parametrize(
@@ -169,9 +169,9 @@ def test_deepspeed_json_that_bigrm_cannot_honour_is_a_config_error(tmp_path, ds,
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(ds))
     with pytest.raises(ConfigError, match=f"{path}: {re.escape(message)}"):
-        ds_config.read(options.from_argv(["--deepspeed_config", str(path)]), cpu=cpu)
+        ds_config.read(options.from_argv(["--deepspeed_config", str(path)]).train, cpu=cpu)
     path.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": 2}}))
-    assert ds_config.read(options.from_argv(["--deepspeed_config", str(path)]), cpu=cpu)[0]["zero_optimization"]
+    assert ds_config.read(options.from_argv(["--deepspeed_config", str(path)]).train, cpu=cpu)[0]["zero_optimization"]
 
 
 def test_model_path_must_be_a_local_model_directory_covering_max_length(tmp_path):

@@ -16,6 +16,10 @@ from bigrm.data.tokenizer import prepare_tokenizer
 from bigrm.errors import DataError
 
 
+def build(cfg: Config, tokenizer, directory) -> pipeline.Dataset:
+    return pipeline.build(cfg.data, cfg.train.seed, tokenizer, directory)
+
+
 @pytest.fixture(scope="module")
 def tok(llama_dir):
     tokenizer = AutoTokenizer.from_pretrained(llama_dir)
@@ -38,8 +42,8 @@ def write(path, n: int, start: int = 0):
 
 def test_the_synthetic_task_takes_the_files_path(tmp_path, tok):
     cfg = config({"synthetic": replace(Config().data.synthetic, num_train=30, num_eval=6)})
-    pipeline.write_synthetic(cfg, tmp_path)
-    data = pipeline.build(cfg, tok, tmp_path)
+    pipeline.write_synthetic(cfg.data, tmp_path, cfg.train.seed)
+    data = build(cfg, tok, tmp_path)
     assert (len(data.train), len(data.eval)) == (30, 6) and data.train_files == [list(range(30))]
     assert data.log[0] == "train data: 30 rows read, 0 skipped" and data.log[1] == "eval data: 6 rows read, 0 skipped"
 
@@ -69,14 +73,14 @@ def test_load_writes_the_synthetic_task_inside_first_then_reads_it(tmp_path, lla
 def test_eval_fraction_holds_out_prompts_of_every_file_by_seed(tmp_path, tok):
     files = [write(tmp_path / "a.jsonl", 20), {"path": write(tmp_path / "b.jsonl", 10, start=100), "weight": 2.0}]
     cfg = config({"train_files": files, "eval_fraction": 0.2})
-    data = pipeline.build(cfg, tok, tmp_path)
+    data = build(cfg, tok, tmp_path)
     assert (len(data.train), len(data.eval)) == (24, 6) and data.weights == [1.0, 2.0]
     assert data.train_files == [list(range(16)), list(range(16, 24))]
     held = {g.source for g in data.eval}
     assert not held & {g.source for g in data.train} and sum(":line" in s and "b.jsonl" in s for s in held) == 2
-    assert {g.source for g in pipeline.build(cfg, tok, tmp_path).eval} == held  # the same hold-out every run
+    assert {g.source for g in build(cfg, tok, tmp_path).eval} == held  # the same hold-out every run
     reseeded = replace(cfg, train=replace(cfg.train, seed=1))
-    assert {g.source for g in pipeline.build(reseeded, tok, tmp_path).eval} != held
+    assert {g.source for g in build(reseeded, tok, tmp_path).eval} != held
 
 
 def test_eval_fraction_holds_out_whole_prompts(tmp_path, tok):
@@ -91,7 +95,7 @@ def test_eval_fraction_holds_out_whole_prompts(tmp_path, tok):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         paths.append(str(tmp_path / name))
     cfg = config({"train_files": paths, "eval_fraction": 0.4, "step_group_size": 4})
-    data = pipeline.build(cfg, tok, tmp_path)
+    data = build(cfg, tok, tmp_path)
 
     def prompts(groups) -> set[str]:
         return {tok.decode(g.seqs[0][: shared_prefix(g.seqs) or len(g.seqs[0]) - 1]) for g in groups}
@@ -103,14 +107,15 @@ def test_eval_fraction_holds_out_whole_prompts(tmp_path, tok):
     assert not prompts(data.eval) & prompts(data.train)
 
 
-def test_a_prompt_over_the_token_budget_stops_before_training(tmp_path, tok):
+def test_a_prompt_over_the_token_budget_stops_before_training(tmp_path, llama_dir):
     cfg = config({"train_files": [write(tmp_path / "a.jsonl", 4)]}, max_tokens_per_batch=8)
+    cfg.model = replace(cfg.model, path=str(llama_dir))
     with pytest.raises(DataError, match=r"4 train prompt\(s\) need more than train.max_tokens_per_batch=8 tokens"):
-        pipeline.build(cfg, tok, tmp_path)
+        pipeline.load(cfg, tmp_path)
 
 
 def test_no_training_prompt_left_is_an_error(tmp_path, tok):
     path = tmp_path / "a.jsonl"
     path.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "a"}) + "\n")  # a duplicate: invalid
     with pytest.raises(DataError, match="no training prompts left"):
-        pipeline.build(config({"train_files": [str(path)], "skip_invalid": True}), tok, tmp_path)
+        build(config({"train_files": [str(path)], "skip_invalid": True}), tok, tmp_path)

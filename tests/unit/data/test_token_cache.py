@@ -25,6 +25,10 @@ from bigrm.data.tokenizer import prepare_tokenizer
 from tests.helpers.paths import HH_DATA
 
 
+def build(cfg: Config, tokenizer, directory) -> pipeline.Dataset:
+    return pipeline.build(cfg.data, cfg.train.seed, tokenizer, directory)
+
+
 @pytest.fixture(scope="module")
 def tok(llama_dir):
     tokenizer = AutoTokenizer.from_pretrained(llama_dir)
@@ -69,7 +73,7 @@ def test_batched_workers_equal_per_sequence_on_hh(qwen, tmp_path):
     (examples,), load_report = load_examples([str(HH_DATA)], cfg.data)
     reference, report = per_sequence(examples, qwen, 96)
     assert report.prompts_cut and report.skipped and load_report.skipped  # every rule is exercised
-    data = pipeline.build(cfg, qwen, tmp_path)
+    data = build(cfg, qwen, tmp_path)
     assert same(data.train, reference)
     assert data.log[:-1] == [
         f"train data: {load_report.summary()}",
@@ -112,46 +116,46 @@ def how(data: pipeline.Dataset) -> str:
 
 def test_the_cache_is_reused_until_an_input_that_decides_the_tokens_changes(tmp_path, tok):
     path = write(tmp_path / "a.jsonl", 12)
-    fresh = pipeline.build(config(path, cache=False), tok, tmp_path)
-    first = pipeline.build(config(path), tok, tmp_path)
+    fresh = build(config(path, cache=False), tok, tmp_path)
+    first = build(config(path), tok, tmp_path)
     assert how(first) == "built" and first.log[:-1] == fresh.log
     assert same(first.train, [(g.source, [s.tolist() for s in g.seqs], g.labels) for g in fresh.train])
     tokens = first.train.a["tokens"]
     assert isinstance(tokens.base, np.memmap) and not tokens.flags.writeable and tokens.dtype == np.int32
-    # what only says how to build, or how to train, reuses it
-    assert how(pipeline.build(config(path, num_proc=1), tok, tmp_path)) == "reused"
-    assert how(pipeline.build(replace(config(path), train=replace(Config().train, lr=1.0)), tok, tmp_path)) == "reused"
+    # what only says how to build, or a seed with nothing held out, reuses it
+    assert how(build(config(path, num_proc=1), tok, tmp_path)) == "reused"
+    assert how(build(replace(config(path), train=replace(Config().train, seed=7)), tok, tmp_path)) == "reused"
     # every data option that changes the tokens rebuilds
     for changed in ({"max_length": 32}, {"reward_convention": "grpo"}, {"overlong": "skip"}, {"skip_invalid": True}):
-        assert how(pipeline.build(config(path, **changed), tok, tmp_path)) == "built", changed
+        assert how(build(config(path, **changed), tok, tmp_path)) == "built", changed
     # an edit of the file that keeps its size and modification time still rebuilds: the key is its content
     stat = os.stat(path)
     write(Path(path), 12, word="fine")
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert os.stat(path).st_size == stat.st_size
     # (which rows `datasets` then reads for it is data.read_rows' business: its own cache keys by path and mtime)
-    assert how(pipeline.build(config(path), tok, tmp_path)) == "built"
+    assert how(build(config(path), tok, tmp_path)) == "built"
     # another tokenizer rebuilds
     other = AutoTokenizer.from_pretrained(tok.name_or_path)
     prepare_tokenizer(other)
-    assert how(pipeline.build(config(path), other, tmp_path)) == "reused"  # the same tokenizer, loaded again
+    assert how(build(config(path), other, tmp_path)) == "reused"  # the same tokenizer, loaded again
     other.add_tokens(["fine"])
-    assert how(pipeline.build(config(path), other, tmp_path)) == "built"
+    assert how(build(config(path), other, tmp_path)) == "built"
 
 
 def test_a_torn_cache_is_rebuilt_and_a_dead_builders_leftovers_ignored(tmp_path, tok):
     cfg = config(write(tmp_path / "a.jsonl", 8), cache_dir=str(tmp_path / "cache"))
-    built = pipeline.build(cfg, tok, tmp_path)
+    built = build(cfg, tok, tmp_path)
     directory = Path(built.log[-1].split("token cache: ")[1].split(" (")[0])
     expected = [s.tolist() for g in built.train for s in g.seqs]
     tokens = directory / "train" / "tokens.npy"
     tokens.write_bytes(tokens.read_bytes()[:-8])  # a copy cut short
     (tmp_path / "cache" / f".{directory.name}.tmp-999999").mkdir()  # a builder that died half-way
-    again = pipeline.build(cfg, tok, tmp_path)
+    again = build(cfg, tok, tmp_path)
     assert how(again) == "built" and [s.tolist() for g in again.train for s in g.seqs] == expected
     assert not list((tmp_path / "cache").glob(".*tmp*"))
     (directory / token_cache.MARK).unlink()  # renamed into place, but never marked complete
-    assert how(pipeline.build(cfg, tok, tmp_path)) == "built"
+    assert how(build(cfg, tok, tmp_path)) == "built"
 
 
 def _build_once(root: str, log: str, barrier) -> None:
@@ -181,12 +185,12 @@ def test_one_process_builds_while_the_others_poll(tmp_path):
 
 def test_a_waiting_process_holds_no_collective_and_proceeds_when_the_lock_frees(tmp_path, tok):
     cfg = config(write(tmp_path / "a.jsonl", 4), cache_dir=str(tmp_path / "cache"))
-    key = pipeline.cache_key(cfg, tok, cfg.data.train_files, [])
+    key = pipeline.cache_key(cfg.data, cfg.train.seed, tok, cfg.data.train_files, [])
     (tmp_path / "cache").mkdir()
     holder = open(tmp_path / "cache" / f"{key}.lock", "w")
     fcntl.flock(holder, fcntl.LOCK_EX)
     result = {}
-    waiter = threading.Thread(target=lambda: result.update(data=pipeline.build(cfg, tok, tmp_path)))
+    waiter = threading.Thread(target=lambda: result.update(data=build(cfg, tok, tmp_path)))
     waiter.start()
     waiter.join(1.5)
     assert waiter.is_alive()  # polling for the lock

@@ -28,12 +28,13 @@ def data(stepwise: bool = False, stats: dict | None = None) -> Dataset:
 
 def test_the_run_options_and_data_choose_the_kind():
     plain = options.build({})
-    assert type(kinds.for_run(plain, data())) is Scalar and kinds.outputs_for(plain) == 1
-    steps = kinds.for_run(options.build({"data.step_separator": " ;"}), data(stepwise=True))
+    assert type(kinds.for_run(plain.data, plain.loss, data())) is Scalar and kinds.outputs_for(plain.data) == 1
+    separated = options.build({"data.step_separator": " ;"})
+    steps = kinds.for_run(separated.data, separated.loss, data(stepwise=True))
     assert type(steps) is Steps and steps.separator == " ;" and steps.outputs == 1
     rated = options.build({"data.attributes": ["a", "b"], "loss.attribute_weights": [1.0, -0.5]})
-    kind = kinds.for_run(rated, data(stats={"mean": [1.0, 2.0], "std": [2.0, 0.5]}))
-    assert type(kind) is Attributes and kind.head == HEAD and kind.outputs == kinds.outputs_for(rated) == 2
+    kind = kinds.for_run(rated.data, rated.loss, data(stats={"mean": [1.0, 2.0], "std": [2.0, 0.5]}))
+    assert type(kind) is Attributes and kind.head == HEAD and kind.outputs == kinds.outputs_for(rated.data) == 2
     assert kind.vector and not steps.vector
 
 
@@ -71,8 +72,8 @@ class Doubled(Scalar):
     name = "doubled"
 
     @classmethod
-    def for_run(cls, cfg, data):
-        return cls() if cfg.train.run_name == "doubled" else None
+    def for_run(cls, data, loss, dataset):
+        return cls() if data.prompt_column == "question" else None
 
     def rewards(self, values):
         return 2 * values
@@ -97,7 +98,8 @@ class Doubled(Scalar):
 
 def test_a_new_kind_is_one_class_and_its_registration(monkeypatch):
     monkeypatch.setattr(kinds, "KINDS", (Doubled, *kinds.KINDS))
-    kind = kinds.for_run(options.build({"train.run_name": "doubled"}), data())
+    cfg = options.build({"data.prompt_column": "question"})
+    kind = kinds.for_run(cfg.data, cfg.loss, data())
     assert type(kind) is Doubled
     groups = [Group((np.array([1, 2]), np.array([3])), "g0", Labels()), Group((np.array([4]),) * 2, "g1", Labels())]
     values = {1: torch.tensor([0.5, -1.0]), 2: torch.tensor([0.25, 0.25])}

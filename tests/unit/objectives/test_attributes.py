@@ -137,11 +137,13 @@ def test_config_checks():
     with pytest.raises(ConfigError, match="attribute_targets"):
         options.build({"loss.attribute_targets": "zscore"})
     cfg = options.build({"data.attributes": ["a", "b"]})
-    assert attribute_weights(cfg) == (1.0, 1.0)
+    assert attribute_weights(cfg.data.attributes, cfg.loss) == (1.0, 1.0)
     stats = {"mean": [2.0, 3.0], "std": [1.5, 0.5]}
-    assert AttributeHead.of(cfg, stats) == AttributeHead(("a", "b"), (1.0, 1.0), (2.0, 3.0), (1.5, 0.5))
+    head = AttributeHead.of(cfg.data.attributes, cfg.loss, stats)
+    assert head == AttributeHead(("a", "b"), (1.0, 1.0), (2.0, 3.0), (1.5, 0.5))
     raw = options.build({"data.attributes": ["a", "b"], "loss.attribute_targets": "raw"})
-    assert AttributeHead.of(raw, stats).targets(torch.tensor([[4.0, NAN]])).tolist()[0][0] == 4.0
+    head = AttributeHead.of(raw.data.attributes, raw.loss, stats)
+    assert head.targets(torch.tensor([[4.0, NAN]])).tolist()[0][0] == 4.0
 
 
 def attribute_classifier(path, bits: int = 0, lora: bool = False):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bigrm import dist
-from bigrm.config import Config
+from bigrm.config import TrainConfig
 from bigrm.data.pipeline import Dataset
 from bigrm.data.sequences import Group
 from bigrm.errors import CheckpointError
@@ -25,10 +25,8 @@ def dataset(sizes: list[list[int]], weights: list[float] | None = None) -> Datas
     return Dataset(train, files, weights or [1.0] * len(sizes), eval=[])
 
 
-def config(**train) -> Config:
-    cfg = Config()
-    cfg.train = replace(cfg.train, **{"max_tokens_per_batch": 40, "packing_window": 8, **train})
-    return cfg
+def config(**train) -> TrainConfig:
+    return replace(TrainConfig(), **{"max_tokens_per_batch": 40, "packing_window": 8, **train})
 
 
 def groups_per_epoch(steps, epoch: int) -> Counter:
