@@ -5,7 +5,9 @@ state, the model's config and tokenizer (hf/), a few held-out sequences to verif
 all `complete.json`, written by rank 0 only after every rank has finished writing. A directory without it (a
 save cut short by a crash or a kill) is never resumed from. `complete.json` lists every file with its size and
 content hash, each computed by the rank that wrote the file: a resume or an export first checks them, so a missing,
-truncated or replaced file is named instead of loaded.
+truncated or replaced file is named instead of loaded. The hash finds damage, not tampering (anyone can recompute
+it): what stops a rewritten file from running code is that every pickle in a checkpoint, DeepSpeed's included, is
+unpickled as tensors and plain values only (`tensors_only`).
 
 Every checkpoint records the id of the run that wrote it: a run continues its own checkpoints (or, with `--resume`,
 another run's), never writes among those of an unrelated run, and prunes only its own.
@@ -13,12 +15,16 @@ another run's), never writes among those of an unrelated run, and prunes only it
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import pickle
 import random
 import re
 import shutil
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +141,48 @@ def start(resume: str, out_dir: Path, overwrite: bool) -> tuple[Path | None, str
     return path, run
 
 
+def _safe_classes() -> list:
+    """The classes that bigrm's and DeepSpeed's pickles hold beyond tensors and plain values, each rebuilt from its
+    fields without calling its code: numpy's RNG state array, DeepSpeed's ZeRO stage, loss scalers, slice mappings."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    array = np.zeros(0, dtype=np.uint32)
+    numpy = [array.__reduce__()[0], np.ndarray, np.dtype, type(array.dtype)]  # _reconstruct: numpy._core in numpy 2
+    return [*numpy, ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+_FORCE, _NO_FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+@contextlib.contextmanager
+def tensors_only(path: Path) -> Iterator[None]:
+    """Every torch.load inside, DeepSpeed's too (which ask for weights_only=False), unpickles tensors, plain values
+    and _safe_classes only: torch's own switch, read at each load. A file of checkpoint `path` that would call
+    anything else is refused before it is called (CheckpointError)."""
+    saved = {name: os.environ.pop(name, None) for name in (_FORCE, _NO_FORCE)}
+    os.environ[_FORCE] = "1"
+    try:
+        with torch.serialization.safe_globals(_safe_classes()):
+            yield
+    except pickle.UnpicklingError as err:
+        called = re.search(r"GLOBAL (\S+)", str(err))
+        what = f"would call {called[1]}" if called else "holds more than tensors and plain values"
+        raise CheckpointError(f"{path}: refused to load: a file in it {what} (a checkpoint may run no code)") from None
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
+
+
+def read_pt(file: Path) -> object:
+    """One of bigrm's own .pt files of a checkpoint, as tensors and plain values only."""
+    with tensors_only(file.parent):
+        return torch.load(file, weights_only=True, map_location="cpu")
+
+
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -190,10 +238,11 @@ def load(engine, path: Path) -> dict:
             f"{path} was written by {meta['world']} ranks; resume it with the same number ({dist.world()} now)"
         )
     load_fn = _load_trainable if meta.get("trainable_only") else None
-    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, custom_load_fn=load_fn)
+    with tensors_only(path):
+        loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, custom_load_fn=load_fn)
     if loaded is None:
         raise CheckpointError(f"DeepSpeed could not load {path}")
-    _set_rng_state(torch.load(path / f"rng-rank{dist.rank()}.pt", weights_only=False))
+    _set_rng_state(read_pt(path / f"rng-rank{dist.rank()}.pt"))
     return meta
 
 
@@ -212,10 +261,11 @@ def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if problem:
         raise CheckpointError(problem)
     meta = read_meta(path)
-    if meta["zero_stage"] > 0:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    if meta["zero_stage"] == 0:
+        return read_pt(path / "mp_rank_00_model_states.pt")["module"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    with tensors_only(path):
         return get_fp32_state_dict_from_zero_checkpoint(
             str(path.parent), tag=path.name, exclude_frozen_parameters=meta.get("trainable_only", False)
         )
-    return torch.load(path / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")["module"]

@@ -211,7 +211,7 @@ def export_checkpoint(path: Path, dest: Path, dtype: torch.dtype | None = None, 
     saved = _read_checkpoint(path, dtype)
     stages.advance()
     tokenizer, kind = saved.tokenizer, for_model(saved.config)
-    ids = torch.load(path / "verify.pt", weights_only=False)  # per group, K lists of token ids
+    ids = checkpoint.read_pt(path / "verify.pt")  # per group, K lists of token ids
     verify = [Group(tuple(np.asarray(s, dtype=np.int64) for s in seqs), "verify") for seqs in ids]
     batch, seqs, _ = _verify_batch(verify, tokenizer.pad_token_id, torch.device("cpu"))
     trained = saved.classifier()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bigrm.artifacts import checkpoint
 from bigrm.errors import CheckpointError
@@ -182,3 +184,55 @@ def test_a_damaged_checkpoint_is_named_and_auto_falls_back_to_the_newest_that_ve
     (older / SHARD).unlink()
     with pytest.raises(CheckpointError, match="no complete checkpoint .* verifies"):
         checkpoint.resolve_resume("auto", tmp_path)
+
+
+class LoadingEngine:
+    """checkpoint.load's engine: loads every file of the checkpoint as DeepSpeed's own loader does."""
+
+    def load_checkpoint(self, root, tag, custom_load_fn=None):
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        for f in sorted((Path(root) / tag).glob("*_states.pt")):
+            TorchCheckpointEngine().load(str(f), map_location="cpu")
+        return str(Path(root) / tag), {}
+
+
+@pytest.mark.parametrize("crafted", [SHARD, "zero_pp_rank_0_mp_rank_00_optim_states.pt", "rng-rank0.pt"])
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused_and_runs_none(tmp_path, crafted):
+    """A resume of a checkpoint rewritten with a file that runs a command when unpickled (its manifest recomputed):
+    DeepSpeed's loader and bigrm's RNG file both refuse it in one line; the command never runs."""
+    from tests.helpers.crafted import code_pickle, remanifest
+
+    path = fake(tmp_path, 3)
+    torch.save({"module": {}}, path / SHARD)
+    torch.save(checkpoint._rng_state(), path / "rng-rank0.pt")
+    marker = tmp_path / "ran"
+    code_pickle(path / crafted, marker, lambda payload: {"optimizer_state_dict": payload})
+    remanifest(path)
+    assert checkpoint.damage(path) is None  # the unkeyed manifest cannot tell
+    with pytest.raises(CheckpointError, match=rf"^{path}: refused to load: a file in it would call posix.system"):
+        checkpoint.load(LoadingEngine(), path)
+    assert not marker.exists()
+
+
+def test_a_consolidated_checkpoint_whose_pickle_would_run_code_is_refused(tmp_path):
+    """bigrm export / score of a checkpoint read every ZeRO stage's shards through DeepSpeed's zero_to_fp32."""
+    from tests.helpers.crafted import code_pickle, remanifest
+
+    marker = tmp_path / "ran"
+    for stage, name in ((3, SHARD), (0, "mp_rank_00_model_states.pt")):
+        path = fake(tmp_path / str(stage), 3)
+        code_pickle(path / name, marker, lambda payload: {"module": payload})
+        meta = checkpoint.read_meta(path)
+        (path / checkpoint.COMPLETE).write_text(json.dumps({**meta, "zero_stage": stage}))
+        remanifest(path)
+        with pytest.raises(CheckpointError, match="refused to load: a file in it would call posix.system"):
+            checkpoint.consolidated_state_dict(path)
+    assert not marker.exists()
+
+
+def test_safe_loading_leaves_torchs_switches_as_they_were(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    torch.save({"x": torch.ones(2)}, tmp_path / "a.pt")
+    assert checkpoint.read_pt(tmp_path / "a.pt")["x"].tolist() == [1.0, 1.0]
+    assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1" and "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ

@@ -81,3 +81,20 @@ def test_reward_statistics_go_into_config_json(tmp_path, llama_dir):
     export.save_classifier(classifier, classifier.state_dict(), tok, tmp_path, {"reward_mean": 0.25, "reward_std": 2.0})
     saved = json.loads((tmp_path / "config.json").read_text())
     assert (saved["bigrm_reward_mean"], saved["bigrm_reward_std"]) == (0.25, 2.0)
+
+
+def test_bigrm_export_of_a_checkpoint_whose_verify_file_would_run_code_refuses_it(tmp_path, llama_dir, capsys):
+    """The audit's case: a crafted verify.pt ran a shell command on `bigrm export` before failing."""
+    from bigrm.cli import export_main
+    from tests.helpers.crafted import code_pickle, remanifest
+
+    ckpt = fake_checkpoint(tmp_path, llama_dir, sequences(0))
+    marker = tmp_path / "ran"
+    code_pickle(ckpt / "verify.pt", marker, lambda payload: [[payload]])
+    remanifest(ckpt)
+    assert export_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: {ckpt}: refused to load: a file in it would call posix.system (a checkpoint may run no code)"
+    ] and "Traceback" not in err
+    assert not marker.exists()

@@ -1,0 +1,49 @@
+"""Real one-rank DeepSpeed runs against crafted and unusable artifacts: a checkpoint rewritten to run code, and
+output paths that cannot be written, each refused in one line without running or losing anything."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers.crafted import code_pickle, remanifest
+from tests.helpers.paths import REPO
+from tests.helpers.runs import ENV, SMALL, command, launch
+
+pytestmark = pytest.mark.slow
+ARGS = [*SMALL, "--max_steps", "4", "--save_every", "2", "--data.synthetic.num_train", "120"]
+BIGRM = [sys.executable, "-c", "import sys; from bigrm.cli import main; sys.exit(main())"]
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def errors(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_deepspeed_state_loads_as_tensors_only_and_a_crafted_one_runs_nothing(tmp_path, stage):
+    """Resume and `bigrm export` go through DeepSpeed's own loaders (weights_only=False there) under bigrm's
+    tensors-only switch: real checkpoints of every ZeRO stage still load; one whose optimizer state (manifest
+    recomputed) would run a command is refused in one line and the command never runs."""
+    out, args = tmp_path / "run", [*ARGS, "--deepspeed_config", f"ds_configs/zero{stage}.json", "--export", "false"]
+    launch(1, out, *args)
+    step2, step4 = out / "checkpoints" / "step-00000002", out / "checkpoints" / "step-00000004"
+    assert "resumed from" in launch(1, out, *args, "--resume", str(step2)).stdout
+    exported = run([*BIGRM, "export", "--checkpoint", str(step4), "--out", str(tmp_path / "export")])
+    assert exported.returncode == 0, exported.stderr[-3000:]
+
+    marker = tmp_path / "ran"
+    state = next(step4.glob("*optim_states.pt"), None) or step4 / "mp_rank_00_model_states.pt"
+    code_pickle(state, marker, lambda payload: {"optimizer_state_dict": payload})
+    remanifest(step4)
+    proc = run(command(1, out, *args, "--resume", "auto"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert errors(proc) == [
+        f"error: {step4}: refused to load: a file in it would call posix.system (a checkpoint may run no code)"
+    ]
+    assert not marker.exists()
