@@ -32,7 +32,7 @@ import torch
 
 from bigrm import dist
 from bigrm.errors import CheckpointError
-from bigrm.hashing import file_hash
+from bigrm.hashing import differs, listing
 
 COMPLETE = "complete.json"
 
@@ -72,8 +72,7 @@ def _owner(name: str) -> int:
 def manifest(path: Path, rank: int) -> dict[str, dict]:
     """{relative path: {size, xxh3_64}} of the checkpoint's files that `rank` wrote."""
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(COMPLETE))
-    mine = [p for p in files if _owner(p.name) == rank]
-    return {str(p.relative_to(path)): {"size": p.stat().st_size, "xxh3_64": file_hash(p)} for p in mine}
+    return listing(path, [p for p in files if _owner(p.name) == rank])
 
 
 def damage(path: Path) -> str | None:
@@ -81,15 +80,7 @@ def damage(path: Path) -> str | None:
     files = read_meta(path).get("files")
     if files is None:
         return f"{path / COMPLETE} lists no files (a checkpoint from before manifests): it cannot be verified"
-    for name, saved in files.items():
-        f = path / name
-        if not f.is_file():
-            return f"{f} is missing"
-        if f.stat().st_size != saved["size"]:
-            return f"{f} has {f.stat().st_size} bytes, {saved['size']} when saved (truncated or replaced)"
-        if file_hash(f) != saved["xxh3_64"]:
-            return f"{f} is not the file saved (its content hash differs)"
-    return None
+    return differs(path, files)
 
 
 def resolve_resume(resume: str, out_dir: Path) -> Path | None:

@@ -2,7 +2,9 @@
 
 Every export verifies itself: a few held-out scored sequences are rewarded by the training-time model (the packed
 forward) and by the written directory re-loaded with plain transformers, one sequence at a time; a difference
-beyond tolerance raises ExportError.
+beyond tolerance raises ExportError. It is written into a temporary directory beside its destination and renamed
+into place only once verified, with VERIFIED (its files' sizes and hashes) written last: a destination holds a
+whole verified export or none, and scoring refuses a bigrm export without VERIFIED or whose files differ from it.
 
 What is written and how it is read back depends on the model's reward kind (bigrm.kinds: a process reward model
 is written as a token classifier, an attribute head with its meaning, or merged into one logit).
@@ -11,6 +13,10 @@ is written as a token classifier, an attribute head with its meaning, or merged 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +28,7 @@ from bigrm.artifacts import checkpoint
 from bigrm.data.packing import collate
 from bigrm.data.sequences import Group
 from bigrm.errors import ExportError
+from bigrm.hashing import differs, listing
 from bigrm.kinds import RewardKind, Scalar, for_model
 from bigrm.model import adapters
 from bigrm.model.attention import attention_needs, hf_attn_implementation, read_attention_needs, resolve_attn
@@ -32,6 +39,7 @@ PREFIX = "classifier."
 CONVENTION_KEY = "bigrm_reward_convention"
 EXPORT_STAGES = ("consolidate shards", "write", "verify")  # what the export's progress counts
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+VERIFIED = "bigrm_export.json"  # written last, once the export reproduces the trained model: what scoring trusts
 
 
 def save_classifier(
@@ -61,6 +69,74 @@ def save_classifier(
     classifier, state = kind.export_form(classifier, state)
     classifier.save_pretrained(dest, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(dest)
+
+
+def check_destination(dest: Path, flag: str) -> None:
+    """Before any work: `dest` (option `flag`) can take an export: absent, empty or an earlier export (replaced), in a
+    directory that can be written."""
+    if dest.exists() and not dest.is_dir():
+        raise ExportError(f"{flag}: {dest} exists and is not a directory: give a directory to export to")
+    if dest.is_dir() and any(dest.iterdir()) and not (dest / VERIFIED).is_file():
+        raise ExportError(f"{flag}: {dest} holds files that are not a bigrm export: give a new or empty directory")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ExportError(f"{flag}: cannot create {dest.parent} ({err.strerror})") from None
+    if not os.access(dest.parent, os.W_OK | os.X_OK):
+        raise ExportError(f"{flag}: cannot write in {dest.parent}")
+
+
+def seal(directory: Path) -> None:
+    """Mark a written export verified: VERIFIED lists its files as they are now."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    (directory / VERIFIED).write_text(json.dumps({"files": listing(directory, files)}, indent=2) + "\n")
+
+
+def write_verified(dest: Path, write: Callable[[Path], None], problem: Callable[[Path], str | None]) -> str | None:
+    """`write(tmp)` the export into a directory beside `dest`, `problem(tmp)` its verification (None: verified); a
+    verified one is sealed and renamed into place, replacing an earlier export. Returns the problem, leaving `dest`
+    untouched. A write that fails (a full disk) raises ExportError; no temporary directory is left either way."""
+    check_destination(dest, "export")
+    tmp, old = (dest.parent / f".{dest.name}.{what}-{os.getpid()}" for what in ("tmp", "old"))
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        write(tmp)
+        found = problem(tmp)
+        if found is None:
+            seal(tmp)
+            if dest.exists():
+                os.replace(dest, old)
+            os.replace(tmp, dest)
+        return found
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        raise ExportError(f"cannot write the export {dest}: {err.strerror or err}{where}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_export(path: Path) -> None:
+    """Before scoring a model directory: a Hugging Face one; a bigrm export (config.json records bigrm keys) only
+    once verified (VERIFIED), its files as they were written."""
+    config = path / "config.json"
+    if not config.is_file():
+        raise ExportError(f"{path}: no config.json: neither an exported model nor a complete bigrm checkpoint")
+    try:
+        recorded = json.loads(config.read_text())
+    except ValueError as err:
+        raise ExportError(f"{config}: not a JSON object ({err})") from None
+    if not any(str(key).startswith("bigrm_") for key in recorded):
+        return  # any Hugging Face classifier
+    if not (path / VERIFIED).is_file():
+        raise ExportError(
+            f"{path}: a bigrm export without {VERIFIED}: its writing was cut short or it was never verified; "
+            "export it again (bigrm export --checkpoint ...)"
+        )
+    problem = differs(path, json.loads((path / VERIFIED).read_text())["files"])
+    if problem:
+        raise ExportError(f"{path}: {problem}: export it again (bigrm export --checkpoint ...)")
 
 
 def tolerance(dtype: torch.dtype, quant_bits: int = 0) -> float:
@@ -152,13 +228,23 @@ def export_engine(
             state = classifier.state_dict()
         else:
             classifier = engine.module.classifier
-        convention = getattr(trained, CONVENTION_KEY, None)
-        with progress.transformers_bars():
-            save_classifier(classifier, state, tokenizer, dest, reward_stats, convention, kind)
+        convention, tol = (
+            getattr(trained, CONVENTION_KEY, None),
+            tolerance(dtype, settings.quantization.bits if lora else 0),
+        )
+
+        def write(tmp: Path) -> None:
+            save_classifier(classifier, state, tokenizer, tmp, reward_stats, convention, kind)
             stages.advance()
-            quant_bits = settings.quantization.bits if lora else 0
-            got = kind.plain_rewards(dest, seqs, device, steps)
-            problem = check(expected, got, tolerance(dtype, quant_bits), dest)
+
+        def verified(tmp: Path) -> str | None:
+            return check(expected, kind.plain_rewards(tmp, seqs, device, steps), tol, dest)
+
+        with progress.transformers_bars():
+            try:
+                problem = write_verified(dest, write, verified)
+            except ExportError as err:  # the other ranks wait for the verdict: it must reach them
+                problem = str(err)
         stages.advance()
     failed = dist.all_sum(torch.tensor([float(problem is not None)], device=device)).item()
     if failed:
@@ -172,6 +258,7 @@ class _Checkpoint:
     tokenizer: object
     dtype: torch.dtype
     settings: adapters.Settings | None  # None: a fully trained model
+    reward_stats: dict | None  # the rewards' mean and std over the epoch so far, as final/ records them
 
     def classifier(self, merged: bool = False) -> nn.Module:
         """The model as trained, or with `merged` (LoRA only differs) the plain classifier it exports to."""
@@ -192,9 +279,8 @@ def _read_checkpoint(path: Path, dtype: torch.dtype | None) -> _Checkpoint:
     state = {k.removeprefix(PREFIX): v for k, v in checkpoint.consolidated_state_dict(path).items()}
     config = AutoConfig.from_pretrained(path / "hf")
     tokenizer = AutoTokenizer.from_pretrained(path / "hf")
-    return _Checkpoint(
-        state, config, tokenizer, dtype or config.dtype or torch.float32, adapters.Settings.read(path / "hf")
-    )
+    settings, stats = adapters.Settings.read(path / "hf"), checkpoint.read_meta(path).get("reward_stats")
+    return _Checkpoint(state, config, tokenizer, dtype or config.dtype or torch.float32, settings, stats)
 
 
 def classifier_from_checkpoint(path: Path, dtype: torch.dtype | None = None):
@@ -207,6 +293,7 @@ def classifier_from_checkpoint(path: Path, dtype: torch.dtype | None = None):
 def export_checkpoint(path: Path, dest: Path, dtype: torch.dtype | None = None, merge: bool = False) -> torch.Tensor:
     """`bigrm export`: checkpoint → verified HF directory. Returns the verification rewards. With `merge`, an
     attribute model is written as its 1-logit scalar model (the kind's `merge`), verified against the scalar."""
+    check_destination(dest, "--out")
     stages = progress.Stages("export", EXPORT_STAGES)
     saved = _read_checkpoint(path, dtype)
     stages.advance()
@@ -223,13 +310,18 @@ def export_checkpoint(path: Path, dest: Path, dtype: torch.dtype | None = None, 
     if merge:
         expected = kind.rewards(expected)
         kind = kind.merge(classifier)
-    with progress.transformers_bars():
-        convention = getattr(saved.config, CONVENTION_KEY, None)
-        save_classifier(classifier, classifier.state_dict(), tokenizer, dest, convention=convention, kind=kind)
+    convention = getattr(saved.config, CONVENTION_KEY, None)
+    tol = tolerance(classifier.dtype, saved.settings.quantization.bits if saved.settings else 0)
+
+    def write(tmp: Path) -> None:
+        save_classifier(classifier, classifier.state_dict(), tokenizer, tmp, saved.reward_stats, convention, kind)
         stages.advance()
-        quant_bits = saved.settings.quantization.bits if saved.settings else 0
-        got = kind.plain_rewards(dest, seqs, torch.device("cpu"))
-    problem = check(expected, got, tolerance(classifier.dtype, quant_bits), dest)
+
+    def verified(tmp: Path) -> str | None:
+        return check(expected, kind.plain_rewards(tmp, seqs, torch.device("cpu")), tol, dest)
+
+    with progress.transformers_bars():
+        problem = write_verified(dest, write, verified)
     stages.advance()
     if problem:
         raise ExportError(problem)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from bigrm import precision, progress
 from bigrm.artifacts import checkpoint, export
@@ -29,7 +30,7 @@ from bigrm.data.rows import RowFile, listed, parse_row, read_file, standardise_s
 from bigrm.data.sequences import EncodeReport, Group, Scored
 from bigrm.data.tokenise import CHUNK, TOKENISE, scored_chunk
 from bigrm.data.tokenizer import prepare_tokenizer
-from bigrm.errors import DataError
+from bigrm.errors import DataError, ExportError
 from bigrm.kinds import RewardKind, for_model
 from bigrm.model.attention import hf_attn_implementation, read_attention_needs, resolve_attn
 from bigrm.model.reward_model import RewardModel
@@ -42,8 +43,12 @@ def load_model(path: str, device: torch.device, dtype: str = "auto", attn: str =
 
     torch_dtype = precision.saved(dtype)
     p = Path(path)
+    if not p.is_dir():  # never a hub name: bigrm scores local directories
+        raise ExportError(f"--model {path}: no such directory (an exported model or a bigrm checkpoint)")
     # a backend the model needs and the device lacks, or a model bigrm cannot run: refused before loading weights
     from_checkpoint = checkpoint.is_complete(p)
+    if not from_checkpoint:
+        export.check_export(p)
     config_dir = p / "hf" if from_checkpoint else p
     attn = resolve_attn(attn, device.type == "cuda", read_attention_needs(str(config_dir)))
     kind = for_model(AutoConfig.from_pretrained(config_dir))
@@ -54,7 +59,10 @@ def load_model(path: str, device: torch.device, dtype: str = "auto", attn: str =
         tokenizer = AutoTokenizer.from_pretrained(p)
         prepare_tokenizer(tokenizer)
         with progress.transformers_bars():
-            classifier = kind.load_export(p, torch_dtype or "auto", attn, tokenizer)
+            try:
+                classifier = kind.load_export(p, torch_dtype or "auto", attn, tokenizer)
+            except SafetensorError as err:  # a damaged plain Hugging Face directory (bigrm's are checked above)
+                raise ExportError(f"{p}: cannot read its weights ({err})") from None
         convention = getattr(classifier.config, export.CONVENTION_KEY, None)
     return RewardModel(classifier.to(device).eval(), attn, kind.vector), tokenizer, convention, kind
 

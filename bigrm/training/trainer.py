@@ -119,6 +119,8 @@ class Trainer:
         self.resume_from, self.run_id = dist.from_main(
             checkpoint.start, self.t.resume, self.out, self.t.overwrite_output_dir
         )
+        if self.t.export:  # not lost after a whole run to a file in its place
+            export.check_destination(self.out / "final", "train.export")
         if dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
             options.dump(self.cfg, self.out / "config.yaml")
@@ -315,14 +317,15 @@ class Trainer:
     def save(self, n: int) -> None:
         """Collective: a complete checkpoint after update n."""
         update = self.updates[n - 1]
-        epoch_sum = dist.all_sum(self.epoch_stats.stack()).tolist()
+        epoch_sum = dist.all_sum(self.epoch_stats.stack())
         meta = {
             "step": n,
             "run": self.run_id,
             "epoch": update.epoch,
             "index": update.index,
             "plan": self.fingerprint,
-            "epoch_stats": epoch_sum,
+            "epoch_stats": epoch_sum.tolist(),
+            "reward_stats": self._reward_stats(epoch_sum),  # what `bigrm export` of it records, as final/ does
         }
 
         def hf_files(dest: Path) -> None:
@@ -348,13 +351,17 @@ class Trainer:
             if rewards is not None:
                 self.tracker.print(write_for_groups(out / "eval_report", self.data.eval, rewards, self.cfg.loss))
         if self.t.export:
-            running = metrics(Stats.unstack(dist.all_sum(self.epoch_stats.stack()).cpu()), self.cfg.loss)
-            stats = {k: running[k] for k in ("reward_mean", "reward_std") if k in running}  # none: stepwise only
+            stats = self._reward_stats(dist.all_sum(self.epoch_stats.stack()))
             export.export_engine(
                 self.engine, self.tokenizer, out / "final", self.verify, self.device, self.dtype, self.lora, stats
             )
         self.tracker.print(f"metrics: {out / 'metrics.json'}" + (f"\nmodel: {out / 'final'}" if self.t.export else ""))
         return final
+
+    def _reward_stats(self, epoch_sum: torch.Tensor) -> dict:
+        """The rewards' mean and std over the epoch's statistics summed over ranks (none: stepwise only)."""
+        running = metrics(Stats.unstack(epoch_sum.cpu()), self.cfg.loss)
+        return {k: running[k] for k in ("reward_mean", "reward_std") if k in running}
 
     def close(self) -> None:
         if self.tracker is not None:

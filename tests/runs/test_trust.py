@@ -3,6 +3,7 @@ output paths that cannot be written, each refused in one line without running or
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -47,3 +48,29 @@ def test_deepspeed_state_loads_as_tensors_only_and_a_crafted_one_runs_nothing(tm
         f"error: {step4}: refused to load: a file in it would call posix.system (a checkpoint may run no code)"
     ]
     assert not marker.exists()
+
+
+def test_an_export_destination_taken_by_a_file_stops_the_run_before_training(tmp_path):
+    """It used to train fully, then lose the model at export."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "final").write_text("not a directory")
+    proc = run(command(1, out, *ARGS))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert errors(proc) == [
+        f"error: train.export: {out / 'final'} exists and is not a directory: give a directory to export to"
+    ]
+    assert not (out / "config.yaml").exists() and not (out / "checkpoints").exists()
+
+
+def test_bigrm_export_of_the_last_checkpoint_carries_the_reward_statistics_of_final(tmp_path):
+    """OpenRLHF's normalize_reward reads `mean` / `std`: `bigrm export` used to drop them."""
+    out = tmp_path / "run"
+    launch(1, out, *ARGS)
+    last = out / "checkpoints" / "step-00000004"
+    exported = run([*BIGRM, "export", "--checkpoint", str(last), "--out", str(tmp_path / "again")])
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    final, again = (json.loads((d / "config.json").read_text()) for d in (out / "final", tmp_path / "again"))
+    keys = ("mean", "std", "bigrm_reward_mean", "bigrm_reward_std")
+    assert [again[k] for k in keys] == [final[k] for k in keys] and final["std"] > 0
+    assert (out / "final" / "bigrm_export.json").is_file() and (tmp_path / "again" / "bigrm_export.json").is_file()

@@ -40,7 +40,7 @@ def plain(dest, ids: list[int]) -> float:
         return model(input_ids=torch.tensor([ids])).logits[0, 0].item()
 
 
-def fake_checkpoint(tmp_path, model_dir, verify) -> Path:
+def fake_checkpoint(tmp_path, model_dir, verify, stats: dict | None = None) -> Path:
     """A complete ZeRO-0 checkpoint of the model at model_dir, as the trainer writes it."""
     tok = AutoTokenizer.from_pretrained(model_dir)
     classifier = load_classifier(str(model_dir), torch.float32, "sdpa", tok)
@@ -51,7 +51,7 @@ def fake_checkpoint(tmp_path, model_dir, verify) -> Path:
     classifier.config.save_pretrained(path / "hf")
     tok.save_pretrained(path / "hf")
     torch.save(verify, path / "verify.pt")
-    meta = {"step": 1, "world": 1, "zero_stage": 0, "files": checkpoint.manifest(path, 0)}
+    meta = {"step": 1, "world": 1, "zero_stage": 0, "files": checkpoint.manifest(path, 0), "reward_stats": stats}
     (path / checkpoint.COMPLETE).write_text(json.dumps(meta))
     return path
 
@@ -71,8 +71,12 @@ def test_an_export_that_does_not_reproduce_the_model_raises(tmp_path, llama_dir,
     ckpt = fake_checkpoint(tmp_path, llama_dir, sequences(1))
     real = RewardKind.plain_rewards
     monkeypatch.setattr(RewardKind, "plain_rewards", lambda *a: real(*a) + 0.01)
+    (tmp_path / "out").mkdir()
+    export.seal(tmp_path / "out")  # an earlier export there: kept, not replaced by one that failed
     with pytest.raises(ExportError, match="does not reproduce the trained model"):
         export.export_checkpoint(ckpt, tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoints", "out"]  # no temporary directory left
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [export.VERIFIED]
 
 
 def test_reward_statistics_go_into_config_json(tmp_path, llama_dir):
@@ -98,3 +102,60 @@ def test_bigrm_export_of_a_checkpoint_whose_verify_file_would_run_code_refuses_i
         f"error: {ckpt}: refused to load: a file in it would call posix.system (a checkpoint may run no code)"
     ] and "Traceback" not in err
     assert not marker.exists()
+
+
+def test_an_export_is_written_beside_its_destination_and_sealed_once_verified(tmp_path, llama_dir, monkeypatch):
+    """The verification reads the temporary directory: the destination appears only verified, with VERIFIED."""
+    ckpt = fake_checkpoint(tmp_path, llama_dir, sequences(2))
+    read = []
+    real = RewardKind.plain_rewards
+    monkeypatch.setattr(RewardKind, "plain_rewards", lambda kind, dest, *a: read.append(dest) or real(kind, dest, *a))
+    dest = tmp_path / "out"
+    export.export_checkpoint(ckpt, dest)
+    assert read[0].parent == tmp_path and read[0].name.startswith(".out.tmp-") and not read[0].exists()
+    listed = json.loads((dest / export.VERIFIED).read_text())["files"]
+    assert sorted(listed) == sorted(p.name for p in dest.iterdir() if p.name != export.VERIFIED)
+    export.check_export(dest)
+    export.export_checkpoint(ckpt, dest)  # an earlier export is replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "out"]
+
+
+def test_a_full_disk_while_exporting_is_one_error_and_leaves_nothing(tmp_path, llama_dir, monkeypatch):
+    import errno
+
+    import transformers.modeling_utils
+
+    ckpt = fake_checkpoint(tmp_path, llama_dir, sequences(0))
+
+    def full(state, filename, metadata=None):
+        Path(filename).write_bytes(b"half a model")
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    with pytest.raises(ExportError, match=f"cannot write the export {tmp_path / 'out'}: No space left on device"):
+        export.export_checkpoint(ckpt, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
+
+
+def test_an_export_destination_that_cannot_take_it_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "_read_checkpoint", lambda *a: pytest.fail("loaded before the destination was checked"))
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    for dest, words in (
+        (tmp_path / "file", "exists and is not a directory"),
+        (tmp_path / "full", "holds files that are not a bigrm export"),
+        (tmp_path / "file" / "out", f"cannot create {tmp_path / 'file'}"),
+    ):
+        with pytest.raises(ExportError, match=f"--out: .*{words}"):
+            export.export_checkpoint(tmp_path / "ckpt", dest)
+    assert (tmp_path / "full" / "notes.txt").read_text() == "mine"
+
+
+def test_bigrm_export_of_a_checkpoint_carries_the_reward_statistics_final_does(tmp_path, llama_dir):
+    ckpt = fake_checkpoint(tmp_path, llama_dir, sequences(0), {"reward_mean": -0.5, "reward_std": 1.5})
+    export.export_checkpoint(ckpt, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["bigrm_reward_mean"], config["bigrm_reward_std"], config["mean"], config["std"]) == (
+        -0.5, 1.5, -0.5, 1.5
+    )  # fmt: skip

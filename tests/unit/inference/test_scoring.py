@@ -220,6 +220,7 @@ def test_score_uses_the_convention_the_model_records(tmp_path, llama_dir, plain,
     and the truncation count is reported as training reports it."""
     import shutil
 
+    from bigrm.artifacts import export
     from bigrm.artifacts.export import CONVENTION_KEY
 
     value, tok = plain
@@ -227,6 +228,7 @@ def test_score_uses_the_convention_the_model_records(tmp_path, llama_dir, plain,
     shutil.copytree(llama_dir, model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps({**config, CONVENTION_KEY: "grpo"}))
+    export.seal(model_dir)  # a bigrm export is scored once verified
     rows = [{"prompt": "write a positive review:", "chosen": " great superb", "rejected": " awful"}]
     data = write(tmp_path / "r.jsonl", rows)
     out = run_score(tmp_path, model_dir, data)
@@ -252,3 +254,50 @@ def test_output_paths_are_checked_before_any_scoring(tmp_path):
         assert main(argv) == 2
     cli.writable(str(tmp_path / "new" / "dir" / "metrics.json"), "--out")  # eval --out into a missing directory
     assert (tmp_path / "new" / "dir").is_dir()
+
+
+def refusal(capsys, model, data, tmp_path) -> str:
+    """The one line `bigrm score --model model` stops with (exit 2, no traceback)."""
+    assert cli.score_main(["--model", str(model), "--data", str(data), "--out", str(tmp_path / "x.jsonl")]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_a_partial_unverified_or_damaged_model_is_refused_in_one_line(tmp_path, llama_dir, capsys):
+    """An export cut short (all its files, never verified), one whose weights were truncated or changed since it was
+    verified, a plain Hugging Face directory with truncated weights, and a directory that does not exist (no hub
+    lookup)."""
+    import shutil
+
+    from bigrm.artifacts import export
+
+    data = write(tmp_path / "rows.jsonl", [{"prompt": "p", "ranked_outputs": ["a", "b"]}])
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    classifier = AutoModelForSequenceClassification.from_pretrained(llama_dir)
+    dest = tmp_path / "export"
+    export.save_classifier(classifier, classifier.state_dict(), tok, dest, {"reward_mean": 0.0, "reward_std": 1.0})
+    assert "without bigrm_export.json: its writing was cut short or it was never verified" in refusal(
+        capsys, dest, data, tmp_path
+    )
+    export.seal(dest)
+    run_score(tmp_path, dest, data)  # verified: scored
+    weights = dest / "model.safetensors"
+    content = bytearray(weights.read_bytes())
+    content[-1] ^= 0xFF
+    weights.write_bytes(bytes(content))
+    assert refusal(capsys, dest, data, tmp_path).endswith(
+        f"{weights} is not the file saved (its content hash differs): export it again (bigrm export --checkpoint ...)"
+    )
+    weights.write_bytes(bytes(content[:100]))
+    assert f"{weights} has 100 bytes" in refusal(capsys, dest, data, tmp_path)
+
+    plain_dir = tmp_path / "plain"
+    shutil.copytree(llama_dir, plain_dir)
+    (plain_dir / "model.safetensors").write_bytes((plain_dir / "model.safetensors").read_bytes()[:100])
+    assert refusal(capsys, plain_dir, data, tmp_path).startswith(f"error: {plain_dir}: cannot read its weights (")
+    missing = tmp_path / "no-such-model"
+    assert refusal(capsys, missing, data, tmp_path) == (
+        f"error: --model {missing}: no such directory (an exported model or a bigrm checkpoint)"
+    )

@@ -128,6 +128,7 @@ def test_token_classifier_export_gives_sigmoid_of_the_value_and_loads_back(llama
     label_1 = [e["score"] if e["entity"] == "LABEL_1" else 1 - e["score"] for e in found]
     assert len(found) >= len(ids[0]) - 2  # every token but the special ones
     assert label_1 == pytest.approx([torch.sigmoid(value)[e["index"]].item() for e in found], abs=1e-5)
+    export.seal(dest)  # what a verified export carries: scoring refuses a bigrm export without it
     model, _, _, kind = scoring.load_model(str(dest), torch.device("cpu"))
     assert isinstance(kind, Steps) and kind.separator == "\n"
     batch = collate(list(store_of([write(tmp_path / "s.jsonl", stepwise_rows()[:2])], tok, 64)), tok.pad_token_id)
