@@ -25,3 +25,16 @@ class ExportError(BigrmError, RuntimeError):
 
 class Diverged(BigrmError, RuntimeError):
     """Raised on every rank at the same step: the run stops without exporting a diverged model."""
+
+
+def write_failure(err: BaseException) -> str | None:
+    """What went wrong, when `err` is a failed write (a full disk, a directory that cannot be written) as Python,
+    numpy, torch or safetensors report one; None for any other error."""
+    if isinstance(err, OSError):
+        return (err.strerror or str(err)) + (f" ({err.filename})" if err.filename else "")
+    first = (str(err).splitlines() or [""])[0]
+    if type(err).__name__ == "SafetensorError" and "I/O error" in first:
+        return first
+    if isinstance(err, RuntimeError) and ("inline_container" in first or "PytorchStreamWriter" in first):
+        return f"torch could not write a file, a full disk? ({first})"  # its words for ENOSPC: "unexpected pos"
+    return None

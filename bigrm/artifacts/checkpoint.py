@@ -24,14 +24,14 @@ import re
 import shutil
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from bigrm import dist
-from bigrm.errors import CheckpointError
+from bigrm.errors import CheckpointError, write_failure
 from bigrm.hashing import differs, listing
 
 COMPLETE = "complete.json"
@@ -199,26 +199,55 @@ def save(
     if dist.is_main() and (path / COMPLETE).exists():  # re-saving a step after resuming from an older one
         (path / COMPLETE).unlink()
     dist.barrier()
-    engine.save_checkpoint(
-        str(root(out_dir)), tag=path.name, save_latest=False, exclude_frozen_parameters=trainable_only
-    )
-    torch.save(_rng_state(), path / f"rng-rank{dist.rank()}.pt")
-    if dist.is_main():
-        hf_files(path / "hf")
-        torch.save(verify, path / "verify.pt")
-    dist.barrier()  # every rank's shards are on disk before any rank lists them
+
+    def shards() -> None:
+        engine.save_checkpoint(
+            str(root(out_dir)), tag=path.name, save_latest=False, exclude_frozen_parameters=trainable_only
+        )
+        torch.save(_rng_state(), path / f"rng-rank{dist.rank()}.pt")
+        if dist.is_main():
+            hf_files(path / "hf")
+            torch.save(verify, path / "verify.pt")
+
+    _agree(_failed(shards), path)  # and every rank's shards are on disk before any rank lists them
     files = {k: v for part in dist.gather_objects(manifest(path, dist.rank())) for k, v in sorted(part.items())}
-    if dist.is_main():
+
+    def mark() -> None:
         tmp = path / (COMPLETE + ".tmp")
         stage = engine.zero_optimization_stage()
         written = {**meta, "world": dist.world(), "zero_stage": stage, "trainable_only": trainable_only, "files": files}
         tmp.write_text(json.dumps(written, indent=2))
         tmp.replace(path / COMPLETE)  # atomic: the marker exists whole or not at all
+
+    _agree(_failed(mark) if dist.is_main() else None, path)
+    if dist.is_main():
         for old in complete_checkpoints(out_dir, meta["run"])[:-keep] if keep else []:
             (old / COMPLETE).unlink()  # first: a kill midway through the removal must not leave it trusted
             shutil.rmtree(old)
     dist.barrier()
     return path
+
+
+def _failed(write: Callable[[], None]) -> str | None:
+    """write(); what went wrong if it could not write (errors.write_failure), else None."""
+    try:
+        write()
+    except Exception as err:
+        failure = write_failure(err)
+        if failure is None:
+            raise
+        return failure
+    return None
+
+
+def _agree(failure: str | None, path: Path) -> None:
+    """Collective: when any rank could not write its part of checkpoint `path` (a full disk), the torn checkpoint is
+    removed and every rank raises the first failure, instead of one rank's traceback and the others waiting."""
+    failures = [f for f in dist.gather_objects(failure) if f]
+    if failures:
+        if dist.is_main():
+            shutil.rmtree(path, ignore_errors=True)
+        raise CheckpointError(f"cannot write the checkpoint {path}: {failures[0]}")
 
 
 def load(engine, path: Path) -> dict:

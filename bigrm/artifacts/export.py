@@ -27,7 +27,7 @@ from bigrm import dist, progress
 from bigrm.artifacts import checkpoint
 from bigrm.data.packing import collate
 from bigrm.data.sequences import Group
-from bigrm.errors import ExportError
+from bigrm.errors import ExportError, write_failure
 from bigrm.hashing import differs, listing
 from bigrm.kinds import RewardKind, Scalar, for_model
 from bigrm.model import adapters
@@ -109,9 +109,11 @@ def write_verified(dest: Path, write: Callable[[Path], None], problem: Callable[
                 os.replace(dest, old)
             os.replace(tmp, dest)
         return found
-    except OSError as err:
-        where = f" ({err.filename})" if err.filename else ""
-        raise ExportError(f"cannot write the export {dest}: {err.strerror or err}{where}") from None
+    except Exception as err:
+        failure = write_failure(err)
+        if failure is None:
+            raise
+        raise ExportError(f"cannot write the export {dest}: {failure}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

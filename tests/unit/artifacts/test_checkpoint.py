@@ -236,3 +236,34 @@ def test_safe_loading_leaves_torchs_switches_as_they_were(tmp_path, monkeypatch)
     torch.save({"x": torch.ones(2)}, tmp_path / "a.pt")
     assert checkpoint.read_pt(tmp_path / "a.pt")["x"].tolist() == [1.0, 1.0]
     assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1" and "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
+
+
+@pytest.mark.parametrize(
+    "full",
+    [
+        (OSError(28, "No space left on device", "shard.pt"), "No space left on device \\(shard.pt\\)"),
+        (
+            RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
+            "torch could not write a file, a full disk\\?",
+        ),
+    ],
+    ids=["python", "torch"],
+)
+def test_a_full_disk_while_saving_is_one_error_and_leaves_no_torn_checkpoint(tmp_path, full):
+    """As Python and torch.save report ENOSPC; the older checkpoint stays the one to resume."""
+    error, words = full
+    older = save(tmp_path, 2, "r")
+
+    class FullDisk(Engine):
+        def save_checkpoint(self, root, tag, save_latest, **kwargs):
+            super().save_checkpoint(root, tag, save_latest)
+            raise error
+
+    with pytest.raises(
+        CheckpointError, match=f"^cannot write the checkpoint {tmp_path}/checkpoints/step-00000004: {words}"
+    ):
+        checkpoint.save(FullDisk(), tmp_path, {"step": 4, "run": "r"}, 2, lambda dest: None, [])
+    assert sorted(p.name for p in checkpoint.root(tmp_path).iterdir()) == ["step-00000002"]
+    assert checkpoint.resolve_resume("auto", tmp_path) == older
+    with pytest.raises(ValueError, match="not a write"):  # any other failure is not hidden
+        checkpoint._failed(lambda: (_ for _ in ()).throw(ValueError("not a write")))
