@@ -3,6 +3,8 @@ read."""
 
 from __future__ import annotations
 
+import mmap
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -10,12 +12,13 @@ import xxhash
 
 
 def file_hash(path: Path) -> str:
-    """xxh3_64 of the file's bytes (several GB/s: cheap next to reading or loading them)."""
-    h = xxhash.xxh3_64()
+    """xxh3_64 of the file's bytes, read through a memory map (no copy: ~11 GB/s from the page cache, cheap next to
+    reading or loading them)."""
     with Path(path).open("rb") as fh:
-        while chunk := fh.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+        if not os.fstat(fh.fileno()).st_size:
+            return xxhash.xxh3_64().hexdigest()  # an empty file cannot be mapped
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return xxhash.xxh3_64(mapped).hexdigest()
 
 
 def listing(root: Path, files: Iterable[Path]) -> dict[str, dict]:

@@ -162,7 +162,7 @@ def cache_key(d: DataConfig, seed: int, tokenizer, paths: list[str], eval_paths:
 
 
 CACHE_ENV = "BIGRM_CACHE_DIR"
-CACHE_FORMAT = 4  # raised whenever what a cache holds, or how it is tokenised, changes
+CACHE_FORMAT = 5  # raised whenever what a cache holds, or how it is tokenised, changes
 
 
 def cache_root(d: DataConfig) -> Path:
@@ -184,11 +184,12 @@ def build(d: DataConfig, seed: int, tokenizer, synthetic_dir: Path) -> Dataset:
             evals.save(tmp / "eval")
             return meta
 
-        directory, built = token_cache.get_or_build(cache_root(d), key, write)
+        directory, built, damaged = token_cache.get_or_build(cache_root(d), key, write)
         meta = token_cache.read_complete(directory)["meta"]
         train, evals = TokenStore.load(directory / "train"), TokenStore.load(directory / "eval")
         how = "built" if built else "reused"
-        log = [*meta["log"], f"token cache: {directory} ({how} in {time.perf_counter() - started:.1f} s)"]
+        log = [*meta["log"], *([f"token cache: rebuilt a damaged entry: {damaged}"] if damaged else [])]
+        log.append(f"token cache: {directory} ({how} in {time.perf_counter() - started:.1f} s)")
     else:
         train, evals, meta = tokenise(d, seed, tokenizer, paths, eval_paths)
         log = meta["log"]

@@ -158,6 +158,59 @@ def test_a_torn_cache_is_rebuilt_and_a_dead_builders_leftovers_ignored(tmp_path,
     assert how(build(cfg, tok, tmp_path)) == "built"
 
 
+def cached(data: pipeline.Dataset) -> Path:
+    return Path(data.log[-1].split("token cache: ")[1].split(" (")[0])
+
+
+@pytest.mark.parametrize("array", ["tokens", "ranks"])
+def test_an_entry_damaged_in_place_is_rebuilt_with_one_line(tmp_path, tok, array):
+    """The audit's cases, same size: token ids changed, and every prompt's ranks reversed (which trained on reversed
+    preferences, step-1 tau -0.24 instead of +0.24, with exit 0)."""
+    cfg = config(write(tmp_path / "a.jsonl", 8), cache_dir=str(tmp_path / "cache"))
+    first = build(cfg, tok, tmp_path)
+    expected = [(g.source, [s.tolist() for s in g.seqs], g.labels) for g in first.train]
+    f = cached(first) / "train" / f"{array}.npy"
+    header = len(f.read_bytes()) - first.train.a[array].nbytes
+    values = np.load(f)
+    np.save(f, values[::-1] if array == "tokens" else values.max() - values)  # same shape and dtype: same size
+    assert len(f.read_bytes()) - header == first.train.a[array].nbytes and not np.array_equal(np.load(f), values)
+    again = build(cfg, tok, tmp_path)
+    notes = [line for line in again.log if "a damaged entry" in line]
+    assert notes == [f"token cache: rebuilt a damaged entry: {f} is not the file saved (its content hash differs)"]
+    assert how(again) == "built" and same(again.train, expected)
+    assert how(build(cfg, tok, tmp_path)) == "reused"
+
+
+def test_a_cache_directory_that_cannot_be_used_is_one_line(tmp_path, tok, monkeypatch):
+    """Not a directory, not creatable, not writable (no lock can be taken), a disk that fills while building (the
+    builder's np.save: numpy's "requested and written" OSError); nothing torn is left."""
+    import errno
+
+    from bigrm.errors import ConfigError
+
+    (tmp_path / "file").write_text("x")
+    path = write(tmp_path / "a.jsonl", 4)
+    for where, words in ((tmp_path / "file", "is not a directory"), (tmp_path / "file" / "sub", "cannot create")):
+        with pytest.raises(ConfigError, match=f"^data.cache_dir: .*{words}"):
+            build(config(path, cache_dir=str(where)), tok, tmp_path)
+
+    def refused(name, mode="r", *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", name)
+
+    monkeypatch.setattr(token_cache, "open", refused, raising=False)
+    with pytest.raises(ConfigError, match="^data.cache_dir: cannot write in .*Permission denied"):
+        build(config(path, cache_dir=str(tmp_path / "ro")), tok, tmp_path)
+    monkeypatch.undo()
+
+    def full(file, arr, *args, **kwargs):
+        raise OSError("123 requested and 0 written")
+
+    monkeypatch.setattr(np, "save", full)
+    with pytest.raises(ConfigError, match="cannot write the token cache in .*123 requested and 0 written: free space"):
+        build(config(path, cache_dir=str(tmp_path / "full")), tok, tmp_path)
+    assert [p.suffix for p in (tmp_path / "full").iterdir()] == [".lock"]
+
+
 def _build_once(root: str, log: str, barrier) -> None:
     def build(tmp: Path) -> dict:
         with open(log, "a") as fh:
@@ -167,7 +220,7 @@ def _build_once(root: str, log: str, barrier) -> None:
         return {"by": os.getpid()}
 
     barrier.wait()
-    directory, _ = token_cache.get_or_build(Path(root), "key", build)
+    directory, _, _ = token_cache.get_or_build(Path(root), "key", build)
     assert (directory / "x").read_text() == "done"
 
 
