@@ -12,7 +12,7 @@ from pathlib import Path
 from jsonargparse import ArgumentParser, Namespace
 
 from bigrm import config, dist, options, precision
-from bigrm.errors import BigrmError, ConfigError
+from bigrm.errors import BigrmError, ConfigError, make_directory
 from bigrm.kinds import RewardKind
 from bigrm.training.preemption import EXIT_CODE, Preempted, Terminated
 
@@ -87,13 +87,7 @@ def report_dir(path: str) -> None:
     from bigrm.evaluation.report import check_installed
 
     check_installed("--report")
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise ConfigError(f"--report {path}: is a file; give a directory")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"--report {path}: cannot create it ({err.strerror})") from err
+    make_directory(Path(path), "--report")
 
 
 def _required(p: ArgumentParser, flag: str, help: str, **kwargs) -> None:

@@ -2,6 +2,8 @@
 line (`error: ...`, printed once, by rank 0) and exit code 2. The subclasses say where the mistake lies; each also
 derives from the builtin exception it was before, so callers that catch ValueError or RuntimeError still do."""
 
+from pathlib import Path
+
 
 class BigrmError(Exception):
     """A problem with the user's input, options or files: reported as one line, exit code 2."""
@@ -21,6 +23,17 @@ class CheckpointError(BigrmError, RuntimeError):
 
 class ExportError(BigrmError, RuntimeError):
     """An export that cannot be written, or that does not reproduce the trained model."""
+
+
+def make_directory(path: Path, flag: str, hint: str = "") -> None:
+    """Option `flag`'s directory `path`, created if absent: ConfigError (one line, ending in `hint`) if it is a file
+    or cannot be created."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a file; give a directory{hint}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{flag} {path}: cannot create it ({err.strerror}){hint}") from None
 
 
 class Diverged(BigrmError, RuntimeError):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import xxhash
 
-from bigrm.errors import ConfigError, write_failure
+from bigrm.errors import ConfigError, make_directory, write_failure
 from bigrm.hashing import differs, listing
 
 MARK = "complete.json"
@@ -84,20 +84,11 @@ def read_complete(directory: Path) -> dict | None:
     return _record(directory) if damage(directory, content=False) is None else None
 
 
-def _usable(root: Path) -> None:
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"data.cache_dir: {root} is not a directory: give a directory for the token cache")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"data.cache_dir: cannot create {root} ({err.strerror}); or set data.cache false") from None
-
-
 def get_or_build(root: Path, key: str, build: Callable[[Path], dict]) -> tuple[Path, bool, str | None]:
     """(root/key, whether this call built it, the damage this call found in it before it was rebuilt or None).
     `build(tmp)` writes the files into tmp and returns the metadata to record; it runs in a forked child process, so
     the rows and the builder's memory never stay in the caller's."""
-    _usable(root)
+    make_directory(root, "data.cache_dir", " (or set data.cache false)")
     final, found = root / key, None
     while True:
         if final.exists():

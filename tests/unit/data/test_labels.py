@@ -161,7 +161,7 @@ def test_the_store_format_is_pinned():
     from bigrm.data.token_store import ARRAYS, FLAGS, LAYOUT
 
     dtypes = {f.column: np.dtype(f.dtype).name for f in LABELS} | dict.fromkeys(FLAGS, "bool")
-    assert (CACHE_FORMAT, dtypes) == (4, LABEL_COLUMNS), "raise pipeline.CACHE_FORMAT, then update LABEL_COLUMNS"
+    assert (CACHE_FORMAT, dtypes) == (5, LABEL_COLUMNS), "raise pipeline.CACHE_FORMAT, then update LABEL_COLUMNS"
     assert ARRAYS == LAYOUT + tuple(dtypes)
 
 

@@ -190,8 +190,11 @@ def test_a_cache_directory_that_cannot_be_used_is_one_line(tmp_path, tok, monkey
 
     (tmp_path / "file").write_text("x")
     path = write(tmp_path / "a.jsonl", 4)
-    for where, words in ((tmp_path / "file", "is not a directory"), (tmp_path / "file" / "sub", "cannot create")):
-        with pytest.raises(ConfigError, match=f"^data.cache_dir: .*{words}"):
+    for where, words in (
+        (tmp_path / "file", "is a file; give a directory"),
+        (tmp_path / "file" / "sub", "cannot create"),
+    ):
+        with pytest.raises(ConfigError, match=rf"^data.cache_dir {where}: {words}.*\(or set data.cache false\)$"):
             build(config(path, cache_dir=str(where)), tok, tmp_path)
 
     def refused(name, mode="r", *args, **kwargs):
