@@ -230,10 +230,8 @@ def export_engine(
             state = classifier.state_dict()
         else:
             classifier = engine.module.classifier
-        convention, tol = (
-            getattr(trained, CONVENTION_KEY, None),
-            tolerance(dtype, settings.quantization.bits if lora else 0),
-        )
+        convention = getattr(trained, CONVENTION_KEY, None)
+        tol = tolerance(dtype, settings.quantization.bits if lora else 0)
 
         def write(tmp: Path) -> None:
             save_classifier(classifier, state, tokenizer, tmp, reward_stats, convention, kind)
