@@ -32,24 +32,26 @@ while [ $# -gt 0 ]; do
 done
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/bigrm-gpu-check.XXXXXX")
-SITE=$WORK/site
+# a fixed place: DeepSpeed's JIT-built ops (on CPU, its shared-memory op) are cached per source path
+SITE=${TMPDIR:-/tmp}/bigrm-gpu-check-site
 mkdir -p "$DEST" "$WORK/logs"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH} BIGRM_CACHE_DIR=$WORK/token-cache
 [ -f "$KIT/hh-rlhf-harmless-base-test.jsonl.gz" ] && export BIGRM_HH_DATA=$KIT/hh-rlhf-harmless-base-test.jsonl.gz
 START=$(date +%s)
 if [ $DRY = 1 ]; then
   export CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-  TOTAL=${BUDGET:-600}
+  TOTAL=${BUDGET:-900}
+  SCALE=2  # CPU boxes: shared cores run the children several times slower, and DeepSpeed's CPU backend JIT-builds
+  # its shared-memory op in the first run on a machine
   TRAIN=(--size tiny --device cpu --steps 3 --warmup 1 --log_every 1 --max_tokens_per_batch 2048)
   SPEED=(--device cpu --data K=2 --prompts 4 4 4 --repeats 1)
   HEADLINE=sdpa BACKENDS="eager" CUDA_ONLY="varlen flex"
-  FIRST=240  # DeepSpeed's CPU backend JIT-builds its shared-memory op in the first run on a machine
 else
   TOTAL=${BUDGET:-530}
+  SCALE=1
   TRAIN=(--steps 8 --warmup 4 --log_every 2)
   SPEED=(--device cuda --size 1b --data K=2 K=4 --prompts 64 32 16 --budget 16384 --trl-batch 16 --repeats 1)
   HEADLINE=varlen BACKENDS="flex sdpa" CUDA_ONLY=
-  FIRST=120
 fi
 DEADLINE=$((START + TOTAL - 10))  # the summary's few seconds stay inside the budget
 
@@ -61,6 +63,7 @@ skip() { record --part "$1" --status skipped --reason "$2"; }
 part() {
   local name=$1 kind=$2 box=$3 left rc t0 ms
   shift 3
+  box=$((box * SCALE))
   case $SKIP in *,$name,*) skip "$name" "left out (--skip)"; return ;; esac
   left=$((DEADLINE - $(date +%s)))
   if [ "$left" -lt 15 ]; then
@@ -109,7 +112,7 @@ PYTEST=(-m gpu tests/runs/test_gpu.py -q -p no:cacheprovider --junitxml "$WORK/g
 [ $DRY = 0 ] && has xdist && PYTEST+=(-n 8)  # torch.compile's CPU-side work in parallel; one GPU is plenty
 has pytest_timeout && PYTEST+=(--timeout 240)
 part gpu-tests pytest 150 "$PY" -m pytest "${PYTEST[@]}"
-bench_run bench-1b "$FIRST" "$HEADLINE" --setups 1b-full
+bench_run bench-1b 120 "$HEADLINE" --setups 1b-full
 part speed bench_speed 120 "$PY" bench/bench_speed.py "${SPEED[@]}" --skip-loss-share --json "$WORK/speed.json"
 bench_run compiled 120 "$HEADLINE" --setups 1b-full --compile
 for attn in $BACKENDS; do bench_run "attn-$attn" 90 "$attn" --setups 1b-full; done

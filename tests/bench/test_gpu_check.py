@@ -26,7 +26,7 @@ HEAVY = "gpu-tests,bench-1b,attn-eager,compiled,speed,qlora"
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHON": sys.executable}
 
 
-def check(tmp_path: Path, *args: str, timeout: int = 300) -> tuple[subprocess.CompletedProcess, dict]:
+def check(tmp_path: Path, *args: str, timeout: int) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "out"
     cmd = ["bash", str(GPU / "check.sh"), "--dry-run", "--out", str(out), *args]
     proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=timeout)
@@ -61,7 +61,7 @@ def by_part(result: dict) -> dict[str, dict]:
 @pytest.mark.skipif(not HH_DATA.exists(), reason="needs the HH data in ../shared/data")
 def test_dry_run_runs_every_part_and_writes_its_figures(tmp_path):
     wheel(tmp_path / "kit")
-    proc, result = check(tmp_path, "--kit", str(tmp_path / "kit"), "--skip", "compiled,qlora")
+    proc, result = check(tmp_path, "--kit", str(tmp_path / "kit"), "--skip", "compiled,qlora", timeout=960)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     parts = by_part(result)
     assert list(parts) == PARTS and result["dry_run"]
