@@ -31,6 +31,7 @@ import argparse
 import gc
 import gzip
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -55,7 +56,11 @@ from bigrm.model.attention import read_attention_needs, resolve_attn
 from bigrm.model.reward_model import RewardModel, load_classifier, write_random_init
 from bigrm.objectives.ranking import ranking_loss
 
-HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+# BIGRM_HH_DATA: elsewhere than ../shared/data, as on the GPU machine, where only the repository travels
+HH = Path(
+    os.environ.get("BIGRM_HH_DATA")
+    or Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+)
 MAX_LENGTH = 1024
 
 
