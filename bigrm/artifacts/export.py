@@ -158,7 +158,7 @@ def export_engine(
             stages.advance()
             quant_bits = settings.quantization.bits if lora else 0
             got = kind.plain_rewards(dest, seqs, device, steps)
-            problem = check(expected, got, tolerance(dtype, quant_bits), dest)
+            problem = check(kind.export_values(expected), got, tolerance(dtype, quant_bits), dest)
         stages.advance()
     failed = dist.all_sum(torch.tensor([float(problem is not None)], device=device)).item()
     if failed:
@@ -218,7 +218,7 @@ def export_checkpoint(path: Path, dest: Path, dtype: torch.dtype | None = None, 
     attn = resolve_attn("auto", cuda=False, needs=attention_needs(trained.config))  # eager for soft-capped models
     trained.config._attn_implementation = hf_attn_implementation(attn)
     with torch.no_grad():
-        expected = RewardModel(trained, attn, kind.vector)(batch).float()
+        expected = kind.export_values(RewardModel(trained, attn, kind.vector)(batch).float())
     classifier = saved.classifier(merged=True) if saved.settings else trained  # LoRA: rebuilt, then merged
     if merge:
         expected = kind.rewards(expected)

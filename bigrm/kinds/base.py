@@ -31,6 +31,7 @@ class RewardKind:
 
     name: ClassVar[str] = "scalar"
     vector: ClassVar[bool] = False  # the model returns every output of the head ((N, A)), not one reward ((N,))
+    head_gram: ClassVar[bool] = False  # in training the model also returns the head rows' products (RewardModel)
 
     # choosing the kind -------------------------------------------------------------------------------------------
 
@@ -99,6 +100,10 @@ class RewardKind:
     def export_form(self, classifier: nn.Module, state: dict[str, torch.Tensor]) -> tuple[nn.Module, dict]:
         """The model class and weights an export writes: the sequence classifier itself."""
         return classifier, state
+
+    def export_values(self, values: torch.Tensor) -> torch.Tensor:
+        """The part of the trained model's outputs that its export reproduces (its plain_rewards)."""
+        return values
 
     def merge(self, classifier: nn.Module) -> RewardKind:
         """`bigrm export --merge-attributes`: the classifier rewritten in place with one output, and its new kind."""

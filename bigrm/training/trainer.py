@@ -173,7 +173,7 @@ class Trainer:
             self.lora = adapters.Settings(base, cfg.lora, cfg.quantization)
         if cfg.model.compile:
             compile_blocks(classifier)
-        model = RewardModel(classifier, attn, kind.vector)
+        model = RewardModel(classifier, attn, kind.vector, kind.head_gram)
         self.verify = export.verification_groups(self.data.eval or self.data.train, model.needs.smallest_window)
         trained = [p for p in model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trained, config=ds)
