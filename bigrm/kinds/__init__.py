@@ -26,9 +26,9 @@ KINDS: tuple[type[RewardKind], ...] = (
 )  # the first that claims a run or a model is it
 
 
-def outputs_for(data: DataConfig) -> int:
-    """The value head's width a run needs, known from its data options before any data is read."""
-    return next(n for n in (kind.outputs_for(data) for kind in KINDS) if n is not None)
+def outputs_for(data: DataConfig, loss: LossConfig) -> int:
+    """The value head's width a run needs, known from its data and loss options before any data is read."""
+    return next(n for n in (kind.outputs_for(data, loss) for kind in KINDS) if n is not None)
 
 
 def for_run(data: DataConfig, loss: LossConfig, dataset: Dataset) -> RewardKind:

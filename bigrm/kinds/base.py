@@ -36,8 +36,8 @@ class RewardKind:
     # choosing the kind -------------------------------------------------------------------------------------------
 
     @staticmethod
-    def outputs_for(data: DataConfig) -> int | None:
-        """The value head's width a run of this kind needs, known from the data options alone; None: not this kind."""
+    def outputs_for(data: DataConfig, loss: LossConfig) -> int | None:
+        """The value head's width a run of this kind needs, known from the options alone; None: not this kind."""
         return 1
 
     @classmethod

@@ -37,6 +37,10 @@ class Length(Scalar):
     vector = True
     head_gram = True
 
+    @staticmethod
+    def outputs_for(data: DataConfig, loss: LossConfig) -> int | None:
+        return 2 if loss.length_head else None
+
     @classmethod
     def for_run(cls, data: DataConfig, loss: LossConfig, dataset: Dataset) -> Length | None:
         if not loss.length_head:

@@ -75,7 +75,8 @@ def model_dir(cfg: Config, out: Path, dtype: torch.dtype) -> str:
                 tiny.write_tiny(out / "tiny-llama")
             if not path or random_init:
                 src = path or str(out / "tiny-llama")
-                write_random_init(src, str(out / "random-init"), cfg.train.seed, dtype, outputs_for(cfg.data))
+                outputs = outputs_for(cfg.data, cfg.loss)
+                write_random_init(src, str(out / "random-init"), cfg.train.seed, dtype, outputs)
     return str(out / "random-init") if (not path or random_init) else path
 
 

@@ -33,7 +33,8 @@ def data(stepwise: bool = False) -> Dataset:
 def test_loss_length_head_chooses_the_kind_and_refuses_other_heads():
     cfg = options.build({"loss.length_head": True})
     kind = kinds.for_run(cfg.data, cfg.loss, data())
-    assert type(kind) is Length and kind.outputs == 2 and kind.vector and kind.head_gram
+    assert type(kind) is Length and kind.outputs == kinds.outputs_for(cfg.data, cfg.loss) == 2
+    assert kind.vector and kind.head_gram
     with pytest.raises(ConfigError, match="loss.length_head: trains on ranked rows"):
         kinds.for_run(cfg.data, cfg.loss, data(stepwise=True))
     rated = options.build({"loss.length_head": True, "data.attributes": ["a"]})
