@@ -22,13 +22,14 @@ from bigrm.data.packing import collate
 from bigrm.data.sequences import Group
 from bigrm.errors import ConfigError, ExportError
 from bigrm.kinds import RewardKind, for_model
+from bigrm.kinds.length import LENGTH_HEAD_KEY
 from bigrm.model.attention import read_attention_needs, resolve_attn
 from bigrm.model.reward_model import RewardModel
 
 # config.json key of what was merged: the sources and their weights
 MERGED_FROM_KEY = "bigrm_merged_from"
-# the reward statistics of one source's training describe none of the merged model's rewards: dropped
-STALE_KEYS = ("bigrm_reward_mean", "bigrm_reward_std", "mean", "std")
+# one source's reward statistics (and length head, kinds.length) describe none of the merged model: dropped
+STALE_KEYS = ("bigrm_reward_mean", "bigrm_reward_std", "mean", "std", LENGTH_HEAD_KEY)
 # what may differ between exports of one architecture
 UNCOMPARED = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", MERGED_FROM_KEY, *STALE_KEYS}
 VERIFY_SEED, VERIFY_SEQUENCES = 0, 8

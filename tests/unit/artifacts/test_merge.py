@@ -16,6 +16,7 @@ from bigrm.artifacts import merge
 from bigrm.artifacts.export import CONVENTION_KEY
 from bigrm.errors import ConfigError, ExportError
 from bigrm.kinds import RewardKind
+from bigrm.kinds.length import LENGTH_HEAD_KEY
 from bigrm.kinds.steps import SEPARATOR_KEY
 from tests.helpers.models import make_model_dir
 
@@ -58,13 +59,14 @@ def test_averaging_identical_exports_is_the_identity(tmp_path, llama_dir):
 
 
 def test_weights_are_normalised_and_stale_reward_statistics_dropped(tmp_path, llama_dir, second_llama):
-    a_dir = edit_config(llama_dir, tmp_path / "a", bigrm_reward_mean=1.5, mean=1.5, std=2.0, bigrm_reward_std=2.0)
+    stats = dict(bigrm_reward_mean=1.5, mean=1.5, std=2.0, bigrm_reward_std=2.0, **{LENGTH_HEAD_KEY: {"bias": 0.5}})
+    a_dir = edit_config(llama_dir, tmp_path / "a", **stats)
     assert merge.merge([a_dir, second_llama], tmp_path / "out", weights=[3.0, 1.0])["coefficients"] == [0.75, 0.25]
     a, b, got = weights(llama_dir), weights(second_llama), weights(tmp_path / "out")
     key = "score.weight"
     assert torch.equal(got[key], (0.75 * a[key].double() + 0.25 * b[key].double()).float())
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert not {"mean", "std", "bigrm_reward_mean", "bigrm_reward_std"} & config.keys()
+    assert not {"mean", "std", "bigrm_reward_mean", "bigrm_reward_std", LENGTH_HEAD_KEY} & config.keys()
     assert config[merge.MERGED_FROM_KEY]["models"] == [str(a_dir), str(second_llama)]
 
 
