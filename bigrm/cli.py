@@ -1,4 +1,5 @@
-"""Command-line entry points: `bigrm train | prepare | export | score | eval` (`launch/train.py` is `bigrm train`)."""
+"""Command-line entry points: `bigrm train | prepare | export | score | eval | merge` (`launch/train.py` is
+`bigrm train`)."""
 
 from __future__ import annotations
 
@@ -248,6 +249,34 @@ def export_main(argv: list[str]) -> int:
     return _run(do_export)
 
 
+def merge_main(argv: list[str]) -> int:
+    p = _parser(
+        "merge", "Average exported reward models, or extrapolate from one to another (ExPO): a verified export."
+    )
+    _required(p, "--models", "exported directories of one architecture, tokenizer, convention and kind", nargs="+")
+    _required(p, "--out", "directory to write")
+    weights = "one positive weight per model, normalised to sum 1 (default: equal)"
+    p.add_argument("--weights", type=float, nargs="+", default=argparse.SUPPRESS, help=weights)
+    p.add_argument(
+        "--alpha",
+        type=float | None,
+        default=None,
+        help="ExPO instead of averaging: θ = θ_a + α(θ_a − θ_b) for --models A B (α = 0 writes A)",
+    )
+    if _asks_help(argv):
+        return _help(p)
+
+    def do_merge() -> None:
+        from bigrm.artifacts.merge import merge
+
+        args = options.parse_args(p, argv)
+        record = merge([Path(m) for m in args.models], Path(args.out), args.get("weights"), args.alpha)
+        terms = " + ".join(f"{c:g}·{m}" for c, m in zip(record["coefficients"], args.models, strict=True))
+        print(f"merged {terms} → {args.out} (verified)")
+
+    return _run(do_merge)
+
+
 def prepare_main(argv: list[str]) -> int:
     if _asks_help(argv):
         print(
@@ -267,7 +296,14 @@ def prepare_main(argv: list[str]) -> int:
     return _run(prepare)
 
 
-COMMANDS = {"train": train_main, "prepare": prepare_main, "export": export_main, "score": score_main, "eval": eval_main}
+COMMANDS = {
+    "train": train_main,
+    "prepare": prepare_main,
+    "export": export_main,
+    "score": score_main,
+    "eval": eval_main,
+    "merge": merge_main,
+}
 
 
 def main() -> int:

@@ -33,16 +33,21 @@ class SyntheticConfig:
     """Fewest completions per synthetic prompt."""
     max_k: int = 6
     """Most completions per synthetic prompt."""
-    task: Literal["ranked", "steps", "attributes"] = "ranked"
+    task: Literal["ranked", "steps", "attributes", "length"] = "ranked"
     """`ranked`: K reviews ranked by sentiment (bigrm.builtin.synthetic.make_rows). `steps`: stepwise rows for a process
     reward model, min_k..max_k solutions per prompt, each step correct until the first step with a word of the unwanted
     sentiment (bigrm.builtin.synthetic.make_step_rows). `attributes`: the multi-attribute task
     (bigrm.builtin.synthetic_attributes): num_train rated single-completion rows (one column per data.attributes name,
     some ratings missing) plus num_train / 4 K-ranked rows without ratings, ranked by the weighted sum of the ratings
-    (loss.attribute_weights); eval rows are K-ranked and rated. Needs 1 to 3 data.attributes (any names)."""
+    (loss.attribute_weights); eval rows are K-ranked and rated. Needs 1 to 3 data.attributes (any names). `length`: the
+    length-biased pairs (bigrm.builtin.synthetic.make_length_rows), eval pairs length-balanced."""
+    length_bias: float = 0.6
+    """The length task: the fraction of training pairs whose better review is the shorter labelled the other way."""
 
     def __post_init__(self) -> None:
-        _bounds(self, "data.synthetic", ("num_train",), ("num_eval",))
+        _bounds(self, "data.synthetic", ("num_train",), ("num_eval", "length_bias"))
+        if self.length_bias > 1:
+            raise ConfigError(f"data.synthetic.length_bias: must be <= 1, got {self.length_bias}")
         if not 2 <= self.min_k <= self.max_k:
             raise ConfigError(f"data.synthetic: need 2 <= min_k <= max_k, got {self.min_k}, {self.max_k}")
 
@@ -231,6 +236,9 @@ class QuantizationConfig:
     """4-bit: quantise the per-block scales too (about 0.37 bits per weight saved)."""
 
 
+LENGTH_COEFS = ("length_coef", "orthogonal_coef")
+
+
 @dataclass
 class LossConfig:
     """loss.*: the training objective (and the loss eval reports)."""
@@ -278,10 +286,18 @@ class LossConfig:
     its row's weight and averaged over the optimizer step's steps (see bigrm.objectives.steps)."""
     train_on_last_step_only: bool = False
     """Stepwise rows: train on each solution's last step only (TRL's option); eval still reads every step."""
+    length_head: bool = False
+    """ODIN (arXiv 2402.07319, bigrm.kinds.length): quality and length outputs, their sum ranked; the reward and the
+    export are the quality output. Ranked rows only."""
+    length_coef: float = 1.0
+    """With loss.length_head: weight of |ρ(r_Q, L)| - ρ(r_L, L), Pearson correlations over a micro-batch of the two
+    outputs with L, completion length in tokens."""
+    orthogonal_coef: float = 1.0
+    """With loss.length_head: weight of |w_Q · w_L|, the dot product of the quality and length head rows."""
 
     def __post_init__(self) -> None:
         coefs = ("attribute_coef", "score_margin_scale", "regress_weight", "tie_coef", "center_rewards_coef")
-        _bounds(self, "loss", ("tie_threshold",), (*coefs, "l2_rewards_coef", "step_coef"))
+        _bounds(self, "loss", ("tie_threshold",), (*coefs, "l2_rewards_coef", "step_coef", *LENGTH_COEFS))
 
 
 @dataclass

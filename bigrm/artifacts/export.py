@@ -238,7 +238,7 @@ def export_engine(
             stages.advance()
 
         def verified(tmp: Path) -> str | None:
-            return check(expected, kind.plain_rewards(tmp, seqs, device, steps), tol, dest)
+            return check(kind.export_values(expected), kind.plain_rewards(tmp, seqs, device, steps), tol, dest)
 
         with progress.transformers_bars():
             try:
@@ -305,7 +305,7 @@ def export_checkpoint(path: Path, dest: Path, dtype: torch.dtype | None = None, 
     attn = resolve_attn("auto", cuda=False, needs=attention_needs(trained.config))  # eager for soft-capped models
     trained.config._attn_implementation = hf_attn_implementation(attn)
     with torch.no_grad():
-        expected = RewardModel(trained, attn, kind.vector)(batch).float()
+        expected = kind.export_values(RewardModel(trained, attn, kind.vector)(batch).float())
     classifier = saved.classifier(merged=True) if saved.settings else trained  # LoRA: rebuilt, then merged
     if merge:
         expected = kind.rewards(expected)

@@ -8,6 +8,10 @@ The stepwise task (`make_step_rows`, for process reward models) asks for positiv
 STEP_WORDS words; a step is correct while no step so far has used a negative word (a solution is right up to its
 first error, as in Math-Shepherd). The rule does not depend on the prompt: a tiny model learns it in a few hundred
 CPU steps, where one that swapped the error words with the prompt's sentiment stays near chance as long.
+
+The length-biased task (`make_length_rows`, for length-disentangled reward models) is pairs of reviews of 4 to 16
+words whose quality does not depend on length, with training labels that prefer the longer review more often than
+quality says: a model that learns the labels' length preference rewards length.
 """
 
 from __future__ import annotations
@@ -75,4 +79,40 @@ def make_step_rows(n: int, min_k: int, max_k: int, seed: int, min_steps: int = 2
             first_error = rng.randrange(length) if rng.random() < 0.5 else length
             steps = [_step(rng, k == first_error) for k in range(length)]
             rows.append({"prompt": prompt, "completions": steps, "labels": [k < first_error for k in range(length)]})
+    return rows
+
+
+LENGTHS = (4, 16)  # words of a length-task review
+SENTIMENT_WORDS = 4  # at most, whatever the length: quality does not grow with it
+
+
+def _length_pair(rng: random.Random, wanted: list[str], opposite: list[str], longer_wins: bool) -> tuple[str, str]:
+    """(better, worse) reviews of distinct lengths and distinct qualities, the better the longer if `longer_wins`."""
+    q_better, q_worse = sorted(rng.sample(range(-SENTIMENT_WORDS, SENTIMENT_WORDS + 1), 2), reverse=True)
+    long, short = sorted(rng.sample(range(LENGTHS[0], LENGTHS[1] + 1), 2), reverse=True)
+    texts = []
+    for q, n in ((q_better, long if longer_wins else short), (q_worse, short if longer_wins else long)):
+        good = rng.randint(max(q, 0), (SENTIMENT_WORDS + q) // 2)  # good - bad = q, good + bad <= SENTIMENT_WORDS
+        words = rng.choices(wanted, k=good) + rng.choices(opposite, k=good - q)
+        words += rng.choices(NEUTRAL, k=n - len(words))
+        rng.shuffle(words)
+        texts.append(" " + " ".join(words))
+    return texts[0], texts[1]
+
+
+def make_length_rows(n: int, seed: int, bias: float, held_out: bool) -> list[dict]:
+    """`n` pairs {prompt, ranked_outputs: [preferred, other]} of the length-biased task: quality is the ranked task's
+    (#wanted − #opposite) and independent of length. Training pairs (`held_out` False): where the better review is
+    the shorter, the label prefers the longer with probability `bias`. Held-out pairs: labelled by quality, the
+    better review the longer in every other pair."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        positive = rng.random() < 0.5
+        wanted, opposite = (POSITIVE, NEGATIVE) if positive else (NEGATIVE, POSITIVE)
+        longer_wins = i % 2 == 0 if held_out else rng.random() < 0.5
+        better, worse = _length_pair(rng, wanted, opposite, longer_wins)
+        flipped = not held_out and not longer_wins and rng.random() < bias
+        prompt = f"write a {'positive' if positive else 'negative'} review of the {rng.choice(ITEMS)}:"
+        rows.append({"prompt": prompt, "ranked_outputs": [worse, better] if flipped else [better, worse]})
     return rows

@@ -105,14 +105,18 @@ class LabelTensors:
     """What SegmentLabels does; its fields are made from the label specification (data.labels.LABELS) below."""
 
     @staticmethod
-    def of(labels: list[Labels], ks: list[int], dtype: torch.dtype = torch.float32) -> SegmentLabels:
-        """Prompt g has ks[g] completions; `dtype` is that of every float label (scores, targets, margins, ...)."""
+    def of(
+        labels: list[Labels], ks: list[int], dtype: torch.dtype = torch.float32, lengths: list[int] | None = None
+    ) -> SegmentLabels:
+        """Prompt g has ks[g] completions; `dtype` is that of every float label (scores, targets, margins, ...);
+        `lengths`: each completion's length in tokens (seg_length)."""
         prompts = list(zip(labels, ks, strict=True))
         return SegmentLabels(
             seg_group=torch.repeat_interleave(torch.arange(len(ks)), torch.tensor(ks, dtype=torch.long)),
             num_groups=len(labels),
             **{f.tensor: _tensor(f, prompts, dtype) for f in LABELS},
             **_step_layout(prompts),
+            seg_length=None if lengths is None else torch.tensor(lengths, dtype=torch.long),
         )
 
     @property
@@ -177,13 +181,15 @@ SegmentLabels = make_dataclass(
         # stepwise segments: every step of the batch, segments in order, steps in order within a segment
         ("step_seg", torch.Tensor | None, None),  # (P,) scored segment of each step, 0..N-1
         ("step_last", torch.Tensor | None, None),  # (P,) the step is its solution's last
+        # (N,) completion length in tokens: the tokens after its prompt's completions' common prefix (collate)
+        ("seg_length", torch.Tensor | None, None),
     ],
     bases=(LabelTensors,),
     namespace={
         "__module__": __name__,
         "__doc__": "The labels (data.labels.Labels) of a set of prompts laid out for the loss, N scored segments of G "
-        "prompts with P steps (None: a batch without them): seg_group, num_groups, step_seg, step_last and one tensor "
-        "per label field: "
+        "prompts with P steps (None: a batch without them): seg_group, num_groups, step_seg, step_last, seg_length and "
+        "one tensor per label field: "
         + ", ".join(f"{f.tensor} {_shape(f)} Labels.{f.name}" + (f" × {f.times}" if f.times else "") for f in LABELS),
     },
 )
@@ -238,6 +244,12 @@ def layout_tokens(group: Group, share_prompt: bool) -> int:
     return group.num_tokens - (len(group.seqs) - 1) * shared_prefix(group.seqs)
 
 
+def completion_lengths(groups: list[Group]) -> list[int]:
+    """Per scored sequence its completion's length in tokens: what follows the prompt's shared token prefix (a prompt
+    with one completion counts its final token alone)."""
+    return [len(s) - p for g in groups for p in [shared_prefix(g.seqs)] for s in g.seqs]
+
+
 def check_budget(groups: list[Group], budget: int, share_prompt: bool, what: str = "", option: str = "--") -> None:
     """All K completions of a prompt share one micro-batch: a DataError when some prompt's cannot fit the budget
     (`option` prefixes the budget's name in the message: "train." in training, "--" on the command line)."""
@@ -282,7 +294,7 @@ def collate(groups: list[Group], pad_id: int, pad_to_multiple: int = 1, share_pr
         cu_seqlens=torch.from_numpy(cu).to(torch.int32),
         seg_parent=torch.from_numpy(parents),
         last_index=torch.from_numpy(cu[1:][scored] - 1),
-        labels=SegmentLabels.of([g.labels for g in groups], k_per_group),
+        labels=SegmentLabels.of([g.labels for g in groups], k_per_group, lengths=completion_lengths(groups)),
         max_seqlen=int(lens.max()),
         real_tokens=real,
     )

@@ -299,7 +299,10 @@ def report(results: list[RowResult], cfg: LossConfig, kind: RewardKind, report_d
     if not done:
         raise DataError("no row could be scored")
     examples = [r.example for r in done]
-    labels = SegmentLabels.of([e.labels for e in examples], [len(e.completions) for e in examples], torch.float64)
+    lengths = [len(s.ids) - s.completion_start for r in done for s in r.scored]
+    labels = SegmentLabels.of(
+        [e.labels for e in examples], [len(e.completions) for e in examples], torch.float64, lengths
+    )
     if any(e.labels.ranked for e in examples):
         out, drawn = _ranking_report(done, labels, cfg)
     elif report_dir is not None:
@@ -331,7 +334,7 @@ def _ranking_report(done: list[RowResult], labels: SegmentLabels, cfg: LossConfi
     examples = [r.example for r in done]
     subsets = [r.row.get("subset") for r in done]
     rewards = torch.tensor([x for r in done for x in r.rewards], dtype=torch.float64)  # (N,)
-    lengths = torch.tensor([len(s.ids) - s.completion_start for r in done for s in r.scored])  # (N,)
+    lengths = labels.seg_length  # (N,)
     named = any(s is not None for s in subsets)
     out = ranking_report(rewards, labels, lengths, cfg, subsets=[str(s) for s in subsets] if named else None)
     names = [str(s) if s is not None else source_file(e.source) for s, e in zip(subsets, examples, strict=True)]

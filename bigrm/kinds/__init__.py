@@ -3,6 +3,7 @@
     scalar      one reward per completion (kinds.scalar)
     steps       a process reward model, values at reasoning steps' ends (kinds.steps)
     attributes  one output per rated attribute, their weighted sum the reward (kinds.attributes)
+    length      quality and length outputs, the quality one the reward (kinds.length, loss.length_head)
 
 A new kind is a module with a RewardKind subclass and its place in KINDS.
 """
@@ -13,15 +14,21 @@ from bigrm.config import DataConfig, LossConfig
 from bigrm.data.pipeline import Dataset
 from bigrm.kinds.attributes import Attributes
 from bigrm.kinds.base import RewardKind
+from bigrm.kinds.length import Length
 from bigrm.kinds.scalar import Scalar
 from bigrm.kinds.steps import Steps
 
-KINDS: tuple[type[RewardKind], ...] = (Attributes, Steps, Scalar)  # the first that claims a run or a model is it
+KINDS: tuple[type[RewardKind], ...] = (
+    Length,
+    Attributes,
+    Steps,
+    Scalar,
+)  # the first that claims a run or a model is it
 
 
-def outputs_for(data: DataConfig) -> int:
-    """The value head's width a run needs, known from its data options before any data is read."""
-    return next(n for n in (kind.outputs_for(data) for kind in KINDS) if n is not None)
+def outputs_for(data: DataConfig, loss: LossConfig) -> int:
+    """The value head's width a run needs, known from its data and loss options before any data is read."""
+    return next(n for n in (kind.outputs_for(data, loss) for kind in KINDS) if n is not None)
 
 
 def for_run(data: DataConfig, loss: LossConfig, dataset: Dataset) -> RewardKind:
@@ -35,4 +42,4 @@ def for_model(config, stepwise_rows: bool = False) -> RewardKind:
     return next(k for k in (kind.for_model(config, stepwise_rows) for kind in KINDS) if k is not None)
 
 
-__all__ = ["KINDS", "Attributes", "RewardKind", "Scalar", "Steps", "for_model", "for_run", "outputs_for"]
+__all__ = ["KINDS", "Attributes", "Length", "RewardKind", "Scalar", "Steps", "for_model", "for_run", "outputs_for"]

@@ -36,7 +36,7 @@ class Attributes(Scalar):
         self.head = head
 
     @staticmethod
-    def outputs_for(data: DataConfig) -> int | None:
+    def outputs_for(data: DataConfig, loss: LossConfig) -> int | None:
         return len(data.attributes) or None
 
     @classmethod

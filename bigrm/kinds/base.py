@@ -31,12 +31,13 @@ class RewardKind:
 
     name: ClassVar[str] = "scalar"
     vector: ClassVar[bool] = False  # the model returns every output of the head ((N, A)), not one reward ((N,))
+    head_gram: ClassVar[bool] = False  # in training the model also returns the head rows' products (RewardModel)
 
     # choosing the kind -------------------------------------------------------------------------------------------
 
     @staticmethod
-    def outputs_for(data: DataConfig) -> int | None:
-        """The value head's width a run of this kind needs, known from the data options alone; None: not this kind."""
+    def outputs_for(data: DataConfig, loss: LossConfig) -> int | None:
+        """The value head's width a run of this kind needs, known from the options alone; None: not this kind."""
         return 1
 
     @classmethod
@@ -99,6 +100,10 @@ class RewardKind:
     def export_form(self, classifier: nn.Module, state: dict[str, torch.Tensor]) -> tuple[nn.Module, dict]:
         """The model class and weights an export writes: the sequence classifier itself."""
         return classifier, state
+
+    def export_values(self, values: torch.Tensor) -> torch.Tensor:
+        """The part of the trained model's outputs that its export reproduces (its plain_rewards)."""
+        return values
 
     def merge(self, classifier: nn.Module) -> RewardKind:
         """`bigrm export --merge-attributes`: the classifier rewritten in place with one output, and its new kind."""

@@ -82,5 +82,3 @@ def merged_head(weight: torch.Tensor, bias: torch.Tensor | None, head: Attribute
     merged_w = (w @ weight.double())[None].to(weight.dtype)
     merged_b = None if bias is None else (w @ bias.double()).reshape(1).to(bias.dtype)
     return merged_w, merged_b
-
-

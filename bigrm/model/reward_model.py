@@ -27,12 +27,14 @@ from bigrm.model.packed_attention import packed_inputs
 
 class RewardModel(nn.Module):
     """Wraps the HF classifier so DeepSpeed drives one forward: packed batch → (N,) rewards, or with `vector` (N, A)
-    every output of an A-output head (a reward kind's, bigrm.kinds)."""
+    every output of an A-output head (a reward kind's, bigrm.kinds); with `head_gram`, in training, followed by the
+    (A, A) products of the head's rows (the length-disentangled kind's orthogonality term)."""
 
-    def __init__(self, classifier: nn.Module, attn: str, vector: bool = False):
+    def __init__(self, classifier: nn.Module, attn: str, vector: bool = False, head_gram: bool = False):
         super().__init__()
         self.classifier = classifier
         self.vector = vector
+        self.head_gram = head_gram
         self.attn = attn
         self.needs = attention_needs(classifier.config)
         check_backend(attn, self.needs)
@@ -55,6 +57,9 @@ class RewardModel(nn.Module):
         head = self.classifier.score
         bias = None if head.bias is None else head.bias.float()
         values = nn.functional.linear(picked.float(), head.weight.float(), bias)
+        if self.head_gram and self.classifier.training and not every_token:
+            # a loss on the head's weights must see them here: ZeRO-3 gathers parameters only inside the forward
+            values = torch.cat([values, head.weight.float() @ head.weight.float().T])
         return values if self.vector else values[:, 0]
 
 

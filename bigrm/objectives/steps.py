@@ -57,5 +57,3 @@ def step_loss(
             "correct_steps": ((v.detach() >= 0) == (y >= 0.5)).sum().double(),
         }
     return loss, {k: t.to(values.device) for k, t in sums.items()}
-
-

@@ -75,7 +75,8 @@ def model_dir(cfg: Config, out: Path, dtype: torch.dtype) -> str:
                 tiny.write_tiny(out / "tiny-llama")
             if not path or random_init:
                 src = path or str(out / "tiny-llama")
-                write_random_init(src, str(out / "random-init"), cfg.train.seed, dtype, outputs_for(cfg.data))
+                outputs = outputs_for(cfg.data, cfg.loss)
+                write_random_init(src, str(out / "random-init"), cfg.train.seed, dtype, outputs)
     return str(out / "random-init") if (not path or random_init) else path
 
 
@@ -175,7 +176,7 @@ class Trainer:
             self.lora = adapters.Settings(base, cfg.lora, cfg.quantization)
         if cfg.model.compile:
             compile_blocks(classifier)
-        model = RewardModel(classifier, attn, kind.vector)
+        model = RewardModel(classifier, attn, kind.vector, kind.head_gram)
         self.verify = export.verification_groups(self.data.eval or self.data.train, model.needs.smallest_window)
         trained = [p for p in model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trained, config=ds)

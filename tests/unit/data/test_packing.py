@@ -302,3 +302,12 @@ def test_collate_carries_ties_scores_targets_and_weights():
     assert b.labels.seg_score[:3].isnan().all() and b.labels.seg_score[3:].tolist() == [1.0, 4.0]
     assert b.labels.seg_target[:3].isnan().all() and b.labels.seg_target[3:].tolist() == [-1.0, 1.0]
     assert b.labels.group_weight.tolist() == [2.0, 1.0] and b.labels.group_margin.tolist() == [0.5, 0.0]
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_collate_gives_each_completion_its_length_after_the_shared_prompt(share_prompt):
+    prompt = np.array([5, 6, 7])
+    g0 = Group((np.concatenate([prompt, [1, 2]]), np.concatenate([prompt, [3, 4, 8, 9]])), "g0", Labels())
+    g1 = Group((np.array([2, 1]), np.array([3]), np.array([4, 4, 4])), "g1", Labels())  # no common prefix
+    batch = collate([g0, g1], pad_id=0, share_prompt=share_prompt)
+    assert batch.labels.seg_length.tolist() == [2, 4, 2, 1, 3]

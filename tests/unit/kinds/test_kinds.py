@@ -28,13 +28,15 @@ def data(stepwise: bool = False, stats: dict | None = None) -> Dataset:
 
 def test_the_run_options_and_data_choose_the_kind():
     plain = options.build({})
-    assert type(kinds.for_run(plain.data, plain.loss, data())) is Scalar and kinds.outputs_for(plain.data) == 1
+    assert type(kinds.for_run(plain.data, plain.loss, data())) is Scalar
+    assert kinds.outputs_for(plain.data, plain.loss) == 1
     separated = options.build({"data.step_separator": " ;"})
     steps = kinds.for_run(separated.data, separated.loss, data(stepwise=True))
     assert type(steps) is Steps and steps.separator == " ;" and steps.outputs == 1
     rated = options.build({"data.attributes": ["a", "b"], "loss.attribute_weights": [1.0, -0.5]})
     kind = kinds.for_run(rated.data, rated.loss, data(stats={"mean": [1.0, 2.0], "std": [2.0, 0.5]}))
-    assert type(kind) is Attributes and kind.head == HEAD and kind.outputs == kinds.outputs_for(rated.data) == 2
+    assert type(kind) is Attributes and kind.head == HEAD
+    assert kind.outputs == kinds.outputs_for(rated.data, rated.loss) == 2
     assert kind.vector and not steps.vector
 
 

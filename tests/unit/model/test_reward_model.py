@@ -288,3 +288,17 @@ def test_varlen_glue_equals_per_sequence_reference(llama_dir, monkeypatch, kerne
     model = RewardModel(load_classifier(str(llama_dir), torch.float32, attn, tok), attn)
     groups = shared_groups(9) if share else random_groups(9, 400)
     assert_equals_per_sequence(model, llama_dir, collate(groups, tok.pad_token_id, share_prompt=share), groups)
+
+
+def test_head_gram_appends_the_head_rows_products_in_training_only(llama_dir):
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    classifier = load_classifier(str(llama_dir), torch.float32, "sdpa", tok, num_labels=2)
+    model = RewardModel(classifier, "sdpa", vector=True, head_gram=True)
+    batch = collate(random_groups(0, 100, n_groups=2), 0)
+    n, w = len(batch.labels.seg_group), classifier.score.weight.detach()
+    trained = model.train()(batch)
+    assert trained.shape == (n + 2, 2)
+    torch.testing.assert_close(trained[n:].detach(), w @ w.T, atol=0, rtol=0)
+    evaluated = model.eval()(batch)
+    assert evaluated.shape == (n, 2)
+    torch.testing.assert_close(trained[:n].detach(), evaluated, atol=1e-6, rtol=0)
