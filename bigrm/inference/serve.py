@@ -185,10 +185,16 @@ def _vllm_route(handle, path: str, pooling: bool, limit: int, whole, model: str)
 
 
 def run(rewarder: Rewarder, opts: ServeOptions) -> None:
+    """Serve until SIGTERM or SIGINT; after SIGTERM, once what was in flight is answered, return (exit 0)."""
+    import signal
+
     import uvicorn
 
     app = create_app(rewarder, opts)
     config = uvicorn.Config(
         app, host=opts.host, port=opts.port, log_level="info", access_log=False, timeout_graceful_shutdown=60
     )
+    # uvicorn raises the signal it stopped on again once drained, under the handler it found: a SIGTERM that
+    # has been honoured is then a clean exit, not death by the signal
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.Server(config).run()
