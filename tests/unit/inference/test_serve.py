@@ -1,6 +1,6 @@
 """`bigrm serve` on a real uvicorn server on loopback: its rewards are `bigrm score`'s for the same rows (every reward
 kind, 32 clients at once), through bigrm's grouped endpoint, OpenRLHF's own remote-RM client and verl's /classify
-request; and `bigrm.RewardFunction` answers as TRL's GRPOTrainer calls it."""
+request."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import httpx
 import numpy as np
 import pytest
 
-import bigrm
 from bigrm import cli
 from bigrm.inference.batching import MIN_SHARED, share_groups
 from bigrm.inference.rewarder import Rewarder
@@ -170,17 +169,3 @@ def test_share_groups_joins_completions_of_one_prompt_within_the_budget():
     assert share_groups(seqs, [False] * 4, 100) == [[0, 2], [3], [1]]
     assert share_groups(seqs, [False, False, True, False], 100) == [[0], [3], [1], [2]]
     assert share_groups(seqs, [False] * 4, 15) == [[0], [2], [3], [1]]
-
-
-def test_reward_function_is_a_trl_reward_function(tmp_path, llama_dir):
-    rows = ranked_rows()[:4]
-    want = [r for row in scored(tmp_path, llama_dir, rows) for r in row["rewards"]]
-    fn = bigrm.RewardFunction(str(llama_dir))
-    prompts = [row["prompt"] for row in rows for _ in row["ranked_outputs"]]
-    completions = [c for row in rows for c in row["ranked_outputs"]]
-    got = fn(prompts=prompts, completions=completions, completion_ids=[[1]] * len(prompts), trainer_state=None)
-    assert got == pytest.approx(want, abs=1e-5) and fn.__name__ == "bigrm"
-    chat = [{"prompt": [{"role": "user", "content": "hi"}], "chosen": "hello", "rejected": "go away"}]
-    want = scored(tmp_path, llama_dir, chat)[0]["rewards"]
-    conv = fn([chat[0]["prompt"]] * 2, [[{"role": "assistant", "content": c}] for c in ("hello", "go away")])
-    assert conv == pytest.approx(want, abs=1e-5)
