@@ -2,6 +2,7 @@
 load: each request one prompt's G completions, sent to OpenRLHF's `/get_reward` (both servers speak it).
 
     python bench/bench_serve.py [--gs 8 16] [--groups 32] [--clients 4] [--threads 2]
+    python bench/bench_serve.py --soak 20000 [--soak-clients 64]
 
 Data: HH harmless-base prompts (../shared/data) with G HH replies each; a query is prompt + reply + EOS, as
 OpenRLHF's rollout decodes it. Model: a random-initialised Llama of --shape (bench/models.py's tiny config widened),
@@ -12,9 +13,12 @@ fp32, the same directory for both. Each server is a child process with --threads
   plain   FastAPI + uvicorn; per request: tokenise (add_special_tokens=False), pad to the longest, one forward of
           AutoModelForSequenceClassification, the value at the last real token: OpenRLHF's RewardModelProxy with
           its default batch size (the whole request)
---clients threads send the --groups requests (after 2 warm-up requests) as fast as answers come. Reported per G:
-sequences/s, request latency p50/p99, the ratio bigrm / plain, and the largest difference between the two servers'
-rewards (the same scores, or the comparison means nothing).
+--clients threads send the --groups requests (after 2 warm-up requests) as fast as answers come, --repeats times per
+server, alternating; the median run counts. Reported per G: sequences/s, request latency p50/p99, the ratio
+bigrm / plain, and the largest difference between the two servers' rewards (the same scores, or the comparison
+means nothing).
+--soak N: N requests from --soak-clients threads against bigrm serve alone (tiny model): errors, answers that are
+not their request's, the server's RSS after warm-up and at the end, and its exit code after SIGTERM.
 """
 
 from __future__ import annotations
@@ -33,13 +37,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from fastapi import Request  # at module level: FastAPI resolves the endpoint's annotation here
 from bench_speed import hh_pieces
+from fastapi import Request  # at module level: FastAPI resolves the endpoint's annotation here
 from models import write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
-    "small": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
+    # wide enough that the forward, not the framework around it, is what a request costs
+    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=4),
     "tiny": {},
 }  # fmt: skip
@@ -133,6 +138,49 @@ def grpo_bodies(g: int, n: int, eos: str, seed: int) -> list[dict]:
     return bodies
 
 
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def soak(model: str, n: int, clients: int, threads: int, budget: int, eos: str) -> dict:
+    """`n` requests from `clients` threads, each a random pick of 256 distinct GRPO groups (G = 4) whose rewards were
+    taken one request at a time first: errors, answers not those of their request, server RSS after warm-up and
+    at the end."""
+    bodies = grpo_bodies(4, 256, eos, seed=1)
+    proc, url = start("bigrm", model, threads, budget)
+    try:
+        with httpx.Client(base_url=url, timeout=600) as client:
+            expected = [client.post("/get_reward", json=b).json()["rewards"] for b in bodies]
+            warm = rss_mb(proc.pid)
+            picks = random.Random(2).choices(range(len(bodies)), k=n)
+            limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+            with httpx.Client(base_url=url, timeout=600, limits=limits) as pool_client:
+
+                def one(i):
+                    try:
+                        response = pool_client.post("/get_reward", json=bodies[i])
+                    except httpx.HTTPError:
+                        return "error"
+                    if response.status_code != 200:
+                        return "error"
+                    got = response.json()["rewards"]
+                    return "ok" if np.allclose(got, expected[i], atol=1e-5, rtol=0) else "mixed"
+
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(clients) as pool:
+                    outcomes = list(pool.map(one, picks))
+                wall = time.perf_counter() - t0
+        end = rss_mb(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    return {"requests": n, "clients": clients, "errors": outcomes.count("error"), "mixed": outcomes.count("mixed"),
+            "requests_per_s": n / wall, "rss_after_warmup_mb": warm, "rss_end_mb": end, "exit_code": code}  # fmt: skip
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--plain-server"]:
         plain_server(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
@@ -144,8 +192,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of each server")
     ap.add_argument("--budget", type=int, default=16384, help="bigrm serve --max_tokens_per_batch")
     ap.add_argument("--shape", choices=list(SHAPES), default="small")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each server, alternating; the median counts")
     ap.add_argument("--out", type=str, default=None, help="also write the figures as JSON here")
+    ap.add_argument("--soak", type=int, default=0, help="instead: this many requests from --soak-clients (tiny model)")
+    ap.add_argument("--soak-clients", type=int, default=64)
     args = ap.parse_args()
+    if args.soak:
+        args.shape = "tiny"
 
     from transformers import AutoTokenizer
 
@@ -159,26 +212,35 @@ def main() -> None:
     model = str(tmp / "model")
     write_random_init(str(src), model, 0)
     eos = AutoTokenizer.from_pretrained(model).eos_token
+    if args.soak:
+        out = soak(model, args.soak, args.soak_clients, args.threads, args.budget, eos)
+        print(json.dumps(out))
+        if args.out:
+            Path(args.out).write_text(json.dumps({"args": vars(args), "soak": out}, indent=2) + "\n")
+        return
     results = []
     for g in args.gs:
         bodies = grpo_bodies(g, args.groups + 2, eos, seed=g)
-        row = {"G": g}
-        rewards = {}
-        for which in ("bigrm", "plain"):
-            proc, url = start(which, model, args.threads, args.budget)
-            try:
-                wall, lat, rewards[which] = load(url, bodies, args.clients)
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(60)
-            n = sum(len(b["query"]) for b in bodies[2:])
+        row, rewards = {"G": g}, {}
+        runs = {"bigrm": [], "plain": []}
+        for _ in range(args.repeats):  # alternating: the machine's other load hits both alike
+            for which in runs:
+                proc, url = start(which, model, args.threads, args.budget)
+                try:
+                    wall, lat, rewards[which] = load(url, bodies, args.clients)
+                finally:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(60)
+                runs[which].append((wall, lat))
+        n = sum(len(b["query"]) for b in bodies[2:])
+        for which, measured in runs.items():
+            wall, lat = sorted(measured, key=lambda m: m[0])[len(measured) // 2]  # the median run
             row[which] = {"seq_per_s": n / wall, "p50_s": float(np.percentile(lat, 50)),
-                          "p99_s": float(np.percentile(lat, 99))}  # fmt: skip
+                          "p99_s": float(np.percentile(lat, 99)),
+                          "all_seq_per_s": [n / m[0] for m in measured]}  # fmt: skip
         row["speedup"] = row["bigrm"]["seq_per_s"] / row["plain"]["seq_per_s"]
         flat = [np.asarray(rewards[w], dtype=object) for w in ("bigrm", "plain")]
-        row["max_reward_diff"] = max(
-            abs(a - b) for x, y in zip(*flat, strict=True) for a, b in zip(x, y, strict=True)
-        )
+        row["max_reward_diff"] = max(abs(a - b) for x, y in zip(*flat, strict=True) for a, b in zip(x, y, strict=True))
         results.append(row)
         b, p = row["bigrm"], row["plain"]
         print(
