@@ -159,7 +159,7 @@ class Batcher:
         """Each job's answers, its queries laid out in groups of completions that share a token prefix."""
         flat = [e for j in jobs for e in j.encoded]
         seqs = [(i, k) for i, e in enumerate(flat) for k in range(len(e.scored))]
-        tags = [flat[i].steps is not None for i, _ in seqs]
+        tags = [(flat[i].steps is not None, flat[i].query.per_token) for i, _ in seqs]
         groups = share_groups([flat[i].scored[k].ids for i, k in seqs], tags, self.rewarder.budget)
         merged = [
             Encoded(flat[seqs[g[0]][0]].query, [flat[i].scored[k] for i, k in (seqs[x] for x in g)],
@@ -179,8 +179,8 @@ class Batcher:
         return [[next(it) for _ in j.encoded] for j in jobs]
 
 
-def share_groups(seqs: list[list[int]], tags: list[bool], budget: int) -> list[list[int]]:
-    """Sequence indices in groups: sorted by (tag, tokens), neighbours with the same tag (stepwise or not) that
+def share_groups(seqs: list[list[int]], tags: list[tuple], budget: int) -> list[list[int]]:
+    """Sequence indices in groups: sorted by (tag, tokens), neighbours with the same tag (stepwise, per token) that
     share at least MIN_SHARED leading tokens join one group, within the token budget."""
     order = sorted(range(len(seqs)), key=lambda i: (tags[i], seqs[i]))
     groups: list[list[int]] = []

@@ -27,6 +27,7 @@ class Query:
     prompt: Text
     completions: list[Text]
     steps: list[list[str]] | None = None
+    per_token: bool = False  # also the value at every completion token
 
 
 @dataclass
@@ -123,23 +124,33 @@ class Rewarder:
 
     def score_scored(self, encoded: list[Encoded]) -> list[dict]:
         """What `score` answers, for the scored completions alone (lists without the skipped ones)."""
-        results = [
-            scoring.RowResult({}, Example(e.query.prompt, (), f"group {i}"), e.scored, steps=e.steps)
-            for i, e in enumerate(encoded)
-            if e.scored
-        ]
-        kind = scoring.kind_for_rows(self.model, results)
-        scoring.score(self.model, results, self.budget, self.device, False, share_prompt=True, kind=kind)
-        done = iter(results)
-        return [self._answer(e, next(done), kind) if e.scored else {"rewards": [], "values": [], "cut": []}
-                for e in encoded]  # fmt: skip
+        out: list[dict] = [{"rewards": [], "values": [], "cut": []} for _ in encoded]
+        for every in (False, True):  # per-token values need every sequence laid out whole: forwarded apart
+            todo = [i for i, e in enumerate(encoded) if e.scored and e.query.per_token == every]
+            results = [
+                scoring.RowResult({}, Example(encoded[i].query.prompt, (), f"group {i}"), encoded[i].scored,
+                                  steps=encoded[i].steps)
+                for i in todo
+            ]  # fmt: skip
+            if not results:
+                continue
+            kind = scoring.kind_for_rows(self.model, results)
+            scoring.score(self.model, results, self.budget, self.device, every, share_prompt=True, kind=kind)
+            for i, result in zip(todo, results, strict=True):
+                out[i] = self._answer(encoded[i], result, kind)
+        return out
+
+    def _normal(self, values: list[float]) -> list[float]:
+        return [(r - self.stats[0]) / self.stats[1] for r in values] if self.stats else values
 
     def _answer(self, e: Encoded, result: scoring.RowResult, kind) -> dict:
-        rewards = result.rewards
-        if self.stats:
-            rewards = [(r - self.stats[0]) / self.stats[1] for r in rewards]
-        out = {"rewards": rewards, "values": result.values, "cut": [s.cut for s in e.scored]}
+        out = {"rewards": self._normal(result.rewards), "values": result.values, "cut": [s.cut for s in e.scored]}
         out.update(kind.score_fields(result.values, result.step_values))
+        if result.token_values is not None:
+            out["per_token_rewards"] = [
+                self._normal(v[s.completion_start :].tolist())
+                for s, v in zip(e.scored, result.token_values, strict=True)
+            ]
         return out
 
 

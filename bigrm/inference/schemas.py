@@ -1,8 +1,9 @@
 """The request bodies `bigrm serve` reads, each checked into Queries with a one-line reason when it cannot be, and the
 response each API's client parses:
 
-  native    POST /v1/rewards  {"prompt": text | messages, "completions": [text | messages | [step, ...]]}
-            → {"rewards", "values", "cut", and the kind's "attributes" / "step_rewards"}; or {"groups": [those]}
+  native    POST /v1/rewards  {"prompt": text | messages, "completions": [text | messages | [step, ...]],
+            "per_token": false} → {"rewards", "values", "cut", the kind's "attributes" / "step_rewards", and with
+            per_token "per_token_rewards"}; or {"groups": [those]}
             → {"groups": [answers]}
   OpenRLHF  POST /get_reward  {"query": [text], "prompts": [text], "labels": [...]} → {"rewards", "scores",
             "extra_logs"}: what openrlhf/cli/serve_rm.py answers and openrlhf/utils/agent.py's
@@ -87,9 +88,12 @@ def native_queries(body: Any, limit: int) -> tuple[list[Query], bool]:
 
 
 def _group(body: dict, at: str, limit: int) -> Query:
-    unknown = set(body) - {"prompt", "completions"}
+    unknown = set(body) - {"prompt", "completions", "per_token"}
     if unknown:
-        raise BadRequest(f"{at}{sorted(unknown)[0]}: unknown field (a group has prompt and completions)")
+        raise BadRequest(f"{at}{sorted(unknown)[0]}: unknown field (a group has prompt, completions, per_token)")
+    per_token = body.get("per_token", False)
+    if not isinstance(per_token, bool):
+        raise BadRequest(f"{at}per_token: must be true or false, got {per_token!r}")
     if "prompt" not in body:
         raise BadRequest(f"{at}prompt: missing")
     prompt = _prompt(body["prompt"], f"{at}prompt")
@@ -103,7 +107,7 @@ def _group(body: dict, at: str, limit: int) -> Query:
         if not all(stepwise):
             raise BadRequest(f"{at}completions: all step lists ([step, ...]) or none")
         steps = [[_text(s, f"{at}completions[{k}][{j}]") for j, s in enumerate(c)] for k, c in enumerate(raw)]
-        return Query(prompt, ["".join(s) for s in steps], steps)
+        return Query(prompt, ["".join(s) for s in steps], steps, per_token)
     completions = []
     for k, c in enumerate(raw):
         name = f"{at}completions[{k}]"
@@ -115,7 +119,7 @@ def _group(body: dict, at: str, limit: int) -> Query:
         if isinstance(value, str) and len(value) > MAX_TEXT:
             _text(value, name)
         completions.append(value)
-    return Query(prompt, completions)
+    return Query(prompt, completions, per_token=per_token)
 
 
 def openrlhf_queries(body: Any, limit: int, whole) -> list[Query]:

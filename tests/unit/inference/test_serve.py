@@ -35,10 +35,10 @@ def stepwise_rows() -> list[dict]:
             for i, p in enumerate(PROMPTS * 3)]  # fmt: skip
 
 
-def scored(tmp_path, model_dir, rows) -> list[dict]:
+def scored(tmp_path, model_dir, rows, *flags) -> list[dict]:
     data, out = tmp_path / "rows.jsonl", tmp_path / "scored.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert cli.score_main(["--model", str(model_dir), "--data", str(data), "--out", str(out)]) == 0
+    assert cli.score_main(["--model", str(model_dir), "--data", str(data), "--out", str(out), *flags]) == 0
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
@@ -142,6 +142,14 @@ def test_native_groups_and_chat_prompts(tmp_path, llama_dir, scalar_server):
         assert all(g["cut"] == [0] * len(g["rewards"]) for g in groups)
         dup = client.post("/v1/rewards", json={"prompt": "p", "completions": [" same", " same"]}).json()
         assert dup["rewards"][0] == dup["rewards"][1]  # GRPO samples repeat; training data would refuse this
+        per_token = scored(tmp_path, llama_dir, rows, "--per-token")
+        body = {"groups": [{"prompt": r["prompt"], "completions": r["ranked_outputs"], "per_token": True} for r in rows]
+                + [{"prompt": rows[0]["prompt"], "completions": rows[0]["ranked_outputs"]}]}  # fmt: skip
+        groups = client.post("/v1/rewards", json=body).json()["groups"]
+        for got, want in zip(groups, per_token, strict=False):
+            assert [pytest.approx(v, abs=1e-5) for v in want["per_token_rewards"]] == got["per_token_rewards"]
+            assert got["rewards"] == pytest.approx(want["rewards"], abs=1e-5)
+        assert "per_token_rewards" not in groups[-1]
 
 
 def test_overlong_completions_follow_data_overlong_and_prompts_are_cut(llama_dir):
@@ -169,3 +177,20 @@ def test_share_groups_joins_completions_of_one_prompt_within_the_budget():
     assert share_groups(seqs, [False] * 4, 100) == [[0, 2], [3], [1]]
     assert share_groups(seqs, [False, False, True, False], 100) == [[0], [3], [1], [2]]
     assert share_groups(seqs, [False] * 4, 15) == [[0], [2], [3], [1]]
+
+
+def test_normalize_uses_the_recorded_reward_statistics(models, llama_dir):
+    from bigrm.errors import ConfigError
+    from bigrm.inference.rewarder import Query
+
+    rewarder = Rewarder(str(models["attributes"]))
+    query = [Query("p", [" a", " b c"])]
+    raw = rewarder.score(rewarder.encode(query))[0]["rewards"]
+    rewarder.configure(rewarder.data, normalize=True)
+    normalised = rewarder.score(rewarder.encode(query))[0]["rewards"]
+    assert normalised == pytest.approx([(r - 0.25) / 2.0 for r in raw], abs=1e-6)  # tests.helpers.serving's stats
+    with pytest.raises(ConfigError, match="records no reward mean/std"):
+        Rewarder(str(llama_dir)).configure(normalize=True)
+    with pytest.raises(ConfigError, match="below data.max_length"):
+        Rewarder(str(llama_dir)).configure(budget=100)
+    assert cli.serve_main(["--help"]) == 0

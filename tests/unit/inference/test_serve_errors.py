@@ -45,6 +45,7 @@ BAD = [  # (path, body: bytes as sent, or JSON; status, words of the reason)
     ("/v1/rewards", {"prompt": [{"role": "bot", "content": "x"}], "completions": [" a"]}, 422, "not one of"),
     ("/v1/rewards", {"prompt": "p", "completions": [" a"], "extra": 1}, 422, "extra: unknown field"),
     ("/v1/rewards", {"prompt": "p", "completions": [" a"] * 9}, 413, "over --max_sequences=8"),
+    ("/v1/rewards", {"prompt": "p", "completions": [" a"], "per_token": 1}, 422, "per_token: must be true or false"),
     ("/v1/rewards", {"groups": []}, 422, "groups: must be a non-empty list"),
     ("/v1/rewards", {"groups": [3]}, 422, "must be a JSON object"),
     ("/v1/rewards", {"groups": [GOOD] * 5}, 413, "over --max_sequences=8 completions in all"),
