@@ -3,6 +3,7 @@ load: each request one prompt's G completions, sent to OpenRLHF's `/get_reward` 
 
     python bench/bench_serve.py [--gs 8 16] [--groups 32] [--clients 4] [--threads 2]
     python bench/bench_serve.py --soak 20000 [--soak-clients 64]
+    python bench/bench_serve.py --replicas 24 --gs 8
 
 Data: HH harmless-base prompts (../shared/data) with G HH replies each; a query is prompt + reply + EOS, as
 OpenRLHF's rollout decodes it. Model: a random-initialised Llama of --shape (bench/models.py's tiny config widened),
@@ -19,6 +20,8 @@ bigrm / plain, and the largest difference between the two servers' rewards (the 
 means nothing).
 --soak N: N requests from --soak-clients threads against bigrm serve alone (tiny model): errors, answers that are
 not their request's, the server's RSS after warm-up and at the end, and its exit code after SIGTERM.
+--replicas N: N requests (G = --gs[0]) against one bigrm serve with 1 thread, then against two with 1 thread each,
+dealt round-robin (a load balancer's part): sequences/s of each and their ratio.
 """
 
 from __future__ import annotations
@@ -109,22 +112,40 @@ def start(which: str, model: str, threads: int, budget: int) -> tuple[subprocess
     raise RuntimeError(f"{which} server did not start")
 
 
-def load(url: str, bodies: list[dict], clients: int) -> tuple[float, list[float], list[list[float]]]:
-    """(wall seconds, per-request latency, per-request rewards) of sending every body from `clients` threads."""
-    with httpx.Client(base_url=url, timeout=600) as client:
-        for body in bodies[:2]:  # warm-up
-            client.post("/get_reward", json=body).raise_for_status()
+def load(urls: list[str], bodies: list[dict], clients: int) -> tuple[float, list[float], list[list[float]]]:
+    """(wall seconds, per-request latency, per-request rewards) of sending every body from `clients` threads, the
+    requests dealt round-robin over the servers at `urls`."""
+    with httpx.Client(timeout=600) as client:
+        for url in urls:
+            for body in bodies[:2]:  # warm-up
+                client.post(url + "/get_reward", json=body).raise_for_status()
 
-        def one(body):
+        def one(i):
             t = time.perf_counter()
-            response = client.post("/get_reward", json=body)
+            response = client.post(urls[i % len(urls)] + "/get_reward", json=bodies[i])
             response.raise_for_status()
             return time.perf_counter() - t, response.json()["rewards"]
 
         t0 = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
-            out = list(pool.map(one, bodies))
+            out = list(pool.map(one, range(2, len(bodies))))
         return time.perf_counter() - t0, [o[0] for o in out], [o[1] for o in out]
+
+
+def replicas(model: str, bodies: list[dict], clients: int, budget: int) -> dict:
+    """Sequences/s of one bigrm serve with 1 thread against two, each with 1 thread, requests dealt between them."""
+    out = {}
+    for n in (1, 2):
+        procs = [start("bigrm", model, 1, budget) for _ in range(n)]
+        try:
+            wall, _, _ = load([url for _, url in procs], bodies, clients)
+        finally:
+            for proc, _ in procs:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
+        out[f"{n}x1_seq_per_s"] = sum(len(b["query"]) for b in bodies[2:]) / wall
+    out["scaling"] = out["2x1_seq_per_s"] / out["1x1_seq_per_s"]
+    return out
 
 
 def grpo_bodies(g: int, n: int, eos: str, seed: int) -> list[dict]:
@@ -196,6 +217,7 @@ def main() -> None:
     ap.add_argument("--out", type=str, default=None, help="also write the figures as JSON here")
     ap.add_argument("--soak", type=int, default=0, help="instead: this many requests from --soak-clients (tiny model)")
     ap.add_argument("--soak-clients", type=int, default=64)
+    ap.add_argument("--replicas", type=int, default=0, help="instead: 1 x 1 thread against 2 x 1 on this many groups")
     args = ap.parse_args()
     if args.soak:
         args.shape = "tiny"
@@ -218,6 +240,12 @@ def main() -> None:
         if args.out:
             Path(args.out).write_text(json.dumps({"args": vars(args), "soak": out}, indent=2) + "\n")
         return
+    if args.replicas:
+        out = replicas(model, grpo_bodies(args.gs[0], args.replicas + 2, eos, seed=3), args.clients, args.budget)
+        print(json.dumps(out))
+        if args.out:
+            Path(args.out).write_text(json.dumps({"args": vars(args), "replicas": out}, indent=2) + "\n")
+        return
     results = []
     for g in args.gs:
         bodies = grpo_bodies(g, args.groups + 2, eos, seed=g)
@@ -227,7 +255,7 @@ def main() -> None:
             for which in runs:
                 proc, url = start(which, model, args.threads, args.budget)
                 try:
-                    wall, lat, rewards[which] = load(url, bodies, args.clients)
+                    wall, lat, rewards[which] = load([url], bodies, args.clients)
                 finally:
                     proc.send_signal(signal.SIGTERM)
                     proc.wait(60)

@@ -90,98 +90,105 @@ def _error(status: int, reason: str, headers: dict | None = None) -> JSONRespons
     return JSONResponse({"error": reason}, status_code=status, headers=headers)
 
 
-def create_app(rewarder: Rewarder, opts: ServeOptions) -> FastAPI:
-    batcher = Batcher(rewarder, opts.max_queue, opts.batch_wait)
+class Service:
+    """What the endpoints share: the rewarder, the batcher and the options; `handle` turns every failure into its
+    status and counts each request in the metrics."""
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        batcher.start()
-        yield
-        batcher.stop()  # uvicorn has answered every request in flight by now
+    def __init__(self, rewarder: Rewarder, opts: ServeOptions) -> None:
+        self.rewarder, self.opts = rewarder, opts
+        self.batcher = Batcher(rewarder, opts.max_queue, opts.batch_wait)
 
-    app = FastAPI(title="bigrm serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.batcher = batcher
-
-    async def handle(request: Request, endpoint: str, parse, respond) -> JSONResponse:
+    async def handle(self, request: Request, endpoint: str, parse, respond) -> JSONResponse:
+        """`parse`: body → (queries, what `respond` needs besides); `respond`: (answers, encoded, that) → body."""
         start, status = time.perf_counter(), 200
         try:
-            _authorise(request, opts.api_key)
-            queries, extra = parse(await _read_json(request, opts.max_body))
-            encoded = await asyncio.to_thread(rewarder.encode, queries)
-            answers = await _answers(request, batcher, encoded)
+            _authorise(request, self.opts.api_key)
+            queries, extra = parse(await _read_json(request, self.opts.max_body))
+            encoded = await asyncio.to_thread(self.rewarder.encode, queries)
+            answers = await _answers(request, self.batcher, encoded)
             if answers is None:
                 status = 499  # nginx's "client closed request": nobody reads this response
                 return _error(status, "client disconnected")
             return JSONResponse(respond(answers, encoded, extra))
-        except BadRequest as err:
-            status = err.status
-            return _error(status, str(err))
-        except QueryError as err:
-            status = 422
+        except (BadRequest, QueryError) as err:
+            status = getattr(err, "status", 422)
             return _error(status, str(err))
         except Unauthorised:
             status = 401
-            return _error(status, "missing or wrong API key", {"WWW-Authenticate": "Bearer"})
+            return _unauthorised()
         except QueueFull:
             status = 503
-            return _error(status, f"queue full (--max_queue={opts.max_queue} sequences)", {"Retry-After": "1"})
+            return _error(status, f"queue full (--max_queue={self.opts.max_queue} sequences)", {"Retry-After": "1"})
         except Exception as err:
             status = 500
             return _error(status, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         finally:
-            batcher.metrics.request(endpoint, status, time.perf_counter() - start)
+            self.batcher.metrics.request(endpoint, status, time.perf_counter() - start)
 
-    limit = opts.max_sequences
-    whole = rewarder.whole_text
+    def route(self, path: str, parse, respond):
+        async def endpoint(request: Request):
+            return await self.handle(request, path, parse, respond)
 
-    @app.post("/v1/rewards")
-    async def rewards(request: Request):
-        def respond(answers, encoded, grouped):
-            return {"groups": answers} if grouped else answers[0]
+        return endpoint
 
-        return await handle(request, "/v1/rewards", lambda b: schemas.native_queries(b, limit), respond)
-
-    @app.post("/get_reward")
-    async def get_reward(request: Request):
-        return await handle(
-            request,
-            "/get_reward",
-            lambda b: (schemas.openrlhf_queries(b, limit, whole), None),
-            lambda answers, encoded, _: schemas.openrlhf_response(answers),
-        )
-
-    for path, pooling in (("/classify", False), ("/pooling", True), ("/v1/classify", False), ("/v1/pooling", True)):
-        app.add_api_route(path, _vllm_route(handle, path, pooling, limit, whole, opts.model_name), methods=["POST"])
-
-    @app.get("/health")
-    async def health():
-        if batcher.stopping:
+    async def health(self):
+        if self.batcher.stopping:
             return _error(503, "shutting down")
-        data = rewarder.data
-        return {"status": "ok", "kind": rewarder.kind.name, "reward_convention": data.reward_convention,
-                "max_length": data.max_length, "max_tokens_per_batch": rewarder.budget}  # fmt: skip
+        r = self.rewarder
+        return {"status": "ok", "kind": r.kind.name, "reward_convention": r.data.reward_convention,
+                "max_length": r.data.max_length, "max_tokens_per_batch": r.budget}  # fmt: skip
 
-    @app.get("/metrics")
-    async def metrics(request: Request):
+    async def metrics(self, request: Request):
         try:
-            _authorise(request, opts.api_key)
+            _authorise(request, self.opts.api_key)
         except Unauthorised:
-            return _error(401, "missing or wrong API key", {"WWW-Authenticate": "Bearer"})
-        text = batcher.metrics.text(batcher.queued)
+            return _unauthorised()
+        text = self.batcher.metrics.text(self.batcher.queued)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
+
+def _unauthorised() -> JSONResponse:
+    return _error(401, "missing or wrong API key", {"WWW-Authenticate": "Bearer"})
+
+
+def create_app(rewarder: Rewarder, opts: ServeOptions) -> FastAPI:
+    service = Service(rewarder, opts)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.batcher.start()
+        yield
+        service.batcher.stop()  # uvicorn has answered every request in flight by now
+
+    app = FastAPI(title="bigrm serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.batcher = service.batcher
+    limit, whole = opts.max_sequences, rewarder.whole_text
+
+    def native(answers, encoded, grouped):
+        return {"groups": answers} if grouped else answers[0]
+
+    def openrlhf(answers, encoded, _):
+        return schemas.openrlhf_response(answers)
+
+    routes = [
+        ("/v1/rewards", lambda b: schemas.native_queries(b, limit), native),
+        ("/get_reward", lambda b: (schemas.openrlhf_queries(b, limit, whole), None), openrlhf),
+    ]
+    for path, pooling in (("/classify", False), ("/pooling", True), ("/v1/classify", False), ("/v1/pooling", True)):
+        routes.append((path, lambda b: schemas.vllm_queries(b, limit, whole), _vllm_respond(pooling, opts.model_name)))
+    for path, parse, respond in routes:
+        app.add_api_route(path, service.route(path, parse, respond), methods=["POST"])
+    app.add_api_route("/health", service.health, methods=["GET"])
+    app.add_api_route("/metrics", service.metrics, methods=["GET"])
     return app
 
 
-def _vllm_route(handle, path: str, pooling: bool, limit: int, whole, model: str):
+def _vllm_respond(pooling: bool, model: str):
     def respond(answers, encoded, activation):
         tokens = sum(len(s.ids) for e in encoded for s in e.scored)
         return schemas.vllm_response(answers, tokens, model, activation, pooling)
 
-    async def route(request: Request):
-        return await handle(request, path, lambda b: schemas.vllm_queries(b, limit, whole), respond)
-
-    return route
+    return respond
 
 
 def run(rewarder: Rewarder, opts: ServeOptions) -> None:
