@@ -1,4 +1,4 @@
-"""Command-line entry points: `bigrm train | prepare | export | score | eval | merge` (`launch/train.py` is
+"""Command-line entry points: `bigrm train | prepare | export | score | eval | merge | serve` (`launch/train.py` is
 `bigrm train`)."""
 
 from __future__ import annotations
@@ -296,6 +296,50 @@ def prepare_main(argv: list[str]) -> int:
     return _run(prepare)
 
 
+def serve_main(argv: list[str]) -> int:
+    p = _parser("serve", "Serve the reward model over HTTP: OpenRLHF's /get_reward, vLLM's /classify and /pooling, "
+                "bigrm's grouped /v1/rewards, /health and /metrics (README: Serving the reward model).")  # fmt: skip
+    _required(p, "--model", "exported directory or a bigrm checkpoint (checkpoints/step-*)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--api_key", type=str | None, default=None, help="required as `Authorization: Bearer KEY` or "
+                   "`X-API-Key: KEY` on every endpoint but /health (default: $BIGRM_API_KEY; unset: none)")  # fmt: skip
+    p.add_argument("--max_tokens_per_batch", type=int, default=16384, help="token budget of one packed forward")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device")
+    p.add_argument("--dtype", type=precision.Name, default="auto", help="auto: the dtype the model was saved in")
+    p.add_argument("--attn_impl", type=config.AttnImpl, default="auto", help="as model.attn_impl in training")
+    p.add_argument("--threads", type=int | None, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--normalize", action="store_true", help="rewards as (r - mean) / std, the export's statistics")
+    p.add_argument("--max_body", type=int, default=16 << 20, help="bytes of one request body; more: 413")
+    p.add_argument("--max_sequences", type=int, default=1024, help="sequences of one request; more: 413")
+    p.add_argument("--max_queue", type=int, default=8192, help="sequences waiting to be scored; more: 503")
+    p.add_argument("--batch_wait", type=float, default=0.002, help="seconds a batch waits for more requests")
+    if _asks_help(argv):
+        return _help(p, ("data",))
+
+    def serve() -> None:
+        import os
+
+        import torch
+
+        from bigrm.inference.rewarder import Rewarder
+        from bigrm.inference.serve import ServeOptions, run
+
+        args, extra = _args(p, argv, ("data",))
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        rewarder = Rewarder(args.model, args.device, args.dtype, args.attn_impl)
+        cfg = _sections(extra, ("data",), rewarder.recorded, rewarder.kind)
+        rewarder.configure(cfg.data, args.max_tokens_per_batch, args.normalize)
+        key = args.api_key or os.environ.get("BIGRM_API_KEY") or None
+        opts = ServeOptions(args.host, args.port, key, args.max_body, args.max_sequences, args.max_queue,
+                            args.batch_wait, Path(args.model).name)  # fmt: skip
+        print(f"bigrm serve: {rewarder.kind.name} reward model on http://{args.host}:{args.port}", flush=True)
+        run(rewarder, opts)
+
+    return _run(serve)
+
+
 COMMANDS = {
     "train": train_main,
     "prepare": prepare_main,
@@ -303,6 +347,7 @@ COMMANDS = {
     "score": score_main,
     "eval": eval_main,
     "merge": merge_main,
+    "serve": serve_main,
 }
 
 
