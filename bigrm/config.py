@@ -49,6 +49,7 @@ class SyntheticConfig:
 
 RewardConvention = Literal["trl", "grpo", "openrlhf"]  # described in bigrm.data.sequences
 REWARD_CONVENTIONS = get_args(RewardConvention)
+StepLayout = Literal["trl", "joined"]  # described in bigrm.data.sequences
 Sink = Literal["tensorboard", "wandb", "none"]  # where logged scalars go (train.report_to)
 
 
@@ -100,7 +101,17 @@ class DataConfig:
     boolean or a probability in [0, 1] that the step is correct (kept as a float: soft labels)."""
     step_separator: str = "\n"
     """Stepwise rows: appended to every step, so the solution is step1 + sep + step2 + sep + ...; the value head is
-    trained and read at each step's last token, the separator (as TRL's PRMTrainer). Exports record it."""
+    trained and read at each step's last token, the separator's (as TRL's PRMTrainer). Exports record it."""
+    step_layout: StepLayout = "trl"
+    """Stepwise rows' tokens. `trl`: TRL PRMTrainer.tokenize_row's, what an RL loop that splits generated ids at the
+    separator sees: BOS if the tokenizer has one, the prompt, then each step tokenised alone followed by the
+    separator's ids; no EOS. `joined`: the reward convention's tokens of prompt + the joined solution text, what a
+    pipeline on text sees (BPE may merge a separator with the text around it). Exports record it; `bigrm score`/`eval`
+    follow the recorded one unless this option is given."""
+    step_token: str = ""
+    """Stepwise rows: a special token that follows every step in place of step_separator (as Qwen2.5-Math-PRM's
+    `<extra_0>`); it is one id that never merges, so both layouts read the same token. Added to the tokenizer (and
+    the embeddings grown) when missing; exports save it with the tokenizer. Empty: step_separator."""
     step_group_size: int = 8
     """Stepwise rows with the same prompt (several solutions) form groups of up to this many solutions, in file order:
     train.share_prompt encodes the prompt once per group. They are never ranked against each other."""

@@ -11,7 +11,16 @@ from dataclasses import replace
 from typing import Any
 
 from bigrm.config import STEPS_WITH_ATTRIBUTES, DataConfig
-from bigrm.data.examples import Example, RowError, Text, check_messages, completion, finite_number, is_messages
+from bigrm.data.examples import (
+    Example,
+    RowError,
+    SplitSteps,
+    Text,
+    check_messages,
+    completion,
+    finite_number,
+    is_messages,
+)
 from bigrm.data.labels import Labels
 from bigrm.errors import DataError
 
@@ -204,7 +213,8 @@ class Stepwise(RowFormat):
         return "stepwise rows are scored at every step (step_rewards) without --segments"
 
     def example(self, row: dict, margin: float, cfg: DataConfig, where: str) -> Example | RowError:
-        """One solution: its steps joined, each followed by data.step_separator, with one label per step."""
+        """One solution: its steps joined, each followed by the separator (data.step_token or step_separator), with one
+        label per step."""
         prompt = self.prompt(row, cfg, where)
         if isinstance(prompt, RowError):
             return prompt
@@ -226,7 +236,8 @@ class Stepwise(RowFormat):
         weight = _row_weight(row, cfg)
         if isinstance(weight, RowError):
             return replace(weight, where=where)
-        pieces = [step + cfg.step_separator for step in steps]
+        separator = cfg.step_token or cfg.step_separator
+        pieces = [step + separator for step in steps]
         ends = tuple(int(e) for e in itertools.accumulate(len(p) for p in pieces))
         return Example(
             prompt,
@@ -234,6 +245,7 @@ class Stepwise(RowFormat):
             where,
             Labels((-1,), steps=(tuple(float(v) for v in labels),), step_weights=(weight,)),
             step_ends=(ends,),
+            split_steps=(SplitSteps(tuple(steps), separator),) if cfg.step_layout == "trl" else None,
         )
 
 
