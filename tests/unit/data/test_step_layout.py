@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from bigrm.data.tokenise import tokenize_examples
 from bigrm.data.tokenizer import add_step_token, check_step_token
 from bigrm.errors import DataError
 from tests.helpers import real_tokenizers
-from tests.helpers.steps import write
+from tests.helpers.steps import natural_rows, write
 
 TRL_PRM = Path("/tmp/trl_prm")  # `pip install --no-deps --target /tmp/trl_prm trl==1.13.0`, as bench/bench_prm.py
 # TRL's docstring example of PRMTrainer.tokenize_row and the ids it documents for Qwen2.5's tokenizer
@@ -31,26 +30,6 @@ DOC_ROW = {
 }
 DOC_IDS = [23085, 1372, 374, 8131, 11, 220, 24, 13, 23, 476, 220, 24, 13, 16, 16, 30, 16, 16, 374, 7046, 1091, 220, 23,
            13, 198, 39, 763, 11, 220, 24, 13, 16, 16, 861, 220, 24, 13, 23, 13, 198]  # fmt: skip
-
-
-def natural_rows(n: int, seed: int = 0) -> list[dict]:
-    """Sums of small numbers, two solutions per prompt: steps like "2 + 1 = 3." and "Step 2: 1 + 1 = 2", prompts
-    ending in "." (BPE merges ".\\n" and ".Step" across the boundaries of the joined text)."""
-    rng, rows = random.Random(seed), []
-    for p in range(n // 2):  # distinct prompts: a prompt's two rows are consecutive
-        prompt = f"Add {p + 1} and the numbers after it."
-        for _ in range(2):
-            total, steps = rng.randint(1, 9), []
-            for k in range(rng.randint(1, 4)):
-                a = rng.randint(1, 9)
-                steps.append(
-                    f"{total} + {a} = {total + a}."
-                    if rng.random() < 0.5
-                    else f"Step {k + 1}: {total} + {a} = {total + a}"
-                )
-                total += a
-            rows.append({"prompt": prompt, "completions": steps, "labels": [rng.random() < 0.7 for _ in steps]})
-    return rows  # fmt: skip
 
 
 def layout(rows: list[dict], tokenizer, tmp_path: Path, **options) -> list[tuple[list[int], list[int]]]:
