@@ -220,7 +220,7 @@ def split_sequence(
     prompt_end = len(ids)
     ends = []
     for step in step_ids:
-        ids = ids + step + separator_ids
+        ids += step + separator_ids
         ends.append(len(ids) - 1)
     seq = fit(Encoded(ids, n_lead, prompt_end, None), "", 0, max_length)
     if isinstance(seq, int):

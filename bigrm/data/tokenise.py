@@ -41,8 +41,9 @@ def scored_chunk(
     examples: list[Example], tokenizer, max_length: int, convention: str, with_ends: bool = False
 ) -> list[list[Scored | int]]:
     """Every example's completions rendered, tokenised in one batch and `fit` to max_length (an int: the token count
-    of a completion that alone does not fit), stepwise ones with their step positions. Token ends are read (a
-    Python tuple per token, costlier than the tokenising) only `with_ends` or for stepwise examples."""
+    of a completion that alone does not fit), stepwise ones with their step positions (the trl step layout's laid
+    out from ids by _split_chunk). Token ends are read (a Python tuple per token, costlier than the tokenising) only
+    `with_ends` or for joined-layout stepwise examples."""
     every = examples
     split = _split_chunk([ex for ex in examples if ex.split_steps is not None], tokenizer, max_length)
     examples = [ex for ex in examples if ex.split_steps is None]

@@ -87,7 +87,9 @@ def test_mixed_stepwise_and_ranked_files_reach_both_targets(tmp_path):
     }
     out = tmp_path / "run"
     launch(2, out, "--data.train_files", f"[{files['steps']},{files['ranked']}]",
-           "--data.eval_files", f"[{files['steps_eval']},{files['ranked_eval']}]", *ARGS)  # fmt: skip
+           "--data.eval_files", f"[{files['steps_eval']},{files['ranked_eval']}]", *ARGS,
+           # the trl layout learns the steps more slowly here (0.62-0.79 after 3 epochs, 0.94 after 6; issue 27's note)
+           "--data.step_layout", "joined")  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["step_accuracy"] >= 0.95 and metrics["num_solutions"] == 100
     assert metrics["pairwise_accuracy"] > 0.6 and metrics["num_prompts"] == 60
