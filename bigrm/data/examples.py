@@ -4,11 +4,18 @@ shares: bigrm.data.formats parses rows into these, bigrm.data.rows reads files o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from bigrm.data.labels import Labels
 
 Text = str | list[dict]  # plain text, or chat messages [{"role", "content"}, ...]
+
+
+class SplitSteps(NamedTuple):
+    """A stepwise solution under data.step_layout=trl: its steps and their separator, each tokenised alone."""
+
+    steps: tuple[str, ...]
+    separator: str
 
 
 @dataclass(frozen=True)
@@ -19,6 +26,7 @@ class Example:
     labels: Labels = Labels()
     # stepwise: per completion, the character offset in its text where each step (with its separator) ends
     step_ends: tuple[tuple[int, ...], ...] | None = None
+    split_steps: tuple[SplitSteps, ...] | None = None  # stepwise, trl step layout: per completion, its steps
 
 
 @dataclass

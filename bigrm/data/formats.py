@@ -11,7 +11,16 @@ from dataclasses import replace
 from typing import Any
 
 from bigrm.config import STEPS_WITH_ATTRIBUTES, DataConfig
-from bigrm.data.examples import Example, RowError, Text, check_messages, completion, finite_number, is_messages
+from bigrm.data.examples import (
+    Example,
+    RowError,
+    SplitSteps,
+    Text,
+    check_messages,
+    completion,
+    finite_number,
+    is_messages,
+)
 from bigrm.data.labels import Labels
 from bigrm.errors import DataError
 
@@ -204,7 +213,8 @@ class Stepwise(RowFormat):
         return "stepwise rows are scored at every step (step_rewards) without --segments"
 
     def example(self, row: dict, margin: float, cfg: DataConfig, where: str) -> Example | RowError:
-        """One solution: its steps joined, each followed by data.step_separator, with one label per step."""
+        """One solution: its steps joined, each followed by the separator (data.step_token or step_separator), with one
+        label per step."""
         prompt = self.prompt(row, cfg, where)
         if isinstance(prompt, RowError):
             return prompt
@@ -226,15 +236,21 @@ class Stepwise(RowFormat):
         weight = _row_weight(row, cfg)
         if isinstance(weight, RowError):
             return replace(weight, where=where)
-        pieces = [step + cfg.step_separator for step in steps]
-        ends = tuple(int(e) for e in itertools.accumulate(len(p) for p in pieces))
-        return Example(
-            prompt,
-            ("".join(pieces),),
-            where,
-            Labels((-1,), steps=(tuple(float(v) for v in labels),), step_weights=(weight,)),
-            step_ends=(ends,),
-        )
+        labels = Labels((-1,), steps=(tuple(float(v) for v in labels),), step_weights=(weight,))
+        return step_solutions(prompt, [steps], where, cfg, labels)
+
+
+def step_solutions(
+    prompt: Text, solutions: list[list[str]], where: str, cfg: DataConfig, labels: Labels | None = None
+) -> Example:
+    """The Example of stepwise solutions (each a list of steps) as data.step_separator / step_token / step_layout
+    lay them out: every step followed by the separator (or the step token), split for the trl layout."""
+    separator = cfg.step_token or cfg.step_separator
+    pieces = [[step + separator for step in steps] for steps in solutions]
+    ends = tuple(tuple(int(e) for e in itertools.accumulate(len(p) for p in ps)) for ps in pieces)
+    split = tuple(SplitSteps(tuple(steps), separator) for steps in solutions) if cfg.step_layout == "trl" else None
+    joined = tuple("".join(ps) for ps in pieces)
+    return Example(prompt, joined, where, labels or Labels(), step_ends=ends, split_steps=split)
 
 
 class Pairwise(RowFormat):

@@ -28,7 +28,7 @@ from bigrm.data.rows import file_specs, load_examples, prompt_key
 from bigrm.data.sequences import Group
 from bigrm.data.token_store import TokenStore, concat
 from bigrm.data.tokenise import default_workers, encode_examples
-from bigrm.data.tokenizer import load_tokenizer
+from bigrm.data.tokenizer import add_step_token, load_tokenizer
 from bigrm.errors import ConfigError, DataError
 
 
@@ -229,6 +229,7 @@ def load(
         if writes and not d.train_files:
             write_synthetic(d, out, t.seed, attribute_weights(d.attributes, cfg.loss))
     tokenizer = load_tokenizer(cfg.model.path, out)
+    add_step_token(tokenizer, d.step_token)
     # one process per machine tokenises into the token cache while the others poll its lock: no collective waits
     data = build(d, t.seed, tokenizer, out)
     for name, groups in (("train", data.train), ("eval", data.eval)):

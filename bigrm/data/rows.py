@@ -188,9 +188,9 @@ def group_solutions(examples: list[Example], size: int) -> list[Example]:
             )
             source = part[0].source + (f" (+{len(part) - 1} rows with the same prompt)" if len(part) > 1 else "")
             completions = tuple(c for e in part for c in e.completions)
-            groups.append(
-                Example(part[0].prompt, completions, source, labels, tuple(s for e in part for s in e.step_ends))
-            )
+            split = None if part[0].split_steps is None else tuple(s for e in part for s in e.split_steps)
+            ends = tuple(s for e in part for s in e.step_ends)
+            groups.append(Example(part[0].prompt, completions, source, labels, ends, split))
     return groups
 
 

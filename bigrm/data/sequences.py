@@ -13,6 +13,13 @@ The scored sequence of a completion, and so the token whose value is the reward,
 The reward is the value head's output at that sequence's final token. Training, evaluation, scoring and export all
 use this one definition (`render`, `encode_batch` and `fit` below); exports record the convention in their config.
 
+Stepwise rows (a process reward model's) are laid out by data.step_layout instead: `trl` is TRL PRMTrainer's
+tokenize_row (BOS when the tokenizer has one, the prompt and each step tokenised alone, each step followed by the
+separator's ids, no EOS; a chat prompt is its rendering with the generation prompt, which holds the template's own
+BOS), so each step ends at its separator's last id whatever BPE would merge across the boundary (`split_sequence`);
+`joined` tokenises prompt + the joined solution by the reward convention and finds each step end in the token ends
+(`step_positions`).
+
 Over-long sequences: the prompt is cut from the left (leading special tokens such as BOS are kept) until the
 sequence fits max_length; a completion that alone does not fit is an error or a counted skip (data.overlong).
 Examples are tokenised many at once (bigrm.data.tokenise.scored_chunk), for training and scoring alike.
@@ -175,7 +182,7 @@ class Scored(NamedTuple):
     completion_start: int  # index of the first completion token
     cut: int  # prompt tokens cut from the left
     ends: list[int] | None  # character end of each token in `text` (None: Encoded's were not read)
-    text: str  # the rendered prompt + completion
+    text: str  # the rendered prompt + completion ("" when laid out from ids: the trl step layout)
     char_start: int  # where the completion starts in `text`
     steps: np.ndarray | str | None = None  # stepwise: each step's last token index (step_positions), or why none
 
@@ -199,6 +206,26 @@ def scored_sequence(
     text, start = render(tokenizer, prompt, completion)
     enc = encode_batch(tokenizer, [text], [start], [isinstance(prompt, list)], convention)[0]
     return fit(enc, text, start, max_length)
+
+
+def split_sequence(
+    tokenizer, prompt: Text, prompt_ids: list[int], step_ids: list[list[int]], separator_ids: list[int], max_length: int
+) -> Scored | int:
+    """A stepwise solution in the `trl` step layout, from its prompt's ids (no special tokens added) and each step's,
+    cut to max_length, with its step ends; or the solution's token count when it alone exceeds max_length."""
+    lead = [tokenizer.bos_token_id] if isinstance(prompt, str) and tokenizer.bos_token_id is not None else []
+    special = set(tokenizer.all_special_ids)
+    ids = lead + prompt_ids
+    n_lead = next((i for i, t in enumerate(ids) if t not in special), len(ids))
+    prompt_end = len(ids)
+    ends = []
+    for step in step_ids:
+        ids += step + separator_ids
+        ends.append(len(ids) - 1)
+    seq = fit(Encoded(ids, n_lead, prompt_end, None), "", 0, max_length)
+    if isinstance(seq, int):
+        return seq
+    return seq._replace(steps=np.asarray(ends, dtype=np.int64) - seq.cut)
 
 
 def step_positions(seq: Scored, completion: str, step_ends: tuple[int, ...], convention: str) -> np.ndarray | str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+from collections.abc import Iterator
 from itertools import chain
 
 import numpy as np
@@ -21,10 +22,12 @@ from bigrm.data.sequences import (
     Group,
     Scored,
     Tokenized,
+    _tokenize,
     encode_batch,
     fit,
     prompt_heads,
     render,
+    split_sequence,
     step_positions,
 )
 from bigrm.errors import DataError
@@ -38,8 +41,12 @@ def scored_chunk(
     examples: list[Example], tokenizer, max_length: int, convention: str, with_ends: bool = False
 ) -> list[list[Scored | int]]:
     """Every example's completions rendered, tokenised in one batch and `fit` to max_length (an int: the token count
-    of a completion that alone does not fit), stepwise ones with their step positions. Token ends are read (a
-    Python tuple per token, costlier than the tokenising) only `with_ends` or for stepwise examples."""
+    of a completion that alone does not fit), stepwise ones with their step positions (the trl step layout's laid
+    out from ids by _split_chunk). Token ends are read (a Python tuple per token, costlier than the tokenising) only
+    `with_ends` or for joined-layout stepwise examples."""
+    every = examples
+    split = _split_chunk([ex for ex in examples if ex.split_steps is not None], tokenizer, max_length)
+    examples = [ex for ex in examples if ex.split_steps is None]
     texts, starts, chats = [], [], []
     for ex in examples:
         chat = isinstance(ex.prompt, list)
@@ -52,7 +59,10 @@ def scored_chunk(
     with_ends = with_ends or any(ex.step_ends is not None for ex in examples)
     encoded = zip(encode_batch(tokenizer, texts, starts, chats, convention, with_ends), texts, starts, strict=True)
     out = []
-    for ex in examples:
+    for ex in every:
+        if ex.split_steps is not None:
+            out.append([next(split) for _ in ex.split_steps])
+            continue
         seqs = []
         for k, completion in enumerate(ex.completions):
             seq = fit(*next(encoded), max_length)
@@ -61,6 +71,21 @@ def scored_chunk(
             seqs.append(seq)
         out.append(seqs)
     return out
+
+
+def _split_chunk(examples: list[Example], tokenizer, max_length: int) -> Iterator[Scored | int]:
+    """Each stepwise example's solutions in the trl step layout (split_sequence), in order, the prompts and steps
+    tokenised in one batch."""
+    prompts = [p if isinstance(p, str) else prompt_heads(tokenizer, p)[0] for p in (ex.prompt for ex in examples)]
+    steps = [s.steps for ex in examples for s in ex.split_steps]
+    encoded = iter(_tokenize(tokenizer, prompts + list(chain.from_iterable(steps)), add_special=False))
+    prompt_ids = [next(encoded).ids for _ in prompts]
+    separators = {s.separator for ex in examples for s in ex.split_steps}
+    separator_ids = {s: tokenizer.encode(s, add_special_tokens=False) for s in separators}
+    for ex, ids in zip(examples, prompt_ids, strict=True):
+        for solution in ex.split_steps:
+            step_ids = [next(encoded).ids for _ in solution.steps]
+            yield split_sequence(tokenizer, ex.prompt, ids, step_ids, separator_ids[solution.separator], max_length)
 
 
 def tokenize_chunk(examples: list[Example], tokenizer, max_length: int, convention: str) -> Tokenized:

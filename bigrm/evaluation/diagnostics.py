@@ -55,8 +55,8 @@ def ranking_report(
 
     Keys (pairs are the valid pairs of the module docstring, p = σ(r_i − r_j)); the first six, with tie_accuracy,
     are bigrm.objectives.ranking.metrics of bigrm.objectives.ranking.ranking_loss over all the prompts at once:
-      pairwise_accuracy  fraction of all pairs with r_i > r_j; a reward tie counts as wrong (0.0 with no pair);
-                         num_pairs, num_prompts (= G) alongside
+      pairwise_accuracy  fraction of all pairs with r_i > r_j; a reward tie counts as wrong (absent with no
+                         pair); num_pairs (likewise), num_prompts (= G) alongside
       loss               the training loss of these prompts under `cfg` (margins, weights, objective, pair
                          weighting and extra terms included)
       kendall_tau        mean over prompts with a pair of (concordant − discordant) / pairs_g, τ-a; reward ties

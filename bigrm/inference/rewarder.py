@@ -6,7 +6,6 @@ prompt-shared forwards, so a served reward is the reward `bigrm score` writes fo
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 
 from bigrm.config import DataConfig
 from bigrm.data.examples import Example, Text
+from bigrm.data.formats import step_solutions
 from bigrm.data.sequences import Scored
 from bigrm.data.tokenise import scored_chunk
 from bigrm.errors import ConfigError
@@ -57,11 +57,13 @@ class Rewarder:
         self.configure(**kw)
 
     def configure(
-        self, data: DataConfig | None = None, budget: int = 16384, normalize: bool = False, step_separator=None
+        self, data: DataConfig | None = None, budget: int = 16384, normalize: bool = False
     ) -> None:
-        """`data`: data options (reward_convention defaults to the recorded one); `normalize`: rewards as
+        """`data`: data options (default: those the model records: its reward convention, and what its kind reads rows
+        with, kind.data_defaults); `normalize`: rewards as
         (r - mean) / std with the reward statistics the export records."""
-        self.data = data or DataConfig(reward_convention=self.recorded or DataConfig.reward_convention)
+        recorded = {key.split(".", 1)[1]: value for key, value in self.kind.data_defaults().items()}
+        self.data = data or DataConfig(reward_convention=self.recorded or DataConfig.reward_convention, **recorded)
         if budget < self.data.max_length:
             raise ConfigError(f"--max_tokens_per_batch={budget} is below data.max_length={self.data.max_length}")
         self.budget = budget
@@ -70,7 +72,6 @@ class Rewarder:
         self._adds_bos = (
             self.data.reward_convention == "trl" and tok.bos_token is not None and first == [tok.bos_token_id]
         )
-        self.separator = getattr(self.kind, "separator", None) or step_separator or self.data.step_separator
         self.stats = None
         if normalize:
             config = self.model.classifier.config
@@ -113,9 +114,7 @@ class Rewarder:
     def _example(self, q: Query, i: int) -> Example:
         if q.steps is None:
             return Example(q.prompt, tuple(q.completions), f"group {i}")
-        pieces = [[step + self.separator for step in steps] for steps in q.steps]
-        ends = tuple(tuple(itertools.accumulate(len(p) for p in ps)) for ps in pieces)
-        return Example(q.prompt, tuple("".join(ps) for ps in pieces), f"group {i}", step_ends=ends)
+        return step_solutions(q.prompt, q.steps, f"group {i}", self.data)
 
     def score(self, encoded: list[Encoded]) -> list[dict]:
         """Per encoded query: `rewards` (None where skipped), `values` (the head's outputs), `cut` (prompt tokens cut

@@ -29,7 +29,7 @@ from bigrm.data.packing import SegmentLabels, check_budget, collate, layout_toke
 from bigrm.data.rows import RowFile, listed, parse_row, read_file, standardise_scores
 from bigrm.data.sequences import EncodeReport, Group, Scored
 from bigrm.data.tokenise import CHUNK, TOKENISE, scored_chunk
-from bigrm.data.tokenizer import prepare_tokenizer
+from bigrm.data.tokenizer import check_step_token, prepare_tokenizer
 from bigrm.errors import DataError, ExportError
 from bigrm.kinds import RewardKind, for_model
 from bigrm.model.attention import hf_attn_implementation, read_attention_needs, resolve_attn
@@ -133,6 +133,7 @@ def prepare(path: str, cfg: DataConfig, tokenizer, segments: bool = False, separ
 
     Invalid rows stop the run with all errors listed unless cfg.skip_invalid; over-long completions follow
     cfg.overlong. Skipped rows stay in the output with their reason."""
+    check_step_token(tokenizer, cfg.step_token)
     file = read_file(path, cfg)
     results, stops, todo = [], [], []  # stops: per row, whether its error stops the run (unless skip_invalid)
     for i, row in enumerate(progress.each(file.rows, f"read {Path(path).name}", unit="row")):

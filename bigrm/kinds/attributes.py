@@ -83,6 +83,15 @@ class Attributes(Scalar):
     def train_metrics(self, sums: torch.Tensor) -> dict[str, float]:
         return rating_metrics.train_metrics(sums.reshape(2, -1), self.head)
 
+    def loss_terms(self, sums: torch.Tensor | None, cfg: LossConfig) -> dict[str, tuple[float, float]]:
+        """The rating term over the prompts: the loss's rating_loss with their sums as denominators."""
+        if sums is None:
+            return {}
+        sq_err, weights = sums.reshape(2, -1).double()
+        if not weights.any():  # no rating among them
+            return {}
+        return {"rating_loss": (float(ratings.rating_loss(sq_err, weights)), cfg.attribute_coef)}
+
     def eval_part(self, values: torch.Tensor, labels: SegmentLabels):
         if not labels.num_groups or labels.seg_attributes is None:
             return None

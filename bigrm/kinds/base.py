@@ -84,6 +84,11 @@ class RewardKind:
         """What is logged from a log window's sums (summed over micro-batches and ranks)."""
         return {}
 
+    def loss_terms(self, sums: torch.Tensor | None, cfg: LossConfig) -> dict[str, tuple[float, float]]:
+        """The kind's own terms of the loss, {name: (value, coef)}, from a set of prompts' sums (None: none summed):
+        logged alone and added into the logged loss (bigrm.objectives.ranking.metrics)."""
+        return {}
+
     # evaluation --------------------------------------------------------------------------------------------------
 
     def eval_part(self, values: torch.Tensor, labels: SegmentLabels) -> Any:

@@ -7,7 +7,8 @@ It is exported as the 2-label token classifier that PRM users load, `AutoModelFo
 `pipeline("token-classification")` as TRL documents for its PRMTrainer models: its head's rows are (0, w) and biases
 (0, b), so the logits at a token are (0, v) and softmax(...)[1] = σ(v), the probability that the step ending there is
 correct (label 1 = correct, as TRL's labels), while v = logits[1] - logits[0] is the value bigrm trained, at step
-ends and at the final token. Its config records the separator (SEPARATOR_KEY); `bigrm score` reports σ(v) per step.
+ends and at the final token. Its config records the separator, the step layout and the step token (SEPARATOR_KEY,
+LAYOUT_KEY, STEP_TOKEN_KEY), which `bigrm score`/`eval` read stepwise rows with; `bigrm score` reports σ(v) per step.
 """
 
 from __future__ import annotations
@@ -31,27 +32,45 @@ from bigrm.model.attention import hf_attn_implementation
 from bigrm.objectives.normaliser import Normaliser
 from bigrm.objectives.steps import step_denominator, step_loss
 
-# config.json key of data.step_separator, set when the model was trained on stepwise rows: the export is a PRM
+# config.json keys of data.step_separator, step_layout and step_token, set when the model was trained on stepwise
+# rows: the export is a PRM
 SEPARATOR_KEY = "bigrm_step_separator"
+LAYOUT_KEY = "bigrm_step_layout"
+STEP_TOKEN_KEY = "bigrm_step_token"
+# the layout of a PRM exported before layouts were recorded: the only one there was
+UNRECORDED_LAYOUT = "joined"
 
 
 class Steps(Scalar):
     name = "steps"
 
-    def __init__(self, separator: str | None = None):
+    def __init__(self, separator: str | None = None, layout: str = DataConfig.step_layout, step_token: str = ""):
         self.separator = separator  # None: scoring stepwise rows with a model that records none
+        self.layout, self.step_token = layout, step_token
 
     @classmethod
     def for_run(cls, data: DataConfig, loss: LossConfig, dataset: Dataset) -> Steps | None:
-        return cls(data.step_separator) if dataset.stepwise else None
+        return cls(data.step_separator, data.step_layout, data.step_token) if dataset.stepwise else None
 
     @classmethod
     def for_model(cls, config, stepwise_rows: bool) -> Steps | None:
         separator = getattr(config, SEPARATOR_KEY, None)
-        return cls(separator) if separator is not None or stepwise_rows else None
+        if separator is None:
+            return cls() if stepwise_rows else None
+        layout = getattr(config, LAYOUT_KEY, UNRECORDED_LAYOUT)
+        return cls(separator, layout, getattr(config, STEP_TOKEN_KEY, ""))
 
     def record(self, config) -> None:
         setattr(config, SEPARATOR_KEY, self.separator)
+        setattr(config, LAYOUT_KEY, self.layout)
+        setattr(config, STEP_TOKEN_KEY, self.step_token)
+
+    def data_defaults(self) -> dict:
+        """Stepwise rows are read and laid out as the model was trained (nothing recorded: the options' defaults)."""
+        if self.separator is None:
+            return {}
+        keys = ("data.step_separator", "data.step_layout", "data.step_token")
+        return dict(zip(keys, (self.separator, self.layout, self.step_token), strict=True))
 
     def share(self, group: Group, cfg: LossConfig) -> Normaliser:
         return replace(super().share(group, cfg), term=np.array([step_denominator(group, cfg)], dtype=np.float64))

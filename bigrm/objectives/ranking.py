@@ -255,30 +255,45 @@ def ranking_loss(
     return loss, stats
 
 
-def metrics(stats: Stats, cfg: LossConfig) -> dict[str, float]:
+def metrics(stats: Stats, cfg: LossConfig, terms: dict[str, tuple[float, float]] | None = None) -> dict[str, float]:
+    """The logged figures of a set of prompts. `loss` is what training minimises: the ranking loss (over prompts
+    with a pair or an extra term), plus step_coef times the step loss (with steps), plus coef times each of `terms`
+    ({name: (value, coef)}: a kind's own, e.g. an attribute head's rating loss); each is also logged alone when
+    there are several. Figures that do not apply are absent: pair figures without a ranked pair, step ones without a
+    step."""
     v = stats.values()
-    weights = max(v["weight_sum"], 1e-12)
-    if cfg.pair_weighting == "per_prompt":
-        loss = (v["prompt_num"] + v["extras_num"]) / weights
-    else:
-        loss = v["ranking_num"] / max(v["unit_num"], 1e-12) + v["extras_num"] / weights
-    n = max(v["rewards"], 1)
-    out = {
-        "pairwise_accuracy": v["correct_pairs"] / max(v["pairs"], 1),
-        "loss": loss,
-        "kendall_tau": v["tau_sum"] / max(v["tau_groups"], 1),
-        "num_prompts": int(v["groups"]),
-        "num_pairs": int(v["pairs"]),
-        "reward_mean": v["reward_sum"] / n,
-        "reward_std": max(v["reward_sq_sum"] / n - (v["reward_sum"] / n) ** 2, 0.0) ** 0.5,
-    }
+    out, parts, ranking = {}, [], None
+    if v["pairs"]:
+        out["pairwise_accuracy"] = v["correct_pairs"] / v["pairs"]
+    if v["groups"] and (v["pairs"] or v["extras_num"]):
+        weights = max(v["weight_sum"], 1e-12)
+        if cfg.pair_weighting == "per_prompt":
+            ranking = (v["prompt_num"] + v["extras_num"]) / weights
+        else:
+            ranking = v["ranking_num"] / max(v["unit_num"], 1e-12) + v["extras_num"] / weights
+        parts.append(ranking)
+    if v["tau_groups"]:
+        out["kendall_tau"] = v["tau_sum"] / v["tau_groups"]
+    if v["groups"] or not v["steps"]:  # stepwise prompts alone: counted by num_steps
+        out["num_prompts"] = int(v["groups"])
+    if v["pairs"]:
+        out["num_pairs"] = int(v["pairs"])
+    if v["rewards"]:
+        n = v["rewards"]
+        out["reward_mean"] = v["reward_sum"] / n
+        out["reward_std"] = max(v["reward_sq_sum"] / n - (v["reward_sum"] / n) ** 2, 0.0) ** 0.5
     if v["tie_pairs"]:
         out["tie_accuracy"] = v["ties_close"] / v["tie_pairs"]
         out["num_tie_pairs"] = int(v["tie_pairs"])
     if v["steps"]:
         step = v["step_loss_num"] / max(v["step_weight_sum"], 1e-12)
-        if not v["groups"]:  # stepwise prompts only: no ranking figures
-            out = {"loss": 0.0}
-        out.update(loss=out["loss"] + cfg.step_coef * step, step_loss=step)
-        out.update(step_accuracy=v["correct_steps"] / v["steps"], num_steps=int(v["steps"]))
+        parts.append(cfg.step_coef * step)
+        out.update(step_loss=step, step_accuracy=v["correct_steps"] / v["steps"], num_steps=int(v["steps"]))
+    for name, (value, coef) in (terms or {}).items():
+        parts.append(coef * value)
+        out[name] = value
+    if parts:
+        out["loss"] = sum(parts[1:], parts[0])
+    if ranking is not None and len(parts) > 1:  # alone, the ranking term is `loss`
+        out["ranking_loss"] = ranking
     return out

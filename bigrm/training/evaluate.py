@@ -43,19 +43,22 @@ def evaluate_rewards(
     every rank's completions (default kind: scalar). Rewards, on every rank: every completion's reward, (N,) float64
     on the CPU, the completions of groups[0], then groups[1], ... in their order."""
     kind = kind or Scalar()
-    total, parts = Stats.zeros(device), []
+    total, parts, sums = Stats.zeros(device), [], kind.new_sums(device)
     starts = np.cumsum([0] + [len(g.seqs) for g in groups])  # (G + 1,) first completion of each group
     every = torch.zeros(int(starts[-1]), dtype=torch.float64, device=device)  # (N,) this rank's groups filled in
     for mb in shard(groups, budget, window, dist.world(), dist.rank(), share_prompt):
         batch = collate([groups[i] for i in mb], pad_id, share_prompt=share_prompt).to(device)
         values = model(batch)  # (n + P,) the completions of mb's groups, group after group, then the step ends
-        _, stats, _ = kind.loss(values, batch.labels, cfg, None)
+        _, stats, kind_sums = kind.loss(values, batch.labels, cfg, None)
         total += stats
+        if kind_sums is not None:
+            sums = kind_sums if sums is None else sums + kind_sums
         parts.append(kind.eval_part(values, batch.labels))
         n = len(batch.labels.seg_group)
         at = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in mb] + [np.zeros(0, dtype=np.int64)])
         every[torch.from_numpy(at).to(device)] = kind.rewards(values)[:n].double()
-    stats, every = dist.all_sum_each(total.stack(), every)  # each reward comes from one rank, zeros elsewhere
-    out = metrics(Stats.unstack(stats.cpu()), cfg)
+    summed = [] if sums is None else [sums.flatten()]
+    stats, every, *summed = dist.all_sum_each(total.stack(), every, *summed)  # each reward: one rank, zeros elsewhere
+    out = metrics(Stats.unstack(stats.cpu()), cfg, kind.loss_terms(summed[0].cpu() if summed else None, cfg))
     out.update(kind.eval_metrics([p for part in dist.gather_objects(parts) for p in part]))
     return out, every.cpu()

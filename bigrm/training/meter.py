@@ -62,7 +62,7 @@ class Meter:
         stats, tokens, *sums = (x.cpu() for x in dist.all_sum_each(self.stats.stack(), local, *sums))
         elapsed, world = time.perf_counter() - self.clock, dist.world()
         t = Tokens(*tokens.tolist())
-        logged = metrics(Stats.unstack(stats), cfg)
+        logged = metrics(Stats.unstack(stats), cfg, self.kind.loss_terms(sums[0] if sums else None, cfg))
         logged.update(
             lr=lr,
             tokens_per_s=t.real / elapsed,

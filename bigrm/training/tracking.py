@@ -29,8 +29,12 @@ class Tracker:
             return
         self.bar.write(f"[{prefix} step {step}] " + " ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
         if prefix == "train":
-            acc = values.get("pairwise_accuracy", values.get("step_accuracy", 0.0))  # stepwise-only runs: step accuracy
-            self.bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{acc:.3f}")
+            # the run's accuracy: ranked pairs', else steps' (a stepwise-only run); none for rated rows alone
+            acc = values.get("pairwise_accuracy", values.get("step_accuracy"))
+            shown = {"loss": values.get("loss"), "acc": acc}
+            self.bar.set_postfix(
+                **{k: f"{v:.4f}" if k == "loss" else f"{v:.3f}" for k, v in shown.items() if v is not None}
+            )
         self.jsonl.write(json.dumps({"split": prefix, "step": step, **values}) + "\n")
         self.jsonl.flush()
         for sink in self.sinks:

@@ -142,7 +142,7 @@ def test_unusable_steps_always_stop_and_overlong_rows_per_data_overlong(tmp_path
     ]
     data = write(tmp_path / "glued.jsonl", rows)
     _, tok, _, _ = scoring.load_model(str(llama_dir), torch.device("cpu"))
-    cfg = DataConfig(step_separator="", max_length=20)
+    cfg = DataConfig(step_separator="", max_length=20, step_layout="joined")  # trl: steps never merge
     boundary = "step {} does not end at a token boundary"
     reasons = [boundary.format(0), "longer than max_length", boundary.format(1)]
     for overlong, stopping in (("error", [0, 1, 2]), ("skip", [0, 2])):

@@ -15,6 +15,7 @@ from bigrm.data.pipeline import Dataset
 from bigrm.data.sequences import Group
 from bigrm.errors import ExportError
 from bigrm.kinds import Attributes, Scalar, Steps
+from bigrm.kinds.steps import SEPARATOR_KEY
 from bigrm.model.heads import AttributeHead
 from bigrm.training.evaluate import evaluate_rewards
 from bigrm.training.meter import Meter
@@ -40,12 +41,25 @@ def test_the_run_options_and_data_choose_the_kind():
     assert kind.vector and not steps.vector
 
 
-@pytest.mark.parametrize("kind", [Scalar(), Steps("\n\n"), Attributes(HEAD)], ids=lambda k: k.name)
+@pytest.mark.parametrize("kind", [Scalar(), Steps("\n\n", "joined", "<step>"), Attributes(HEAD)], ids=lambda k: k.name)
 def test_what_a_kind_records_reads_back_as_that_kind(kind):
     config = LlamaConfig(num_labels=kind.outputs)
     kind.record(config)
     back = kinds.for_model(LlamaConfig.from_dict(config.to_dict()))
     assert type(back) is type(kind) and vars(back) == vars(kind)
+
+
+def test_a_process_reward_model_scores_rows_laid_out_as_it_was_trained():
+    run = options.build({"data.step_layout": "joined", "data.step_token": "<extra_0>"})
+    config = LlamaConfig()
+    kinds.for_run(run.data, run.loss, data(stepwise=True)).record(config)
+    back = kinds.for_model(LlamaConfig.from_dict(config.to_dict()))
+    want = {"data.step_separator": "\n", "data.step_layout": "joined", "data.step_token": "<extra_0>"}
+    assert back.data_defaults() == want
+    config = LlamaConfig()
+    setattr(config, SEPARATOR_KEY, "\n")  # exported before layouts were recorded: the joined text's tokens
+    assert kinds.for_model(config).data_defaults()["data.step_layout"] == "joined"
+    assert Steps().data_defaults() == {} and options.build({}).data.step_layout == "trl"
 
 
 def test_stepwise_rows_are_scored_as_a_process_reward_model_by_any_one_output_model():
@@ -91,6 +105,9 @@ class Doubled(Scalar):
     def train_metrics(self, sums):
         return {"l1": float(sums[0])}
 
+    def loss_terms(self, sums, cfg):
+        return {} if sums is None else {"l1_loss": (float(sums[0]), 1.0)}
+
     def eval_part(self, values, labels):
         return values.detach().cpu()
 
@@ -114,6 +131,7 @@ def test_a_new_kind_is_one_class_and_its_registration(monkeypatch):
         model, groups[:1], budget=64, window=8, pad_id=0, device=torch.device("cpu"), cfg=cfg, kind=kind
     )
     assert rewards.tolist() == [1.0, -2.0] and metrics["max_abs"] == 1.0
+    assert metrics["loss"] == pytest.approx(np.log1p(np.exp(-3.0)) + 1.5) and metrics["l1_loss"] == 1.5  # eval too
     assert metrics["pairwise_accuracy"] == 1.0  # 2 * 0.5 > 2 * -1.0
     batch = collate(groups[:1], 0)
     loss, stats, sums = kind.loss(values[1], batch.labels, cfg, kind.share(groups[0], cfg))
@@ -121,4 +139,6 @@ def test_a_new_kind_is_one_class_and_its_registration(monkeypatch):
     meter = Meter(torch.device("cpu"), 64, None, kind)  # the log window sums what the kind's loss returns
     meter.add(stats, batch, 0.0, sums)
     meter.add(stats, batch, 0.0, sums)
-    assert meter.read(cfg, 1e-5)["l1"] == 3.0
+    logged = meter.read(cfg, 1e-5)
+    assert logged["l1"] == 3.0 and logged["l1_loss"] == 3.0  # its term is logged alone and in the loss
+    assert logged["loss"] == pytest.approx(np.log1p(np.exp(-3.0)) + 3.0) == logged["ranking_loss"] + 3.0

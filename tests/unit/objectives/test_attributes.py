@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from bigrm.kinds.attributes import MERGED_KEY
 from bigrm.model import adapters
 from bigrm.model.heads import AttributeHead, merged_head, read_head, record_head
 from bigrm.model.reward_model import RewardModel, load_classifier
+from bigrm.training.meter import Meter
 from tests.helpers.attributes import NAMES, plain_logits
 from tests.helpers.groups import random_groups
 
@@ -114,6 +116,28 @@ def test_step_denominators_make_micro_batches_add_up_to_the_step():
     torch.testing.assert_close(parts, whole, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("rows", [[0, 1, 2, 3, 4], [0, 1, 4]], ids=["mixed", "rated-only"])
+def test_the_logged_loss_is_the_loss_minimised_and_absent_figures_stay_absent(rows):
+    """loss = ranking + attribute_coef * rating term, each logged alone; rated rows alone have no pair figures."""
+    labels, ks = make_labels()
+    labels, ks = [labels[i] for i in rows], [ks[i] for i in rows]
+    cfg = LossConfig(attribute_coef=0.7)
+    values = torch.randn(sum(ks), len(NAMES), dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    seg = SegmentLabels.of(labels, ks, torch.float64)
+    loss, stats, sums = KIND.loss(values, seg, cfg, None)
+    meter = Meter(torch.device("cpu"), 64, None, KIND)
+    meter.add(stats, SimpleNamespace(real_tokens=1, processed_tokens=1), 0.0, sums)
+    logged = meter.read(cfg, 1e-5)
+    assert logged["loss"] == pytest.approx(loss.item(), rel=1e-12)
+    assert logged["rating_loss"] > 0
+    if len(rows) == 3:
+        assert not {"pairwise_accuracy", "kendall_tau", "num_pairs", "ranking_loss"} & set(logged)
+        assert logged["loss"] == pytest.approx(0.7 * logged["rating_loss"], rel=1e-12)
+    else:
+        assert logged["loss"] == pytest.approx(logged["ranking_loss"] + 0.7 * logged["rating_loss"], rel=1e-12)
+        assert 0 <= logged["pairwise_accuracy"] <= 1 and logged["num_pairs"] > 0
+
+
 def test_merged_head_rows_and_bias_give_the_weighted_sum():
     gen = torch.Generator().manual_seed(2)
     weight, bias, hidden = (
@@ -179,10 +203,7 @@ def test_n_head_export_and_merged_export_load_in_plain_transformers(llama_dir, t
     export.save_classifier(classifier, classifier.state_dict(), tok, tmp_path / "merged", kind=merged_kind)
     merged = plain_logits(tmp_path / "merged", groups, num_labels=1)
     assert merged.shape[1] == 1 and read_head(classifier.config) is None
-    assert (
-        AttributeHead.from_dict(json.loads((tmp_path / "merged" / "config.json").read_text())[MERGED_KEY])
-        == HEAD
-    )
+    assert AttributeHead.from_dict(json.loads((tmp_path / "merged" / "config.json").read_text())[MERGED_KEY]) == HEAD
     torch.testing.assert_close(merged[:, 0], HEAD.scalar(heads), atol=1e-5, rtol=0)
     with pytest.raises(ExportError, match="scalar head"):
         merged_kind.merge(classifier)

@@ -99,13 +99,16 @@ def _saved(store: TokenStore, tmp_path: Path) -> Path:
 def test_steps_that_cannot_be_located_stop_before_compute(llama_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(llama_dir)
     path = write(tmp_path / "steps.jsonl", stepwise_rows()[:1])
-    examples = load_examples([str(path)], DataConfig())[0][0]
+    joined = DataConfig(step_layout="joined")  # the layout that tokenises the joined text
+    examples = load_examples([str(path)], joined)[0][0]
     with pytest.raises(DataError, match=r"steps.jsonl:line 1: completion 0: stepwise rows need .*trl or grpo"):
         encode_examples(examples, tok, 64, "error", convention="openrlhf")
     glued = write(tmp_path / "glued.jsonl", [{"prompt": "p", "completions": [" gre", "at"], "labels": [1, 0]}])
-    examples = load_examples([str(glued)], DataConfig(step_separator=""))[0][0]  # " great" is one token
+    examples = load_examples([str(glued)], DataConfig(step_separator="", step_layout="joined"))[0][0]  # " great"
     with pytest.raises(DataError, match="step 0 does not end at a token boundary"):
         encode_examples(examples, tok, 64, "error")
+    examples = load_examples([str(glued)], DataConfig(step_separator=""))[0][0]  # trl: each step tokenised alone
+    assert encode_examples(examples, tok, 64, "error").step_counts.tolist() == [2]
 
 
 def test_token_classifier_export_gives_sigmoid_of_the_value_and_loads_back(llama_dir, tmp_path):
@@ -138,5 +141,3 @@ def test_token_classifier_export_gives_sigmoid_of_the_value_and_loads_back(llama
 
 
 # 2-rank ZeRO-3 runs ---------------------------------------------------------------------------------------------
-
-
