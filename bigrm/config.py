@@ -7,6 +7,7 @@ check each value against its type (`Literal` choices included). What a type cann
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, TypedDict, get_args
 
@@ -112,6 +113,9 @@ class DataConfig:
     number, ...} hold one completion; ranked, scored and pairwise rows may carry per-completion lists aligned with their
     completions ({..., helpfulness: [3, 1, null]}). A null or absent rating is masked, never read as 0. Empty: one
     scalar reward head."""
+    attribute_range: list[float] = field(default_factory=list)
+    """With data.attributes: [lo, hi], the range every rating must lie in (e.g. [0, 4] for HelpSteer2); a rating
+    outside it is that row's error (file:line and field). Empty: ratings are not range-checked."""
     response_column: str = "response"
     """Rated rows (with data.attributes): the column of the row's single completion."""
     assistant_marker: str = "\n\nAssistant:"
@@ -157,6 +161,9 @@ class DataConfig:
         clash = sorted(columns & set(names))
         if clash:
             raise ConfigError(f"data.attributes: {clash} also name(s) a data.*_column")
+        bounds = self.attribute_range
+        if bounds and not (len(bounds) == 2 and all(map(math.isfinite, bounds)) and bounds[0] < bounds[1]):
+            raise ConfigError(f"data.attribute_range: expected [lo, hi] with lo < hi, finite, got {bounds!r}")
         if self.synthetic.task == "attributes" and not 1 <= len(names) <= 3 and not self.train_files:
             raise ConfigError("data.synthetic.task=attributes: name 1 to 3 attributes in data.attributes")
         if names and self.synthetic.task == "steps" and not self.train_files:
