@@ -28,6 +28,7 @@ def _run(fn, *args) -> int:
 
 
 def train_main(argv: list[str] | None = None) -> int:
+    """Train a reward model: a recipe or --config FILE.yaml, then --section.option overrides."""
     argv = sys.argv[1:] if argv is None else argv
     if _asks_help(argv):
         print(options.help_text())
@@ -139,7 +140,8 @@ def _args(p: ArgumentParser, argv: list[str], sections: tuple[str, ...]) -> tupl
 
 
 def score_main(argv: list[str]) -> int:
-    p = _parser("score", "Write each input row with `rewards` aligned with its completions.")
+    """Write each input row with `rewards` aligned with its completions."""
+    p = _parser("score", score_main.__doc__)
     _model_args(p)
     _required(p, "--out", "output JSON Lines file")
     p.add_argument("--segments", action="store_true", help="reward every piece of completions given as lists")
@@ -180,7 +182,8 @@ def score_main(argv: list[str]) -> int:
 
 
 def eval_main(argv: list[str]) -> int:
-    p = _parser("eval", "Ranking metrics and reward diagnostics of a reward model on a labelled file.")
+    """Ranking metrics and reward diagnostics of a reward model on a labelled file."""
+    p = _parser("eval", eval_main.__doc__)
     _model_args(p)
     p.add_argument("--out", type=str | None, default=None, help="also write the metrics to this JSON file")
     p.add_argument(
@@ -222,7 +225,8 @@ def eval_main(argv: list[str]) -> int:
 
 
 def export_main(argv: list[str]) -> int:
-    p = _parser("export", "A training checkpoint → a verified plain Hugging Face classifier.")
+    """A training checkpoint → a verified plain Hugging Face classifier."""
+    p = _parser("export", export_main.__doc__)
     _required(p, "--checkpoint", "a complete checkpoint directory (checkpoints/step-*)")
     _required(p, "--out", "directory to write")
     p.add_argument("--dtype", type=precision.Name, default="auto", help="auto: the training dtype")
@@ -249,6 +253,7 @@ def export_main(argv: list[str]) -> int:
 
 
 def prepare_main(argv: list[str]) -> int:
+    """Fill the token cache ahead of training (same options as train)."""
     if _asks_help(argv):
         print(
             "Validate and tokenise the data of a training run into the token cache (data.cache_dir) ahead of time, "
@@ -271,7 +276,13 @@ COMMANDS = {"train": train_main, "prepare": prepare_main, "export": export_main,
 
 
 def main() -> int:
+    """`bigrm COMMAND`; `bigrm --help` lists the commands (exit 0), no or an unknown command lists them (exit 2)."""
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        print(f"usage: bigrm {{{','.join(COMMANDS)}}} [options]   (bigrm COMMAND --help)", file=sys.stderr)
-        return 2
+        asked = len(sys.argv) == 2 and sys.argv[1] in ("-h", "--help")
+        listing = "".join(f"\n  {name:<9}{(run.__doc__ or '').splitlines()[0]}" for name, run in COMMANDS.items())
+        usage = f"usage: bigrm {{{','.join(COMMANDS)}}} [options]   (bigrm COMMAND --help)\n\ncommands:{listing}"
+        if not asked and len(sys.argv) >= 2:
+            usage = f"bigrm: unknown command {sys.argv[1]!r}\n{usage}"
+        print(usage, file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     return COMMANDS[sys.argv[1]](sys.argv[2:])
