@@ -28,7 +28,7 @@ def _run(fn, *args) -> int:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    """Train a reward model: a recipe or --config FILE.yaml, then --section.option overrides."""
+    """Train a reward model: --config FILE.yaml (default: the built-in tiny recipe), then --section.option overrides."""
     argv = sys.argv[1:] if argv is None else argv
     if _asks_help(argv):
         print(options.help_text())

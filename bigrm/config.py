@@ -340,6 +340,10 @@ class TrainConfig:
     resume: str = ""
     """Resume from a checkpoint directory, or `auto`: the newest complete one in <output_dir>/checkpoints (a fresh start
     if there is none). Weights, optimizer, scheduler, RNG and data position continue exactly."""
+    resume_override: list[str] = field(default_factory=list)
+    """Options (as `section.option`, e.g. [train.lr]) a resume may change from the checkpoint's values; the change is
+    logged and recorded in log.jsonl. Any other change to the optimizer, schedule, loss, model (path, dtype, attention,
+    random_init), LoRA or quantization options refuses the resume."""
     max_nonfinite_steps: int = 3
     """Stop the run (exit code 2, no export) after this many consecutive optimizer steps whose loss or gradient norm is
     not finite; such steps are never saved. fp16 loss-scale skips with a finite loss do not count."""
