@@ -8,10 +8,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bigrm import dist
-from bigrm.config import Config, TrainConfig
+from bigrm.config import Config, LossConfig, TrainConfig
 from bigrm.data.packing import Update, layout_tokens, plan_epoch
 from bigrm.data.pipeline import Dataset
 from bigrm.data.rows import mix
+from bigrm.data.sequences import Group
 from bigrm.errors import CheckpointError, ConfigError
 
 
@@ -32,6 +33,30 @@ def plan(t: TrainConfig, data: Dataset) -> list[Update]:
             epoch=epoch,
         )
     return updates[: t.max_steps] if t.max_steps else updates
+
+
+def warnings(t: TrainConfig, loss: LossConfig, data: Dataset, updates: list[Update]) -> list[str]:
+    """What makes a run train less than asked or nothing at all, said before it starts."""
+    found = []
+    if t.max_steps and t.max_steps > len(updates):
+        found.append(
+            f"warning: train.max_steps={t.max_steps} but train.epochs={t.epochs} of this data give {len(updates)} "
+            f"optimizer steps: the run stops after {len(updates)} (raise train.epochs for more)"
+        )
+    if not any(_informative(g, loss) for g in data.train):
+        found.append(
+            "warning: no training prompt has two completions of different rank (every pair is tied), step labels or "
+            "ratings: the loss has nothing to learn from and the model will not change"
+        )
+    return found
+
+
+def _informative(group: Group, loss: LossConfig) -> bool:
+    labels = group.labels
+    ranks = labels.ranks or range(len(group.seqs))  # no ranks: the completions' order is their ranking
+    regressed = labels.targets is not None and loss.scores != "rank"
+    tied = loss.tie_coef > 0 and len(set(ranks)) < len(ranks)  # loss.tie_coef pulls tied rewards together
+    return len(set(ranks)) > 1 or bool(labels.steps) or bool(labels.attributes) or regressed or tied
 
 
 def plan_fingerprint(t: TrainConfig, data: Dataset, updates: list[Update]) -> dict:

@@ -38,7 +38,14 @@ from bigrm.training import ds_config, preemption
 from bigrm.training.divergence import Watch
 from bigrm.training.evaluate import evaluate_rewards
 from bigrm.training.meter import Meter
-from bigrm.training.plan import check_optimisation, check_resumable, optimisation_fingerprint, plan, plan_fingerprint
+from bigrm.training.plan import (
+    check_optimisation,
+    check_resumable,
+    optimisation_fingerprint,
+    plan,
+    plan_fingerprint,
+    warnings,
+)
 from bigrm.training.sinks import check_installed, open_sinks
 from bigrm.training.tracking import Tracker
 
@@ -154,6 +161,8 @@ class Trainer:
             opened = open_sinks(self.t.report_to, self.out, self.t.run_name, config, self.resume_from is not None)
         self.tracker = Tracker(self.out, len(self.updates), opened)
         for line in self.data.log:
+            self.tracker.print(line)
+        for line in warnings(self.t, self.cfg.loss, self.data, self.updates):
             self.tracker.print(line)
 
     def _build_engine(self, path: str, attn: str) -> None:

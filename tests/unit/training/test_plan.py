@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from bigrm import dist
-from bigrm.config import Config, TrainConfig
+from bigrm.config import Config, LossConfig, TrainConfig
+from bigrm.data.labels import Labels
 from bigrm.data.pipeline import Dataset
 from bigrm.data.sequences import Group
 from bigrm.errors import CheckpointError, ConfigError
@@ -20,6 +21,7 @@ from bigrm.training.plan import (
     optimisation_fingerprint,
     plan,
     plan_fingerprint,
+    warnings,
 )
 
 
@@ -143,3 +145,25 @@ def test_an_override_must_name_a_checked_option(tmp_path):
     saved = optimisation_fingerprint(Config())
     with pytest.raises(ConfigError, match=r"train.resume_override: \['train.lrr'\]"):
         check_optimisation(saved, dict(saved), ["train.lrr"], tmp_path)
+
+
+def test_max_steps_beyond_the_data_is_warned(tmp_path):
+    data = dataset([[10, 12, 14, 16]])
+    steps = len(plan(config(), data))
+    assert warnings(config(max_steps=steps), LossConfig(), data, plan(config(max_steps=steps), data)) == []
+    said = warnings(config(max_steps=steps + 5), LossConfig(), data, plan(config(max_steps=steps + 5), data))
+    assert said == [
+        f"warning: train.max_steps={steps + 5} but train.epochs=1 of this data give {steps} optimizer steps: the run "
+        f"stops after {steps} (raise train.epochs for more)"
+    ]
+
+
+def test_a_training_set_of_ties_only_is_warned():
+    data = dataset([[10, 12, 14]])
+    tied = replace(data, train=[replace(g, labels=Labels((0, 0))) for g in data.train])
+    assert warnings(config(), LossConfig(), data, plan(config(), data)) == []
+    said = warnings(config(), LossConfig(), tied, plan(config(), tied))
+    assert len(said) == 1 and said[0].startswith("warning: no training prompt has two completions of different rank")
+    assert warnings(config(), LossConfig(tie_coef=0.1), tied, plan(config(), tied)) == []  # ties are a term then
+    one_ranked = replace(tied, train=[*tied.train[:-1], replace(tied.train[-1], labels=Labels((0, 1)))])
+    assert warnings(config(), LossConfig(), one_ranked, plan(config(), one_ranked)) == []
