@@ -347,6 +347,10 @@ class TrainConfig:
     max_nonfinite_steps: int = 3
     """Stop the run (exit code 2, no export) after this many consecutive optimizer steps whose loss or gradient norm is
     not finite; such steps are never saved. fp16 loss-scale skips with a finite loss do not count."""
+    max_loss_ratio: float = 0.0
+    """Stop the run (exit code 2, no export) when a logged training loss exceeds this many times the first one logged
+    (after a resume: the first since). 0: never; a loss above 4× its start for 2 logged windows in a row is warned once
+    either way."""
     overwrite_output_dir: bool = False
     """Delete the complete checkpoints of another run found in <output_dir>/checkpoints before training. Without it such
     a run is refused (continue it with `resume: auto`, or choose a new output_dir)."""
@@ -368,6 +372,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         positive = ("epochs", "max_tokens_per_batch", "micro_batches_per_step", "packing_window", "lr", "log_every")
         zero_ok = ("max_steps", "eval_every", "weight_decay", "grad_clip", "save_every", "keep_checkpoints")
+        zero_ok += ("max_loss_ratio",)
         _bounds(self, "train", (*positive, "max_nonfinite_steps"), (*zero_ok, "peak_tflops"))
         if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("train.warmup_ratio must be in [0, 1) and train.min_lr_ratio in [0, 1]")

@@ -35,7 +35,7 @@ from bigrm.objectives.normaliser import Normaliser
 from bigrm.objectives.ranking import Stats, metrics
 from bigrm.progress import transformers_bars
 from bigrm.training import ds_config, preemption
-from bigrm.training.divergence import Watch
+from bigrm.training.divergence import LossRise, Watch
 from bigrm.training.evaluate import evaluate_rewards
 from bigrm.training.meter import Meter
 from bigrm.training.plan import (
@@ -93,6 +93,7 @@ class Trainer:
         self.dtype = precision.training(cfg.model.dtype, device.type == "cuda")
         self.stop = preemption.StopRequest(self.out, device)
         self.watch = Watch(t.max_nonfinite_steps)
+        self.rise = LossRise(t.max_loss_ratio)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # this rank's update had a non-finite loss
         self.skipped = 0  # DeepSpeed's skipped optimizer steps so far (overflow)
         # built by setup()
@@ -287,6 +288,9 @@ class Trainer:
         if n % t.log_every == 0 or last or stopping:
             logged = self.meter.read(self.cfg.loss, self.engine.get_lr()[0])
             self.tracker.log("train", {**logged, "skipped_steps": self.engine.skipped_steps}, n)
+            warning = self.rise.observe(n, logged["loss"])
+            if warning:
+                self.tracker.print(warning)
         unhealthy = self._diverging(n, last)
         with self.meter.paused():  # evaluation and saving are not training throughput
             if self.data.eval and t.eval_every and n % t.eval_every == 0 and not last:
