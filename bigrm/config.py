@@ -7,7 +7,6 @@ check each value against its type (`Literal` choices included). What a type cann
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal, TypedDict, get_args
 
@@ -114,8 +113,8 @@ class DataConfig:
     completions ({..., helpfulness: [3, 1, null]}). A null or absent rating is masked, never read as 0. Empty: one
     scalar reward head."""
     attribute_range: list[float] = field(default_factory=list)
-    """With data.attributes: [lo, hi], the range every rating must lie in (e.g. [0, 4] for HelpSteer2); a rating
-    outside it is that row's error (file:line and field). Empty: ratings are not range-checked."""
+    """With data.attributes: [lo, hi], the range of every rating (e.g. [0, 4] for HelpSteer2); one outside it is
+    that row's error. Empty: unchecked."""
     response_column: str = "response"
     """Rated rows (with data.attributes): the column of the row's single completion."""
     assistant_marker: str = "\n\nAssistant:"
@@ -162,7 +161,7 @@ class DataConfig:
         if clash:
             raise ConfigError(f"data.attributes: {clash} also name(s) a data.*_column")
         bounds = self.attribute_range
-        if bounds and not (len(bounds) == 2 and all(map(math.isfinite, bounds)) and bounds[0] < bounds[1]):
+        if bounds and not (len(bounds) == 2 and all(abs(b) < float("inf") for b in bounds) and bounds[0] < bounds[1]):
             raise ConfigError(f"data.attribute_range: expected [lo, hi] with lo < hi, finite, got {bounds!r}")
         if self.synthetic.task == "attributes" and not 1 <= len(names) <= 3 and not self.train_files:
             raise ConfigError("data.synthetic.task=attributes: name 1 to 3 attributes in data.attributes")
@@ -341,16 +340,14 @@ class TrainConfig:
     """Resume from a checkpoint directory, or `auto`: the newest complete one in <output_dir>/checkpoints (a fresh start
     if there is none). Weights, optimizer, scheduler, RNG and data position continue exactly."""
     resume_override: list[str] = field(default_factory=list)
-    """Options (as `section.option`, e.g. [train.lr]) a resume may change from the checkpoint's values; the change is
-    logged and recorded in log.jsonl. Any other change to the optimizer, schedule, loss, model (path, dtype, attention,
-    random_init), LoRA or quantization options refuses the resume."""
+    """Options (`section.option`, e.g. [train.lr]) a resume may change from the checkpoint's, logged and recorded in
+    log.jsonl; any other change to the optimizer, schedule, loss, model, LoRA or quantization refuses the resume."""
     max_nonfinite_steps: int = 3
     """Stop the run (exit code 2, no export) after this many consecutive optimizer steps whose loss or gradient norm is
     not finite; such steps are never saved. fp16 loss-scale skips with a finite loss do not count."""
     max_loss_ratio: float = 0.0
     """Stop the run (exit code 2, no export) when a logged training loss exceeds this many times the first one logged
-    (after a resume: the first since). 0: never; a loss above 4× its start for 2 logged windows in a row is warned once
-    either way."""
+    (since the start or resume). 0: never; above 4× for 2 logged windows in a row is warned once either way."""
     overwrite_output_dir: bool = False
     """Delete the complete checkpoints of another run found in <output_dir>/checkpoints before training. Without it such
     a run is refused (continue it with `resume: auto`, or choose a new output_dir)."""
@@ -372,8 +369,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         positive = ("epochs", "max_tokens_per_batch", "micro_batches_per_step", "packing_window", "lr", "log_every")
         zero_ok = ("max_steps", "eval_every", "weight_decay", "grad_clip", "save_every", "keep_checkpoints")
-        zero_ok += ("max_loss_ratio",)
-        _bounds(self, "train", (*positive, "max_nonfinite_steps"), (*zero_ok, "peak_tflops"))
+        _bounds(self, "train", (*positive, "max_nonfinite_steps"), (*zero_ok, "peak_tflops", "max_loss_ratio"))
         if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("train.warmup_ratio must be in [0, 1) and train.min_lr_ratio in [0, 1]")
         sinks = [self.report_to] if isinstance(self.report_to, str) else self.report_to

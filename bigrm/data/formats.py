@@ -378,28 +378,21 @@ def _rating_problem(value: Any, bounds: list[float]) -> str | None:
 def attribute_ratings(
     row: dict, cfg: DataConfig, k: int, single: bool, where: str
 ) -> tuple[tuple[float, ...], ...] | RowError:
-    """Per completion, its rating of each data.attributes name (NaN where null or absent). A rated row (`single`)
-    holds one number per attribute; other rows a list of k numbers or nulls per attribute, aligned with their
-    completions."""
+    """Per completion, its rating of each data.attributes name (NaN where null or absent): a rated row (`single`)
+    holds one number per attribute, other rows a list of k numbers or nulls per attribute."""
     names, columns = cfg.attributes, []
     for name in names:
         value = row.get(name)
         if value is None:
             columns.append([math.nan] * k)
             continue
-        if single:
-            problem = _rating_problem(value, cfg.attribute_range)
-            if problem:
-                return RowError(where, name, problem)
-            columns.append([float(value)])
-            continue
-        if not isinstance(value, list) or len(value) != k:
+        if not single and (not isinstance(value, list) or len(value) != k):
             return RowError(where, name, f"needs a list of one rating (a number or null) per completion ({k})")
-        for i, v in enumerate(value):
+        for i, v in enumerate([value] if single else value):
             problem = None if v is None else _rating_problem(v, cfg.attribute_range)
             if problem:
-                return RowError(where, f"{name}[{i}]", problem)
-        columns.append([math.nan if v is None else float(v) for v in value])
+                return RowError(where, name if single else f"{name}[{i}]", problem)
+        columns.append([float(value)] if single else [math.nan if v is None else float(v) for v in value])
     if single and all(math.isnan(c[0]) for c in columns):
         return RowError(where, "/".join(names), "every rating is missing: the row has nothing to train")
     return tuple(zip(*columns, strict=True))
