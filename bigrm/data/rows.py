@@ -202,12 +202,17 @@ class RowFile:
         """Row i (or `row`, a rewriting of it) as an Example, or what is wrong with it."""
         row = self.rows[i] if row is None else row
         parsed = parse_row(row, self.fmt, cfg, self.locate(i))
-        misfit = self.misfits.get(frozenset(row)) if isinstance(row, dict) else None
+        misfit = self.misfits.get(columns_of(row))
         if misfit is None:
             return parsed
         if isinstance(parsed, RowError):
             return replace(parsed, reason=f"{parsed.reason} ({misfit})")
         return RowError(parsed.source, "<row>", misfit)
+
+
+def columns_of(row: Any) -> frozenset:
+    """The columns a row has: null is absent, as in a Parquet file or directory, where every row has every column."""
+    return frozenset(k for k, v in row.items() if v is not None) if isinstance(row, dict) else frozenset()
 
 
 def file_format(rows: list[Any], cfg: DataConfig, path: str) -> tuple[str, dict[frozenset, str]]:
@@ -216,7 +221,7 @@ def file_format(rows: list[Any], cfg: DataConfig, path: str) -> tuple[str, dict[
     found: dict[frozenset, str | DataError] = {}
     votes: Counter = Counter()
     for row in rows:
-        columns = frozenset(row) if isinstance(row, dict) else frozenset()
+        columns = columns_of(row)
         if columns not in found:
             try:
                 found[columns] = formats.detect(set(columns), cfg, path).name
@@ -229,7 +234,8 @@ def file_format(rows: list[Any], cfg: DataConfig, path: str) -> tuple[str, dict[
         raise fmt
     # a row whose columns fit no format is parsed as the file's format, which names the field it lacks
     misfits = {
-        columns: f"its columns {sorted(columns)} make it a {other} row, but the file's rows are {fmt} (most rows')"
+        columns: f"its columns {sorted(columns)} make it {'an' if other[0] in 'aeiou' else 'a'} {other} row, "
+        f"but the file's rows are {fmt} (most rows')"
         for columns, other in found.items()
         if isinstance(other, str) and other != fmt
     }

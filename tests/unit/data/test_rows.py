@@ -652,7 +652,8 @@ def test_each_odd_row_is_its_own_error_and_null_stands_for_absent(tmp_path):
     message = load_error(path)
     assert message == (
         "2 invalid row(s) (set data.skip_invalid: true to skip them):\n"
-        f"  {path}:line 4: field 'prompt': missing\n"
+        f"  {path}:line 4: field 'prompt': missing (its columns ['chosen', 'rejected'] make it an implicit row, "
+        "but the file's rows are pairwise (most rows'))\n"
         f"  {path}:line 5: field 'prompt': must be text or chat messages, got list"
     )
 

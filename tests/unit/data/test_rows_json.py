@@ -85,6 +85,20 @@ def test_one_row_of_another_format_is_that_rows_error(tmp_path):
     assert [e.prompt for e in per_file[0]] == ["p", "p2"] and report.rows == 3
 
 
+def test_one_ranked_row_among_pairs_in_parquet_is_that_rows_error(tmp_path):
+    """Arrow gives every row every column (null where absent): null counts as absent for the row's format."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "mixed.parquet"
+    odd = {"prompt": "q", "ranked_outputs": ["c", "d"]}
+    rows = [PAIR, dict(PAIR, prompt="p2"), odd]
+    columns = dict.fromkeys(k for row in rows for k in row)  # from_pylist would keep only the first row's columns
+    pq.write_table(pa.table({k: [row.get(k) for row in rows] for k in columns}), path)
+    message = errors_of(str(path))
+    assert message.startswith("1 invalid row(s)") and f"{path}:row 2: field 'chosen': missing (its columns" in message
+
+
 def test_a_row_with_another_formats_columns_too_is_refused_even_if_it_parses(tmp_path):
     both = dict(PAIR, ranked_outputs=["c", "d"])
     path = jsonl(tmp_path / "both.jsonl", [PAIR, PAIR | {"prompt": "p2"}, both])
