@@ -29,6 +29,7 @@ def _run(fn, *args) -> int:
 
 
 def train_main(argv: list[str] | None = None) -> int:
+    """Train a reward model: --config FILE.yaml (default: the built-in tiny recipe), then --section.option overrides."""
     argv = sys.argv[1:] if argv is None else argv
     if _asks_help(argv):
         print(options.help_text())
@@ -140,7 +141,8 @@ def _args(p: ArgumentParser, argv: list[str], sections: tuple[str, ...]) -> tupl
 
 
 def score_main(argv: list[str]) -> int:
-    p = _parser("score", "Write each input row with `rewards` aligned with its completions.")
+    """Write each input row with `rewards` aligned with its completions."""
+    p = _parser("score", score_main.__doc__)
     _model_args(p)
     _required(p, "--out", "output JSON Lines file")
     p.add_argument("--segments", action="store_true", help="reward every piece of completions given as lists")
@@ -181,7 +183,8 @@ def score_main(argv: list[str]) -> int:
 
 
 def eval_main(argv: list[str]) -> int:
-    p = _parser("eval", "Ranking metrics and reward diagnostics of a reward model on a labelled file.")
+    """Ranking metrics and reward diagnostics of a reward model on a labelled file."""
+    p = _parser("eval", eval_main.__doc__)
     _model_args(p)
     p.add_argument("--out", type=str | None, default=None, help="also write the metrics to this JSON file")
     p.add_argument(
@@ -223,7 +226,8 @@ def eval_main(argv: list[str]) -> int:
 
 
 def export_main(argv: list[str]) -> int:
-    p = _parser("export", "A training checkpoint → a verified plain Hugging Face classifier.")
+    """A training checkpoint → a verified plain Hugging Face classifier."""
+    p = _parser("export", export_main.__doc__)
     _required(p, "--checkpoint", "a complete checkpoint directory (checkpoints/step-*)")
     _required(p, "--out", "directory to write")
     p.add_argument("--dtype", type=precision.Name, default="auto", help="auto: the training dtype")
@@ -250,6 +254,7 @@ def export_main(argv: list[str]) -> int:
 
 
 def merge_main(argv: list[str]) -> int:
+    """Average exports (or extrapolate one from another, ExPO) into a verified export."""
     p = _parser(
         "merge", "Average exported reward models, or extrapolate from one to another (ExPO): a verified export."
     )
@@ -278,6 +283,7 @@ def merge_main(argv: list[str]) -> int:
 
 
 def prepare_main(argv: list[str]) -> int:
+    """Fill the token cache ahead of training (same options as train)."""
     if _asks_help(argv):
         print(
             "Validate and tokenise the data of a training run into the token cache (data.cache_dir) ahead of time, "
@@ -297,6 +303,7 @@ def prepare_main(argv: list[str]) -> int:
 
 
 def serve_main(argv: list[str]) -> int:
+    """Serve the reward model over HTTP (OpenRLHF, vLLM pooling and bigrm's own endpoints)."""
     p = _parser("serve", "Serve the reward model over HTTP: OpenRLHF's /get_reward, vLLM's /classify and /pooling, "
                 "bigrm's grouped /v1/rewards, /health and /metrics (README: Serving the reward model).")  # fmt: skip
     _required(p, "--model", "exported directory or a bigrm checkpoint (checkpoints/step-*)")
@@ -352,7 +359,13 @@ COMMANDS = {
 
 
 def main() -> int:
+    """`bigrm COMMAND`; `bigrm --help` lists the commands (exit 0), no or an unknown command lists them (exit 2)."""
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        print(f"usage: bigrm {{{','.join(COMMANDS)}}} [options]   (bigrm COMMAND --help)", file=sys.stderr)
-        return 2
+        asked = len(sys.argv) == 2 and sys.argv[1] in ("-h", "--help")
+        listing = "".join(f"\n  {name:<9}{(run.__doc__ or '').splitlines()[0]}" for name, run in COMMANDS.items())
+        usage = f"usage: bigrm {{{','.join(COMMANDS)}}} [options]   (bigrm COMMAND --help)\n\ncommands:{listing}"
+        if not asked and len(sys.argv) >= 2:
+            usage = f"bigrm: unknown command {sys.argv[1]!r}\n{usage}"
+        print(usage, file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     return COMMANDS[sys.argv[1]](sys.argv[2:])

@@ -115,6 +115,9 @@ class DataConfig:
     number, ...} hold one completion; ranked, scored and pairwise rows may carry per-completion lists aligned with their
     completions ({..., helpfulness: [3, 1, null]}). A null or absent rating is masked, never read as 0. Empty: one
     scalar reward head."""
+    attribute_range: list[float] = field(default_factory=list)
+    """With data.attributes: [lo, hi], the range of every rating (e.g. [0, 4] for HelpSteer2); one outside it is
+    that row's error. Empty: unchecked."""
     response_column: str = "response"
     """Rated rows (with data.attributes): the column of the row's single completion."""
     assistant_marker: str = "\n\nAssistant:"
@@ -160,6 +163,9 @@ class DataConfig:
         clash = sorted(columns & set(names))
         if clash:
             raise ConfigError(f"data.attributes: {clash} also name(s) a data.*_column")
+        span = self.attribute_range
+        if span and not (len(span) == 2 and all(abs(b) < float("inf") for b in span) and span[0] < span[1]):
+            raise ConfigError(f"data.attribute_range: expected [lo, hi] with lo < hi, finite, got {span!r}")
         if self.synthetic.task == "attributes" and not 1 <= len(names) <= 3 and not self.train_files:
             raise ConfigError("data.synthetic.task=attributes: name 1 to 3 attributes in data.attributes")
         if names and self.synthetic.task == "steps" and not self.train_files:

@@ -124,9 +124,15 @@ class TrainConfig:
     resume: str = ""
     """Resume from a checkpoint directory, or `auto`: the newest complete one in <output_dir>/checkpoints (a fresh start
     if there is none). Weights, optimizer, scheduler, RNG and data position continue exactly."""
+    resume_override: list[str] = field(default_factory=list)
+    """Options (`section.option`, e.g. [train.lr]) a resume may change from the checkpoint's, logged and recorded in
+    log.jsonl; any other change to the optimizer, schedule, loss, model, LoRA or quantization refuses the resume."""
     max_nonfinite_steps: int = 3
     """Stop the run (exit code 2, no export) after this many consecutive optimizer steps whose loss or gradient norm is
     not finite; such steps are never saved. fp16 loss-scale skips with a finite loss do not count."""
+    max_loss_ratio: float = 0.0
+    """Stop the run (exit code 2, no export) when a logged training loss exceeds this many times the first one logged
+    (since the start or resume). 0: never; above 4× for 2 logged windows in a row is warned once either way."""
     overwrite_output_dir: bool = False
     """Delete the complete checkpoints of another run found in <output_dir>/checkpoints before training. Without it such
     a run is refused (continue it with `resume: auto`, or choose a new output_dir)."""
@@ -148,7 +154,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         positive = ("epochs", "max_tokens_per_batch", "micro_batches_per_step", "packing_window", "lr", "log_every")
         zero_ok = ("max_steps", "eval_every", "weight_decay", "grad_clip", "save_every", "keep_checkpoints")
-        bounds(self, "train", (*positive, "max_nonfinite_steps"), (*zero_ok, "peak_tflops"))
+        bounds(self, "train", (*positive, "max_nonfinite_steps"), (*zero_ok, "peak_tflops", "max_loss_ratio"))
         if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("train.warmup_ratio must be in [0, 1) and train.min_lr_ratio in [0, 1]")
         sinks = [self.report_to] if isinstance(self.report_to, str) else self.report_to

@@ -88,7 +88,7 @@ class RowFormat:
             return replace(weight, where=where)
         labels = Labels(tuple(range(len(completions))), margin=margin, weight=float(weight))
         if cfg.attributes:
-            ratings = attribute_ratings(row, cfg.attributes, len(completions), self.rated, where)
+            ratings = attribute_ratings(row, cfg, len(completions), self.rated, where)
             if isinstance(ratings, RowError):
                 return ratings
             labels = replace(labels, attributes=ratings)
@@ -382,30 +382,33 @@ def _row_weight(row: dict, cfg: DataConfig) -> float | RowError:
     return float(weight)
 
 
+def _rating_problem(value: Any, bounds: list[float]) -> str | None:
+    """Why a rating that is not null is unusable: not a JSON number, or outside data.attribute_range."""
+    if not finite_number(value):
+        return f"must be a number within float32's range or null, got {value!r}"
+    if bounds and not bounds[0] <= value <= bounds[1]:
+        return f"must be within data.attribute_range {bounds}, got {value!r}"
+    return None
+
+
 def attribute_ratings(
-    row: dict, names: list[str], k: int, single: bool, where: str
+    row: dict, cfg: DataConfig, k: int, single: bool, where: str
 ) -> tuple[tuple[float, ...], ...] | RowError:
-    """Per completion, its rating of each attribute (NaN where null or absent). A rated row (`single`) holds one
-    number per attribute; other rows a list of k numbers or nulls per attribute, aligned with their completions."""
-    columns = []
+    """Per completion, its rating of each data.attributes name (NaN where null or absent): a rated row (`single`)
+    holds one number per attribute, other rows a list of k numbers or nulls per attribute."""
+    names, columns = cfg.attributes, []
     for name in names:
         value = row.get(name)
         if value is None:
             columns.append([math.nan] * k)
             continue
-        if single:
-            if not finite_number(value):
-                return RowError(where, name, f"must be a number within float32's range or null, got {value!r}")
-            columns.append([float(value)])
-            continue
-        if not isinstance(value, list) or len(value) != k:
+        if not single and (not isinstance(value, list) or len(value) != k):
             return RowError(where, name, f"needs a list of one rating (a number or null) per completion ({k})")
-        bad = next((i for i, v in enumerate(value) if v is not None and not finite_number(v)), None)
-        if bad is not None:
-            return RowError(
-                where, f"{name}[{bad}]", f"must be a number within float32's range or null, got {value[bad]!r}"
-            )
-        columns.append([math.nan if v is None else float(v) for v in value])
+        for i, v in enumerate([value] if single else value):
+            problem = None if v is None else _rating_problem(v, cfg.attribute_range)
+            if problem:
+                return RowError(where, name if single else f"{name}[{i}]", problem)
+        columns.append([float(value)] if single else [math.nan if v is None else float(v) for v in value])
     if single and all(math.isnan(c[0]) for c in columns):
         return RowError(where, "/".join(names), "every rating is missing: the row has nothing to train")
     return tuple(zip(*columns, strict=True))

@@ -1,7 +1,8 @@
 """Rows → validated examples.
 
-Files are read with `datasets`; each file's format (ranked, scored, stepwise, pairwise, implicit, rated: see
-bigrm.data.formats) is detected from its columns.
+JSON files are read as parsed JSON (a string is never converted to a number or boolean), Parquet and save_to_disk
+directories with `datasets`; each row's format (ranked, scored, stepwise, pairwise, implicit, rated: see
+bigrm.data.formats) is detected from its own columns, and a row not of the file's (most rows') format is its error.
 Any format but stepwise may carry data.attributes ratings (rated rows: one number each; others: a list per attribute
 aligned with the completions); a null or absent rating is masked (NaN in Labels.attributes).
 A prompt may be text or a list of chat messages; completions are then assistant strings or message lists.
@@ -14,6 +15,7 @@ import gzip
 import json
 import math
 import random
+import tempfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -26,7 +28,6 @@ from bigrm.data import formats
 from bigrm.data.examples import Example, RowError, Text
 from bigrm.data.labels import Labels
 from bigrm.errors import DataError
-from bigrm.hashing import file_hash
 
 
 @dataclass
@@ -43,44 +44,54 @@ class LoadReport:
 
 
 def read_rows(path: str) -> list[Any]:
-    """All rows of a file through `datasets`; JSON files whose rows Arrow cannot type are pinpointed by line."""
+    """All rows of a file: JSON and JSON Lines as parsed JSON (a string stays a string, each row keeps its own
+    fields), Parquet and `datasets.save_to_disk` directories through `datasets`."""
+    return _read(Path(path))[0]
+
+
+def _read(p: Path) -> tuple[list[Any], list[int] | None]:
+    """(rows, each row's line for JSON Lines or None)."""
+    if not p.exists():
+        raise DataError(f"{p}: no such file or directory")
+    if p.is_dir():
+        return _datasets_rows(p, None), None
+    if p.stat().st_size == 0:
+        raise DataError(f"{p}: empty file")
+    name = p.name.lower().removesuffix(".gz")
+    if name.endswith((".json", ".jsonl")):
+        return _json_rows(p)
+    if name.endswith(".parquet"):
+        return _datasets_rows(p, "parquet"), None
+    raise DataError(f"{p}: unknown file type (expected .json, .jsonl, .parquet, optionally .gz, or a dir)")
+
+
+def _datasets_rows(p: Path, kind: str | None) -> list[Any]:
+    """Rows read by `datasets`, its Arrow copy of the file kept in a temporary directory: nothing is left in
+    ~/.cache/huggingface, and no stale copy can stand for a file replaced with the same mtime (cp -p, rsync)."""
     import datasets
 
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{path}: no such file or directory")
     datasets.disable_progress_bars()
     # reading a local file needs no network; without this, datasets pings the hub's download counter per file
     datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
-    if p.is_dir():
+    if kind is None:
         try:
             return datasets.load_from_disk(str(p)).to_list()
         except FileNotFoundError as err:
-            raise DataError(f"{path}: a directory that is not a datasets save_to_disk directory ({err})") from err
-    if p.stat().st_size == 0:
-        raise DataError(f"{path}: empty file")
-    name = p.name.lower().removesuffix(".gz")
-    kind = "parquet" if name.endswith(".parquet") else "json" if name.endswith((".json", ".jsonl")) else None
-    if kind is None:
-        raise DataError(f"{path}: unknown file type (expected .json, .jsonl, .parquet, optionally .gz, or a dir)")
-    # datasets keys its cache by path and modification time: a file replaced with the same mtime (cp -p, rsync,
-    # an archive) would be read as its old rows. Naming the config by the content keys the cache by the bytes.
-    name = f"bigrm-{file_hash(p)}"
-    try:
-        return datasets.load_dataset(kind, name=name, data_files=str(p), split="train").to_list()
-    except Exception as err:
-        if kind == "json":
-            raise DataError(_pinpoint_json(p) or f"{path}: cannot be read as JSON: {err}") from err
-        raise DataError(f"{path}: cannot be read as Parquet: {err}") from err
+            raise DataError(f"{p}: a directory that is not a datasets save_to_disk directory ({err})") from err
+    with tempfile.TemporaryDirectory(prefix="bigrm-datasets-") as cache:
+        try:
+            return datasets.load_dataset(kind, data_files=str(p), split="train", cache_dir=cache).to_list()
+        except Exception as err:
+            raise DataError(f"{p}: cannot be read as Parquet: {err}") from err
 
 
 def _read_text(p: Path) -> str:
     """The whole file as text; a corrupt .gz or bytes that are not UTF-8 are a DataError naming the file."""
     try:
         if p.name.endswith(".gz"):
-            with gzip.open(p, "rt", encoding="utf-8") as fh:
+            with gzip.open(p, "rt", encoding="utf-8-sig") as fh:
                 return fh.read()
-        return p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise DataError(
             f"{p}: not UTF-8 text (byte {err.start} of the {'decompressed ' * p.name.endswith('.gz')}"
@@ -90,76 +101,45 @@ def _read_text(p: Path) -> str:
         raise DataError(f"{p}: not a readable gzip file ({err})") from err
 
 
-def _kind(value: Any) -> str:
-    return "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__
-
-
-def _json_rows(p: Path):
-    """(location, parsed row or a parse-error message) for a JSON array file or a JSON Lines file."""
+def _json_rows(p: Path) -> tuple[list[Any], list[int] | None]:
+    """A JSON array file's rows, or a JSON Lines file's rows with their lines; every row must be an object."""
     text = _read_text(p)
     try:
         whole = json.loads(text)
     except json.JSONDecodeError:
         whole = None
     if isinstance(whole, list):
-        yield from ((f"{p}:row {i}", row) for i, row in enumerate(whole))
-        return
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                yield f"{p}:line {lineno}", json.loads(line)
-            except json.JSONDecodeError as err:
-                yield f"{p}:line {lineno}", JsonProblem(f"not valid JSON ({err.msg})")
-
-
-class JsonProblem(str):
-    pass
-
-
-def _pinpoint_json(p: Path) -> str | None:
-    """Arrow reports type clashes without a line number; find the first row that breaks the file's schema."""
-    seen: dict[str, tuple[str, str]] = {}
-    for where, row in _json_rows(p):
-        if isinstance(row, JsonProblem):
-            return f"{where}: {row}"
+        if whole and not any(isinstance(row, dict) for row in whole):
+            raise DataError(f"{p}: a JSON array of {type(whole[0]).__name__} values, not of row objects")
+        rows, lines = whole, None
+    else:
+        rows, lines = [], []
+        # only "\n" ends a JSON Lines row: str.splitlines would also split inside strings holding U+2028 or \x85
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{p}:line {lineno}: not valid JSON ({err.msg})") from err
+                lines.append(lineno)
+    for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            return f"{where}: the row is a {type(row).__name__}, not a JSON object"
-        for key, value in row.items():
-            if value is None:
-                continue
-            first = seen.setdefault(key, (_kind(value), where.rsplit(":", 1)[1]))
-            if first[0] != _kind(value):
-                return (
-                    f"{where}: field {key!r}: is a {_kind(value)} but was a {first[0]} on {first[1]}; "
-                    "every row must use the same type for a field"
-                )
-    return None
-
-
-def _line_numbers(p: Path) -> list[int]:
-    """Row index → physical line of a JSON Lines file (blank lines are not rows)."""
-    return [n for n, line in enumerate(_read_text(p).splitlines(), 1) if line.strip()]
+            where = f"line {lines[i]}" if lines is not None else f"row {i}"
+            raise DataError(f"{p}:{where}: the row is a {type(row).__name__}, not a JSON object")
+    return rows, lines
 
 
 class Locator:
-    def __init__(self, path: str):
+    """Names row i in an error: its line in a JSON Lines file, else its index."""
+
+    def __init__(self, path: str, lines: list[int] | None = None):
         self.path = path
-        self._lines: list[int] | None = None
-        low = path.lower().removesuffix(".gz")
-        self._jsonl = low.endswith(".jsonl") and Path(path).is_file()
+        self.lines = lines
 
     def __call__(self, index: int) -> str:
-        if self._jsonl:
-            if self._lines is None:
-                self._lines = _line_numbers(Path(self.path))
-            if index < len(self._lines):
-                return f"{self.path}:line {self._lines[index]}"
+        if self.lines is not None:
+            return f"{self.path}:line {self.lines[index]}"
         return f"{self.path}:row {index}"
-
-
-def detect_format(columns: set[str], cfg: DataConfig, path: str) -> str:
-    """The name of the file's format (bigrm.data.formats.FORMATS), from its first row's columns."""
-    return formats.detect(columns, cfg, path).name
 
 
 def parse_row(row: Any, fmt: str, cfg: DataConfig, where: str) -> Example | RowError:
@@ -216,21 +196,65 @@ class RowFile:
     rows: list[Any]
     fmt: str
     locate: Locator
+    misfits: dict[frozenset, str]  # a row's columns → why a row with them is not of the file's format
+
+    def parse(self, i: int, cfg: DataConfig, row: Any = None) -> Example | RowError:
+        """Row i (or `row`, a rewriting of it) as an Example, or what is wrong with it."""
+        row = self.rows[i] if row is None else row
+        parsed = parse_row(row, self.fmt, cfg, self.locate(i))
+        misfit = self.misfits.get(columns_of(row))
+        if misfit is None:
+            return parsed
+        if isinstance(parsed, RowError):
+            return replace(parsed, reason=f"{parsed.reason} ({misfit})")
+        return RowError(parsed.source, "<row>", misfit)
+
+
+def columns_of(row: Any) -> frozenset:
+    """The columns a row has: null is absent, as in a Parquet file or directory, where every row has every column."""
+    return frozenset(k for k, v in row.items() if v is not None) if isinstance(row, dict) else frozenset()
+
+
+def file_format(rows: list[Any], cfg: DataConfig, path: str) -> tuple[str, dict[frozenset, str]]:
+    """The format of most of the file's rows, each detected from its own columns, and why the rows whose
+    columns are of another format are not: one odd row is that row's error, not a retyping of the file."""
+    found: dict[frozenset, str | DataError] = {}
+    votes: Counter = Counter()
+    for row in rows:
+        columns = columns_of(row)
+        if columns not in found:
+            try:
+                found[columns] = formats.detect(set(columns), cfg, path).name
+            except DataError as err:
+                found[columns] = err
+        votes[str(found[columns])] += 1
+    winner = votes.most_common(1)[0][0]
+    fmt = next(v for v in found.values() if str(v) == winner)
+    if isinstance(fmt, DataError):
+        raise fmt
+    # a row whose columns fit no format is parsed as the file's format, which names the field it lacks
+    misfits = {
+        columns: f"its columns {sorted(columns)} make it {'an' if other[0] in 'aeiou' else 'a'} {other} row, "
+        f"but the file's rows are {fmt} (most rows')"
+        for columns, other in found.items()
+        if isinstance(other, str) and other != fmt
+    }
+    return fmt, misfits
 
 
 def read_file(path: str, cfg: DataConfig) -> RowFile:
-    rows = read_rows(path)
+    rows, lines = _read(Path(path))
     if not rows:
         raise DataError(f"{path}: no rows")
-    fmt = detect_format(set(rows[0]) if isinstance(rows[0], dict) else set(), cfg, path)
-    return RowFile(rows, fmt, Locator(path))
+    fmt, misfits = file_format(rows, cfg, path)
+    return RowFile(rows, fmt, Locator(path, lines), misfits)
 
 
 def load_file(path: str, cfg: DataConfig) -> tuple[list[Example], list[RowError], int]:
     file = read_file(path, cfg)
     examples, errors = [], []
-    for i, row in enumerate(progress.each(file.rows, f"validate {Path(path).name}", unit="row")):
-        parsed = parse_row(row, file.fmt, cfg, file.locate(i))
+    for i in progress.each(range(len(file.rows)), f"validate {Path(path).name}", unit="row"):
+        parsed = file.parse(i, cfg)
         (errors if isinstance(parsed, RowError) else examples).append(parsed)
     if file.fmt == "stepwise":
         examples = group_solutions(examples, cfg.step_group_size)

@@ -26,7 +26,7 @@ from bigrm.config import DataConfig, LossConfig
 from bigrm.data.examples import Example, RowError
 from bigrm.data.formats import FORMATS
 from bigrm.data.packing import SegmentLabels, check_budget, collate, layout_tokens, pack_bins
-from bigrm.data.rows import RowFile, listed, parse_row, read_file, standardise_scores
+from bigrm.data.rows import RowFile, listed, read_file, standardise_scores
 from bigrm.data.sequences import EncodeReport, Group, Scored
 from bigrm.data.tokenise import CHUNK, TOKENISE, scored_chunk
 from bigrm.data.tokenizer import check_step_token, prepare_tokenizer
@@ -177,7 +177,7 @@ def _parsed(row, i: int, file: RowFile, cfg: DataConfig, pieces: bool) -> tuple[
         if isinstance(split, str):
             return f"{file.locate(i)}: {split}"
         row, bounds = split
-    parsed = parse_row(row, file.fmt, cfg, file.locate(i))
+    parsed = file.parse(i, cfg, row)
     return str(parsed) if isinstance(parsed, RowError) else (parsed, bounds)
 
 

@@ -1,16 +1,19 @@
 """Training options + dataset → every optimizer update (an optimizer step) of the run, the same on every rank, and the
-fingerprint of what fixes them, which a resume must find unchanged."""
+fingerprints a resume must find unchanged: of what fixes the updates, and of what shapes the optimisation."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 from bigrm import dist
-from bigrm.config import TrainConfig
+from bigrm.config import Config, LossConfig, TrainConfig
 from bigrm.data.packing import Update, layout_tokens, plan_epoch
 from bigrm.data.pipeline import Dataset
 from bigrm.data.rows import mix
-from bigrm.errors import CheckpointError
+from bigrm.data.sequences import Group
+from bigrm.errors import CheckpointError, ConfigError
 
 
 def plan(t: TrainConfig, data: Dataset) -> list[Update]:
@@ -30,6 +33,30 @@ def plan(t: TrainConfig, data: Dataset) -> list[Update]:
             epoch=epoch,
         )
     return updates[: t.max_steps] if t.max_steps else updates
+
+
+def warnings(t: TrainConfig, loss: LossConfig, data: Dataset, updates: list[Update]) -> list[str]:
+    """What makes a run train less than asked or nothing at all, said before it starts."""
+    found = []
+    if t.max_steps and t.max_steps > len(updates):
+        found.append(
+            f"warning: train.max_steps={t.max_steps} but train.epochs={t.epochs} of this data give {len(updates)} "
+            f"optimizer steps: the run stops after {len(updates)} (raise train.epochs for more)"
+        )
+    if not any(_informative(g, loss) for g in data.train):
+        found.append(
+            "warning: no training prompt has two completions of different rank (every pair is tied), step labels or "
+            "ratings: the loss has nothing to learn from and the model will not change"
+        )
+    return found
+
+
+def _informative(group: Group, loss: LossConfig) -> bool:
+    labels = group.labels
+    ranks = labels.ranks or range(len(group.seqs))  # no ranks: the completions' order is their ranking
+    regressed = labels.targets is not None and loss.scores != "rank"
+    tied = loss.tie_coef > 0 and len(set(ranks)) < len(ranks)  # loss.tie_coef pulls tied rewards together
+    return len(set(ranks)) > 1 or bool(labels.steps) or bool(labels.attributes) or regressed or tied
 
 
 def plan_fingerprint(t: TrainConfig, data: Dataset, updates: list[Update]) -> dict:
@@ -53,3 +80,38 @@ def check_resumable(saved: dict, fingerprint: dict, path: Path) -> None:
     if saved != fingerprint:
         changed = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
         raise CheckpointError(f"cannot resume {path}: the data plan changed {changed}")
+
+
+# besides these, every option of the loss, lora and quantization sections
+SHAPING = {
+    "train": ("lr", "weight_decay", "adam_betas", "warmup_ratio", "min_lr_ratio", "grad_clip"),
+    "model": ("path", "dtype", "attn_impl", "random_init"),
+}
+
+
+def optimisation_fingerprint(cfg: Config) -> dict:
+    """What shapes the optimisation besides the data, as `section.option`: a resume that changed any of it would
+    silently continue one run with another's settings."""
+    picked = {f"{section}.{k}": getattr(getattr(cfg, section), k) for section, keys in SHAPING.items() for k in keys}
+    for section in ("loss", "lora", "quantization"):
+        picked |= {f"{section}.{k}": v for k, v in asdict(getattr(cfg, section)).items()}
+    return json.loads(json.dumps(picked))  # as a checkpoint's JSON holds it (lists, not tuples)
+
+
+def check_optimisation(saved: dict | None, now: dict, overrides: list[str], path: Path) -> list[str]:
+    """Refuses a resume whose optimisation settings differ from the checkpoint's, except those named in `overrides`
+    (train.resume_override); returns the lines to log: each overridden change, or that the checkpoint predates the
+    check. An option the checkpoint does not record (added since) cannot be compared and is not refused."""
+    unknown = sorted(set(overrides) - set(now))
+    if unknown:
+        raise ConfigError(f"train.resume_override: {unknown} are not options a resume checks; they are {sorted(now)}")
+    if saved is None:
+        return [f"resume: {path} records no optimisation settings (written before bigrm checked them): not compared"]
+    changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
+    refused = [f"{k} {a!r} → {b!r}" for k, (a, b) in changed.items() if k not in overrides]
+    if refused:
+        raise CheckpointError(
+            f"cannot resume {path}: {'; '.join(refused)} would change what shapes the optimisation mid-run; keep the "
+            "checkpoint's values, or name the options in train.resume_override to continue with the new ones"
+        )
+    return [f"resume: {k} {a!r} → {b!r} from here on (train.resume_override)" for k, (a, b) in changed.items()]

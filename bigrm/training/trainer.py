@@ -35,10 +35,17 @@ from bigrm.objectives.normaliser import Normaliser
 from bigrm.objectives.ranking import Stats, metrics
 from bigrm.progress import transformers_bars
 from bigrm.training import ds_config, preemption
-from bigrm.training.divergence import Watch
+from bigrm.training.divergence import LossRise, Watch
 from bigrm.training.evaluate import evaluate_rewards
 from bigrm.training.meter import Meter
-from bigrm.training.plan import check_resumable, plan, plan_fingerprint
+from bigrm.training.plan import (
+    check_optimisation,
+    check_resumable,
+    optimisation_fingerprint,
+    plan,
+    plan_fingerprint,
+    warnings,
+)
 from bigrm.training.sinks import check_installed, open_sinks
 from bigrm.training.tracking import Tracker
 
@@ -87,6 +94,7 @@ class Trainer:
         self.dtype = precision.training(cfg.model.dtype, device.type == "cuda")
         self.stop = preemption.StopRequest(self.out, device)
         self.watch = Watch(t.max_nonfinite_steps)
+        self.rise = LossRise(t.max_loss_ratio)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # this rank's update had a non-finite loss
         self.skipped = 0  # DeepSpeed's skipped optimizer steps so far (overflow)
         # built by setup()
@@ -98,6 +106,8 @@ class Trainer:
         self.kind: RewardKind | None = None  # what the value head means (bigrm.kinds)
         self.updates: list[Update] = []  # every optimizer update of the run, the same on every rank
         self.fingerprint: dict = {}  # what a resume must find unchanged (plan_fingerprint)
+        self.optimisation: dict = {}  # and what must not change unless overridden (optimisation_fingerprint)
+        self.overridden: list[str] = []  # what a resume changes (train.resume_override), logged at resume
         self.engine = None  # DeepSpeed around RewardModel
         self.hf_ds_config = None  # ZeRO-3: kept alive for the whole run (transformers holds it by weak reference)
         self.lora: adapters.Settings | None = None  # what a LoRA export rebuilds its base from
@@ -122,9 +132,14 @@ class Trainer:
         )
         if self.t.export:  # not lost after a whole run to a file in its place
             export.check_destination(self.out / "final", "train.export")
+        self.optimisation = optimisation_fingerprint(self.cfg)
+        if self.resume_from is not None:  # refused before anything is loaded
+            saved = checkpoint.read_meta(self.resume_from).get("optimisation")
+            self.overridden = check_optimisation(saved, self.optimisation, self.t.resume_override, self.resume_from)
         if dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
-            options.dump(self.cfg, self.out / "config.yaml")
+            if self.resume_from is None:  # a resume's config.yaml is written once it is accepted (resume())
+                options.dump(self.cfg, self.out / "config.yaml")
         dist.barrier()
         set_seed(self.t.seed)
         # an impossible choice, or a model bigrm cannot run, stops the run before any work
@@ -148,6 +163,8 @@ class Trainer:
             opened = open_sinks(self.t.report_to, self.out, self.t.run_name, config, self.resume_from is not None)
         self.tracker = Tracker(self.out, len(self.updates), opened)
         for line in self.data.log:
+            self.tracker.print(line)
+        for line in warnings(self.t, self.cfg.loss, self.data, self.updates):
             self.tracker.print(line)
 
     def _build_engine(self, path: str, attn: str) -> None:
@@ -217,6 +234,11 @@ class Trainer:
             self.tracker.print(
                 f"resumed from {path} at step {self.start} (epoch {saved['epoch']}, step {saved['index']})"
             )
+            for line in self.overridden:
+                self.tracker.print(line)
+            self.tracker.record("resume", {"checkpoint": str(path), "step": self.start, "changes": self.overridden})
+            if dist.is_main():  # what this run uses from here on, the overrides among it
+                options.dump(self.cfg, self.out / "config.yaml")
         self.tracker.bar.update(self.start)
         loss = self.cfg.loss  # labels only: computed once
         self.norms = [self.kind.share(g, loss) for g in self.data.train]
@@ -267,6 +289,9 @@ class Trainer:
         if n % t.log_every == 0 or last or stopping:
             logged = self.meter.read(self.cfg.loss, self.engine.get_lr()[0])
             self.tracker.log("train", {**logged, "skipped_steps": self.engine.skipped_steps}, n)
+            warning = self.rise.observe(n, logged["loss"])
+            if warning:
+                self.tracker.print(warning)
         unhealthy = self._diverging(n, last)
         with self.meter.paused():  # evaluation and saving are not training throughput
             if self.data.eval and t.eval_every and n % t.eval_every == 0 and not last:
@@ -325,6 +350,7 @@ class Trainer:
             "epoch": update.epoch,
             "index": update.index,
             "plan": self.fingerprint,
+            "optimisation": self.optimisation,
             "epoch_stats": epoch_sum.tolist(),
             "reward_stats": self._reward_stats(epoch_sum),  # what `bigrm export` of it records, as final/ does
         }

@@ -74,3 +74,26 @@ def test_bigrm_export_of_the_last_checkpoint_carries_the_reward_statistics_of_fi
     keys = ("mean", "std", "bigrm_reward_mean", "bigrm_reward_std")
     assert [again[k] for k in keys] == [final[k] for k in keys] and final["std"] > 0
     assert (out / "final" / "bigrm_export.json").is_file() and (tmp_path / "again" / "bigrm_export.json").is_file()
+
+
+def test_a_resume_that_changes_the_learning_rate_is_refused_unless_overridden(tmp_path):
+    """It used to continue with the new lr, exit 0, no word, and config.yaml then recorded it for the whole run."""
+    out, args = tmp_path / "run", [*ARGS, "--deepspeed_config", "ds_configs/zero0.json", "--export", "false"]
+    launch(1, out, *args)
+    step2 = out / "checkpoints" / "step-00000002"
+    recorded = (out / "config.yaml").read_text()
+    proc = run(command(1, out, *args, "--resume", str(step2), "--lr", "1e-2", "--loss.objective", "listmle"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert errors(proc) == [
+        f"error: cannot resume {step2}: train.lr 0.003 → 0.01; loss.objective 'pairwise' → 'listmle' would change "
+        "what shapes the optimisation mid-run; keep the checkpoint's values, or name the options in "
+        "train.resume_override to continue with the new ones"
+    ]
+    assert (out / "config.yaml").read_text() == recorded
+    resumed = launch(1, out, *args, "--resume", str(step2), "--lr", "1e-2", "--resume_override", "[train.lr]")
+    assert "resume: train.lr 0.003 → 0.01 from here on (train.resume_override)" in resumed.stdout
+    assert "lr: 0.01" in (out / "config.yaml").read_text()
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["changes"] for r in rows if r["split"] == "resume"] == [
+        ["resume: train.lr 0.003 → 0.01 from here on (train.resume_override)"]
+    ]

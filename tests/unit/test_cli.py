@@ -19,6 +19,17 @@ def test_console_script_dispatches_to_train(monkeypatch, capsys):
     assert "--train.lr: expected float" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("argv", "code"), [(["--help"], 0), (["-h"], 0), ([], 2), (["fly"], 2)])
+def test_bigrm_alone_or_with_help_lists_the_commands(monkeypatch, capsys, argv, code):
+    monkeypatch.setattr("sys.argv", ["bigrm", *argv])
+    assert cli.main() == code
+    out = capsys.readouterr()
+    text = out.out if code == 0 else out.err
+    assert "commands:" in text and all(f"\n  {name} " in text for name in cli.COMMANDS)
+    assert "A training checkpoint → a verified plain Hugging Face classifier." in text
+    assert ("unknown command 'fly'" in text) == (argv == ["fly"])
+
+
 @pytest.mark.parametrize(
     ("main", "listed"),
     [

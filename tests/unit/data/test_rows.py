@@ -645,14 +645,16 @@ def test_mix_takes_round_w_times_n_rows_as_documented():
 # ----------------------------------------------------------------------------------------------- edge cases
 
 
-def test_pinpoint_lets_null_stand_for_any_type(tmp_path):
-    # the blank line makes `datasets` give up on the file, so the clash is found by bigrm's own line scan
+def test_each_odd_row_is_its_own_error_and_null_stands_for_absent(tmp_path):
+    """Every row is checked on its own JSON types: the odd rows are listed, the good ones around them are not."""
     rows = [dict(GOOD, margin=None), "", dict(GOOD, margin=1.5), dict(GOOD, prompt=None), dict(GOOD, prompt=["x"])]
     path = write_lines(tmp_path / "nulls.jsonl", rows)
     message = load_error(path)
     assert message == (
-        f"{path}:line 5: field 'prompt': is a list but was a str on line 1; "
-        "every row must use the same type for a field"
+        "2 invalid row(s) (set data.skip_invalid: true to skip them):\n"
+        f"  {path}:line 4: field 'prompt': missing (its columns ['chosen', 'rejected'] make it an implicit row, "
+        "but the file's rows are pairwise (most rows'))\n"
+        f"  {path}:line 5: field 'prompt': must be text or chat messages, got list"
     )
 
 
@@ -669,10 +671,13 @@ def test_pinpoint_ignores_int_float_mixing(tmp_path):
     assert f"{path}:line 5: field 'prompt'" in load_error(path)
 
 
-def test_pinpoint_after_a_null_first_value(tmp_path):
+def test_a_good_row_after_odd_ones_is_not_blamed(tmp_path):
+    # Arrow's typing (and the line scan that explained its refusals) blamed line 4, the one good row
     rows = [dict(GOOD, prompt=None), "", dict(GOOD, prompt=["a", "list"]), GOOD]
     path = write_lines(tmp_path / "nullfirst.jsonl", rows)
-    assert f"{path}:line 4: field 'prompt'" in load_error(path)
+    message = load_error(path)
+    assert f"{path}:line 1: field 'prompt': missing" in message and f"{path}:line 3: field 'prompt'" in message
+    assert "line 4" not in message
 
 
 def test_non_object_in_a_json_array_file(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import replace
 
@@ -9,10 +10,12 @@ import numpy as np
 import pytest
 
 from bigrm import dist
-from bigrm.config import TrainConfig
+from bigrm.config import Config, LossConfig, TrainConfig
+from bigrm.data.labels import Labels
 from bigrm.data.pipeline import Dataset
 from bigrm.data.sequences import Group
-from bigrm.errors import CheckpointError
+from bigrm.errors import CheckpointError, ConfigError
+from bigrm.training import plan as planning
 from bigrm.training.plan import check_resumable, plan, plan_fingerprint
 
 
@@ -77,3 +80,86 @@ def test_a_resume_is_refused_when_the_plan_changed(tmp_path):
     now = plan_fingerprint(config(seed=7), data, plan(config(seed=7), data))
     with pytest.raises(CheckpointError, match=r"cannot resume .*: the data plan changed \{'seed': \(42, 7\)"):
         check_resumable(saved, now, tmp_path)
+
+
+def full(**sections) -> Config:
+    """A Config with some sections' options changed: {"train": {"lr": 1e-2}, ...}."""
+    cfg = Config()
+    for name, changes in sections.items():
+        cfg = replace(cfg, **{name: replace(getattr(cfg, name), **changes)})
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"train": {"lr": 1e-2}},
+        {"train": {"adam_betas": [0.9, 0.99]}},
+        {"train": {"weight_decay": 0.1}},
+        {"train": {"warmup_ratio": 0.2}},
+        {"train": {"min_lr_ratio": 0.5}},
+        {"train": {"grad_clip": 0.5}},
+        {"loss": {"objective": "listmle"}},
+        {"loss": {"tie_coef": 0.5}},
+        {"model": {"path": "other/model"}},
+        {"model": {"dtype": "fp32"}},
+        {"model": {"attn_impl": "eager"}},
+        {"lora": {"r": 8}},
+        {"quantization": {"type": "fp4"}},
+    ],
+)
+def test_a_resume_that_changes_the_optimisation_is_refused_unless_overridden(tmp_path, changed):
+    saved = planning.optimisation_fingerprint(Config())
+    now = planning.optimisation_fingerprint(full(**changed))
+    ((section, options),) = changed.items()
+    key = f"{section}.{next(iter(options))}"
+    with pytest.raises(CheckpointError, match=rf"cannot resume .*: {re.escape(key)} .* → .*train\.resume_override"):
+        planning.check_optimisation(saved, now, [], tmp_path)
+    assert planning.check_optimisation(saved, now, [key], tmp_path) == [
+        f"resume: {key} {saved[key]!r} → {now[key]!r} from here on (train.resume_override)"
+    ]
+
+
+def test_what_does_not_shape_the_optimisation_may_change_on_resume(tmp_path):
+    saved = planning.optimisation_fingerprint(Config())
+    now = planning.optimisation_fingerprint(
+        full(train={"log_every": 1, "save_every": 5}, model={"gradient_checkpointing": True})
+    )
+    assert planning.check_optimisation(saved, now, [], tmp_path) == []
+
+
+def test_old_checkpoints_and_new_options_are_not_compared(tmp_path):
+    now = planning.optimisation_fingerprint(full(train={"lr": 1e-2}))
+    assert "not compared" in planning.check_optimisation(None, now, [], tmp_path)[0]
+    saved = {k: v for k, v in planning.optimisation_fingerprint(Config()).items() if k != "train.lr"}  # lr added since
+    assert planning.check_optimisation(saved, now, [], tmp_path) == []
+
+
+def test_an_override_must_name_a_checked_option(tmp_path):
+    saved = planning.optimisation_fingerprint(Config())
+    with pytest.raises(ConfigError, match=r"train.resume_override: \['train.lrr'\]"):
+        planning.check_optimisation(saved, dict(saved), ["train.lrr"], tmp_path)
+
+
+def test_max_steps_beyond_the_data_is_warned(tmp_path):
+    data = dataset([[10, 12, 14, 16]])
+    steps = len(plan(config(), data))
+    assert planning.warnings(config(max_steps=steps), LossConfig(), data, plan(config(max_steps=steps), data)) == []
+    said = planning.warnings(config(max_steps=steps + 5), LossConfig(), data, plan(config(max_steps=steps + 5), data))
+    assert said == [
+        f"warning: train.max_steps={steps + 5} but train.epochs=1 of this data give {steps} optimizer steps: the run "
+        f"stops after {steps} (raise train.epochs for more)"
+    ]
+
+
+def test_a_training_set_of_ties_only_is_warned():
+    data = dataset([[10, 12, 14]])
+    tied = replace(data, train=[replace(g, labels=Labels((0, 0))) for g in data.train])
+    assert planning.warnings(config(), LossConfig(), data, plan(config(), data)) == []
+    said = planning.warnings(config(), LossConfig(), tied, plan(config(), tied))
+    assert len(said) == 1 and said[0].startswith("warning: no training prompt has two completions of different rank")
+    assert (
+        planning.warnings(config(), LossConfig(tie_coef=0.1), tied, plan(config(), tied)) == []
+    )  # ties are a term then
+    one_ranked = replace(tied, train=[*tied.train[:-1], replace(tied.train[-1], labels=Labels((0, 1)))])
+    assert planning.warnings(config(), LossConfig(), one_ranked, plan(config(), one_ranked)) == []
