@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,3 +48,15 @@ def backbone_dir(tmp_path_factory):
         return made[family]
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def no_process_group_left(request) -> Iterator[None]:
+    """A process group an in-process run leaves joined (it should leave it: bigrm.dist.shutdown) is torn down after
+    its test, with a warning naming the test, so later tests see the world they set up themselves."""
+    yield
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        td.destroy_process_group()
+        warnings.warn(f"{request.node.nodeid} left a torch.distributed process group joined", stacklevel=1)
