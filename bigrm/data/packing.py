@@ -244,10 +244,12 @@ def layout_tokens(group: Group, share_prompt: bool) -> int:
     return group.num_tokens - (len(group.seqs) - 1) * shared_prefix(group.seqs)
 
 
-def completion_lengths(groups: list[Group]) -> list[int]:
-    """Per scored sequence its completion's length in tokens: what follows the prompt's shared token prefix (a prompt
-    with one completion counts its final token alone)."""
-    return [len(s) - p for g in groups for p in [shared_prefix(g.seqs)] for s in g.seqs]
+def completion_lengths(groups: list[Group]) -> list[int] | None:
+    """Per scored sequence its completion's length in tokens, from its first completion token (what remains of the
+    prompt after a cut from the left is not the completion's); None when some group does not know its starts."""
+    if any(g.starts is None for g in groups):
+        return None
+    return [len(s) - start for g in groups for s, start in zip(g.seqs, g.starts, strict=True)]
 
 
 def check_budget(groups: list[Group], budget: int, share_prompt: bool, what: str = "", option: str = "--") -> None:

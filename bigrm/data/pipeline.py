@@ -166,7 +166,7 @@ def cache_key(d: DataConfig, seed: int, tokenizer, paths: list[str], eval_paths:
 
 
 CACHE_ENV = "BIGRM_CACHE_DIR"
-CACHE_FORMAT = 5  # raised whenever what a cache holds, or how it is tokenised, changes
+CACHE_FORMAT = 6  # raised whenever what a cache holds, or how it is tokenised, changes
 
 
 def cache_root(d: DataConfig) -> Path:

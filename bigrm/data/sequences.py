@@ -48,6 +48,7 @@ class Group:
     source: str
     labels: Labels = Labels()
     steps: tuple[np.ndarray, ...] | None = None  # stepwise: per sequence, the index of each step's last token
+    starts: tuple[int, ...] | None = None  # per sequence, the index of its first completion token (None: not known)
 
     @property
     def num_tokens(self) -> int:
@@ -254,6 +255,7 @@ class Tokenized:
 
     tokens: np.ndarray  # (T,) uint32, every kept sequence end to end
     lengths: np.ndarray  # (S,) int64, tokens of each kept sequence
+    starts: np.ndarray  # (S,) int64, index of each kept sequence's first completion token (Scored.completion_start)
     kept: np.ndarray  # (G,) int64, index among the inputs of each kept example, whose K sequences are consecutive
     report: EncodeReport
     overlong: list[str]  # "source: completion k: n tokens" of each example with a completion that cannot fit

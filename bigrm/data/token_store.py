@@ -5,6 +5,7 @@ and fingerprints read it as they read any list of groups. A store is a directory
 opened by `TokenStore.load`):
   tokens         (T,) int32 (uint32 when the vocabulary needs it): every scored sequence end to end
   seq_offsets    (S + 1,) int64: sequence s is tokens[seq_offsets[s]:seq_offsets[s + 1]]
+  seq_starts     (S,) int64: the index in sequence s of its first completion token
   group_offsets  (G + 1,) int64: group g is sequences group_offsets[g]..group_offsets[g + 1] - 1
   source_bytes, source_offsets    every group's source ("file:line N") as UTF-8, end to end
   step_offsets   (S + 1,) int64: sequence s's steps are entries step_offsets[s]:step_offsets[s + 1] of step_index
@@ -25,7 +26,16 @@ from bigrm.data.examples import Example
 from bigrm.data.labels import LABELS, PROMPT, STEP, LabelField, Labels
 from bigrm.data.sequences import Group, Tokenized
 
-LAYOUT = ("tokens", "seq_offsets", "group_offsets", "source_bytes", "source_offsets", "step_offsets", "step_index")
+LAYOUT = (
+    "tokens",
+    "seq_offsets",
+    "seq_starts",
+    "group_offsets",
+    "source_bytes",
+    "source_offsets",
+    "step_offsets",
+    "step_index",
+)
 FLAGS = tuple(dict.fromkeys(f.flag for f in LABELS if f.flag))
 STEP_FLAGS = tuple(dict.fromkeys(f.flag for f in LABELS if f.per == STEP))  # a group has steps when one is set
 ARRAYS = LAYOUT + tuple(f.column for f in LABELS) + FLAGS
@@ -65,6 +75,7 @@ class TokenStore(Sequence[Group]):
             {
                 "tokens": done.tokens.astype(dtype),
                 "seq_offsets": _offsets(done.lengths),
+                "seq_starts": done.starts.astype(np.int64),
                 "group_offsets": _offsets(ks),
                 "source_bytes": np.frombuffer(b"".join(sources), dtype=np.uint8),
                 "source_offsets": _offsets([len(s) for s in sources]),
@@ -100,7 +111,8 @@ class TokenStore(Sequence[Group]):
         labels = Labels(*(_label(f, column, flag, g, lo, hi, steps) for f, column, flag in self._labels))
         s, e = int(a["source_offsets"][g]), int(a["source_offsets"][g + 1])
         ends = None if steps is None else tuple(a["step_index"][b:e] for b, e in steps)
-        return Group(seqs, bytes(a["source_bytes"][s:e]).decode(), labels, ends)
+        starts = tuple(a["seq_starts"][lo:hi].tolist())
+        return Group(seqs, bytes(a["source_bytes"][s:e]).decode(), labels, ends, starts)
 
     def __getitem__(self, index):
         if isinstance(index, slice):

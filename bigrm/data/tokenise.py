@@ -90,7 +90,7 @@ def _split_chunk(examples: list[Example], tokenizer, max_length: int) -> Iterato
 
 def tokenize_chunk(examples: list[Example], tokenizer, max_length: int, convention: str) -> Tokenized:
     """The examples' scored sequences laid flat; an example with a completion that cannot fit is left out whole."""
-    report, kept_seqs, kept, overlong = EncodeReport(), [], [], []
+    report, kept_seqs, starts, kept, overlong = EncodeReport(), [], [], [], []
     step_counts, step_index, step_errors = [], [], []
     scored = scored_chunk(examples, tokenizer, max_length, convention)
     for i, (ex, seqs) in enumerate(zip(examples, scored, strict=True)):
@@ -109,6 +109,7 @@ def tokenize_chunk(examples: list[Example], tokenizer, max_length: int, conventi
         report.prompt_tokens_cut += sum(s.cut for s in seqs)
         kept.append(i)
         kept_seqs += [s.ids for s in seqs]
+        starts += [s.completion_start for s in seqs]
         if ex.step_ends is None:
             step_counts += [0] * len(seqs)
         else:
@@ -120,6 +121,7 @@ def tokenize_chunk(examples: list[Example], tokenizer, max_length: int, conventi
         # token ids are below 2**32: half the bytes workers send back
         np.fromiter(chain.from_iterable(kept_seqs), dtype=np.uint32, count=int(lengths.sum())),
         lengths,
+        np.asarray(starts, dtype=np.int64),
         np.asarray(kept, dtype=np.int64),
         report,
         overlong,
@@ -200,6 +202,7 @@ def encode_examples(
             f"{len(step_errors)} stepwise completion(s) cannot be trained:{listed(step_errors, max_errors)}"
         )
     lengths = np.concatenate([p.lengths for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+    starts = np.concatenate([p.starts for p in parts]) if parts else np.zeros(0, dtype=np.int64)
     tokens = np.concatenate([p.tokens for p in parts]) if parts else np.zeros(0, dtype=np.uint32)
     report.groups = sum(len(p.kept) for p in parts)
     report.sequences = len(lengths)
@@ -207,7 +210,7 @@ def encode_examples(
     kept = np.concatenate([p.kept for p in parts]) if parts else np.zeros(0, dtype=np.int64)
     step_counts = np.concatenate([np.zeros(0, dtype=np.int64)] + [p.step_counts for p in parts])
     step_index = np.concatenate([np.zeros(0, dtype=np.int64)] + [p.step_index for p in parts])
-    return Tokenized(tokens, lengths, kept, report, errors, step_counts, step_index)
+    return Tokenized(tokens, lengths, starts, kept, report, errors, step_counts, step_index)
 
 
 def tokenize_examples(
@@ -232,6 +235,6 @@ def tokenize_examples(
         if ex.step_ends is not None:
             steps = tuple(done.step_index[step_bounds[j] : step_bounds[j + 1]] for j in range(s, s + k))
         seqs = tuple(tokens[bounds[j] : bounds[j + 1]] for j in range(s, s + k))
-        groups.append(Group(seqs, ex.source, ex.labels, steps))
+        groups.append(Group(seqs, ex.source, ex.labels, steps, tuple(done.starts[s : s + k].tolist())))
         s += k
     return groups, done.report

@@ -3,10 +3,11 @@ matplotlib, a one-page report.md that embeds them and lists the metrics, and rep
 was drawn from.
 
   reliability.png      calibration of p = σ(r_i − r_j): per confidence bin (bigrm.evaluation.diagnostics' ece_bins) the
-                       observed accuracy against the mean confidence, with the pairs counted per bin
+                       observed accuracy (bars), and as points at the bin's mean confidence, with the pairs per bin
   reward_hist.png      rewards of the best-ranked completions against the worst-ranked ones (chosen against
                        rejected when every prompt has two), over the prompts whose completions are not all tied
-  reward_length.png    reward against completion length (tokens), titled with the Spearman ρ of the metrics
+  reward_length.png    reward against completion length (tokens from the completion's first, after any cut of the
+                       prompt), titled with the Spearman ρ of the metrics; a note instead when all lengths are equal
   accuracy.png         pairwise accuracy by K and by subset (a row's `subset`, else its source file)
 """
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from bigrm.config import LossConfig
-from bigrm.data.packing import SegmentLabels, shared_prefix
+from bigrm.data.packing import SegmentLabels, completion_lengths
 from bigrm.data.sequences import Group
 from bigrm.errors import ConfigError
 from bigrm.evaluation.diagnostics import accuracy_by_name, ranking_report
@@ -75,7 +76,8 @@ def write(
 
 def write_for_groups(directory: Path, groups: Sequence[Group], rewards: torch.Tensor, cfg: LossConfig) -> str:
     """The trainer's final eval drawn, when matplotlib is installed; returns the console line saying where (or why
-    not). Completion length: the tokens after the group's longest common prefix (its prompt); subsets: source files.
+    not). Completion length: the tokens from the completion's first (packing.completion_lengths, as `bigrm eval`);
+    subsets: source files.
     Stepwise groups are left out: they hold no ranking (their step metrics are in metrics.json)."""
     if importlib.util.find_spec("matplotlib") is None:
         return f"eval report: not drawn ({directory} needs matplotlib: pip install 'bigrm[report]')"
@@ -87,7 +89,7 @@ def write_for_groups(directory: Path, groups: Sequence[Group], rewards: torch.Te
         rewards = torch.cat([rewards[starts[i] : starts[i + 1]] for i in ranked])
         groups = [groups[i] for i in ranked]
     labels = SegmentLabels.of([g.labels for g in groups], [len(g.seqs) for g in groups], torch.float64)
-    lengths = torch.tensor([len(s) - shared_prefix(g.seqs) for g in groups for s in g.seqs])  # (N,)
+    lengths = torch.tensor(completion_lengths(groups))  # (N,)
     metrics = ranking_report(rewards, labels, lengths, cfg)
     write(directory, metrics, rewards, labels, lengths, [source_file(g.source) for g in groups])
     return f"eval report: {directory / 'report.md'}"
@@ -106,8 +108,10 @@ def _reliability(plt, path: Path, metrics: dict) -> dict:
     top.plot([0.5, 1.0], [0.5, 1.0], "k--", lw=1, label="perfect calibration")
     width = [b["upper"] - b["lower"] for b in bins]
     top.bar([b["lower"] for b in bins], [b["accuracy"] for b in bins], width=width, align="edge", alpha=0.6,
-            edgecolor="C0", label="observed accuracy")  # fmt: skip
-    top.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", color="C1", label="mean confidence")
+            edgecolor="C0", label="observed accuracy of the bin")  # fmt: skip
+    # each point sits at its bin's mean confidence: on the diagonal when the bin is calibrated
+    top.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", color="C1",
+             label="observed accuracy at the bin's mean confidence")  # fmt: skip
     ece = metrics["ece"]
     top.set(ylabel="fraction ranked right", ylim=(0, 1.02), title=f"Reliability (ECE {_num(ece)})")
     top.legend(loc="upper left")
@@ -138,9 +142,17 @@ def _histogram(plt, path: Path, r: np.ndarray, group: np.ndarray, rank: np.ndarr
 def _length(plt, path: Path, r: np.ndarray, lengths: np.ndarray, metrics: dict) -> dict:
     rho = metrics["length_correlation"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter(lengths, r, s=6, alpha=0.4)
-    ax.set(xlabel="completion length (tokens)", ylabel="reward", title=f"Reward vs length: Spearman ρ = {_num(rho)}")
-    return {"file": _save(plt, fig, path), "spearman_rho": rho, "points": len(r)}
+    same = len(lengths) > 0 and bool((lengths == lengths[0]).all())
+    if same:  # a scatter would be one vertical line, and ρ is undefined
+        note = f"every completion is {int(lengths[0])} tokens long: no relation between reward and length to show"
+        ax.text(0.5, 0.5, note, ha="center", va="center", wrap=True, transform=ax.transAxes)
+        ax.set_axis_off()
+    else:
+        ax.scatter(lengths, r, s=6, alpha=0.4)
+        ax.set(xlabel="completion length (tokens)", ylabel="reward")
+    ax.set_title(f"Reward vs length: Spearman ρ = {_num(rho)}")
+    drawn = {"file": _save(plt, fig, path), "spearman_rho": rho, "points": len(r)}
+    return drawn | ({"note": note} if same else {})
 
 
 def _prompts_by_k(group: np.ndarray) -> dict[str, int]:

@@ -223,6 +223,7 @@ def score(
             tuple(np.asarray(s.ids, dtype=np.int64) for s in r.scored),
             r.example.source,
             steps=tuple(r.steps) if r.steps is not None else None,
+            starts=tuple(s.completion_start for s in r.scored),
         )
         for r in todo
     ]

@@ -30,8 +30,8 @@ def _set(tree: dict, dotted: str, value: Any, source: Path) -> None:
         raise ConfigError(f'{source}: {dotted} is {current!r} but the run config implies {value!r}; set it to "auto"')
 
 
-def read(t: TrainConfig, cpu: bool) -> tuple[dict, Path]:
-    """train.deepspeed_config's JSON, checked for what bigrm cannot honour (called before any data or model work)."""
+def load(t: TrainConfig) -> tuple[dict, Path]:
+    """train.deepspeed_config's JSON object, as the file has it."""
     source = resolve_path(t.deepspeed_config)
     try:
         ds = json.loads(source.read_text())
@@ -39,6 +39,12 @@ def read(t: TrainConfig, cpu: bool) -> tuple[dict, Path]:
         raise ConfigError(f"cannot read DeepSpeed config {source}: {err}") from err
     if not isinstance(ds, dict):
         raise ConfigError(f"{source}: a DeepSpeed config is a JSON object")
+    return ds, source
+
+
+def read(t: TrainConfig, cpu: bool) -> tuple[dict, Path]:
+    """train.deepspeed_config's JSON, checked for what bigrm cannot honour (called before any data or model work)."""
+    ds, source = load(t)
     if ds.get("train_batch_size", "auto") != "auto":
         raise ConfigError(
             f"{source}: train_batch_size: bigrm derives it (ranks × train.micro_batches_per_step packed micro-batches "

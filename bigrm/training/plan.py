@@ -14,6 +14,7 @@ from bigrm.data.pipeline import Dataset
 from bigrm.data.rows import mix
 from bigrm.data.sequences import Group
 from bigrm.errors import CheckpointError, ConfigError
+from bigrm.training import ds_config
 
 
 def plan(t: TrainConfig, data: Dataset) -> list[Update]:
@@ -75,11 +76,33 @@ def plan_fingerprint(t: TrainConfig, data: Dataset, updates: list[Update]) -> di
     }
 
 
+# what each plan_fingerprint key is, as a user sets or sees it
+PLAN_NAMES = {
+    "seed": "train.seed",
+    "epochs": "train.epochs",
+    "steps": "optimizer steps",
+    "max_tokens_per_batch": "train.max_tokens_per_batch",
+    "micro_batches_per_step": "train.micro_batches_per_step",
+    "packing_window": "train.packing_window",
+    "share_prompt": "train.share_prompt",
+    "train_prompts": "training prompts",
+    "train_tokens": "training tokens",
+    "file_weights": "data.train_files weights",
+}
+
+
 def check_resumable(saved: dict, fingerprint: dict, path: Path) -> None:
-    """A checkpoint's plan must be this run's: anything else would continue on other batches."""
+    """A checkpoint's plan must be this run's: anything else would continue on other batches (train.resume_override
+    cannot change it: the updates done were those of the checkpoint's plan, and its schedule is saved with it)."""
     if saved != fingerprint:
-        changed = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
-        raise CheckpointError(f"cannot resume {path}: the data plan changed {changed}")
+        changed = [
+            f"{PLAN_NAMES.get(k, k)} {saved.get(k)!r} → {v!r}" for k, v in fingerprint.items() if saved.get(k) != v
+        ]
+        raise CheckpointError(
+            f"cannot resume {path}: the data plan changed ({'; '.join(changed)}); a resume continues the checkpoint's "
+            "batches in its order, so keep these settings (to train further on other settings, start a new run from "
+            "the exported model with model.path)"
+        )
 
 
 # besides these, every option of the loss, lora and quantization sections
@@ -89,22 +112,34 @@ SHAPING = {
 }
 
 
+# the sections of train.deepspeed_config's JSON that shape the optimisation, compared as the file has them (its
+# "auto" values are the options above)
+DEEPSPEED = ("optimizer", "scheduler", "gradient_clipping", "bf16", "fp16", "zero_optimization", "data_types")
+
+
 def optimisation_fingerprint(cfg: Config) -> dict:
-    """What shapes the optimisation besides the data, as `section.option`: a resume that changed any of it would
-    silently continue one run with another's settings."""
+    """What shapes the optimisation besides the data, as `section.option` (`deepspeed.<section>` for the DeepSpeed
+    JSON's): a resume that changed any of it would silently continue one run with another's settings."""
     picked = {f"{section}.{k}": getattr(getattr(cfg, section), k) for section, keys in SHAPING.items() for k in keys}
     for section in ("loss", "lora", "quantization"):
         picked |= {f"{section}.{k}": v for k, v in asdict(getattr(cfg, section)).items()}
+    ds, _ = ds_config.load(cfg.train)
+    picked |= {f"deepspeed.{k}": ds.get(k) for k in DEEPSPEED}
     return json.loads(json.dumps(picked))  # as a checkpoint's JSON holds it (lists, not tuples)
+
+
+def check_overrides(overrides: list[str], now: dict) -> None:
+    """train.resume_override names options a resume compares (`now`: optimisation_fingerprint), fresh run or not."""
+    unknown = sorted(set(overrides) - set(now))
+    if unknown:
+        raise ConfigError(f"train.resume_override: {unknown} are not options a resume checks; they are {sorted(now)}")
 
 
 def check_optimisation(saved: dict | None, now: dict, overrides: list[str], path: Path) -> list[str]:
     """Refuses a resume whose optimisation settings differ from the checkpoint's, except those named in `overrides`
     (train.resume_override); returns the lines to log: each overridden change, or that the checkpoint predates the
     check. An option the checkpoint does not record (added since) cannot be compared and is not refused."""
-    unknown = sorted(set(overrides) - set(now))
-    if unknown:
-        raise ConfigError(f"train.resume_override: {unknown} are not options a resume checks; they are {sorted(now)}")
+    check_overrides(overrides, now)
     if saved is None:
         return [f"resume: {path} records no optimisation settings (written before bigrm checked them): not compared"]
     changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}

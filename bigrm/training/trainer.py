@@ -40,6 +40,7 @@ from bigrm.training.evaluate import evaluate_rewards
 from bigrm.training.meter import Meter
 from bigrm.training.plan import (
     check_optimisation,
+    check_overrides,
     check_resumable,
     optimisation_fingerprint,
     plan,
@@ -133,6 +134,7 @@ class Trainer:
         if self.t.export:  # not lost after a whole run to a file in its place
             export.check_destination(self.out / "final", "train.export")
         self.optimisation = optimisation_fingerprint(self.cfg)
+        check_overrides(self.t.resume_override, self.optimisation)  # a misspelt name is refused on a fresh run too
         if self.resume_from is not None:  # refused before anything is loaded
             saved = checkpoint.read_meta(self.resume_from).get("optimisation")
             self.overridden = check_optimisation(saved, self.optimisation, self.t.resume_override, self.resume_from)

@@ -19,6 +19,10 @@ from bigrm.data.pipeline import CACHE_FORMAT
 from bigrm.data.sequences import EncodeReport, Tokenized
 
 # the label columns a token cache of format 4 holds: changing them changes what caches hold, and CACHE_FORMAT with it
+STORE_LAYOUT = (
+    "tokens", "seq_offsets", "seq_starts", "group_offsets", "source_bytes", "source_offsets", "step_offsets",
+    "step_index",
+)  # fmt: skip
 LABEL_COLUMNS = {
     "ranks": "int64", "scores": "float64", "targets": "float64", "margin": "float64", "weight": "float64",
     "attributes": "float64", "step_labels": "float64", "step_weights": "float64", "has_scores": "bool",
@@ -81,7 +85,8 @@ def examples_and_tokens(cls, fields, seed: int, width: int, stepwise: bool) -> t
             ends += sorted(rng.sample(range(lengths[-1]), n))
     tokens = np.array([rng.randrange(5, 500) for _ in range(sum(lengths))], dtype=np.uint32)
     done = Tokenized(
-        tokens, np.array(lengths, np.int64), np.arange(len(examples)), EncodeReport(), [],
+        tokens, np.array(lengths, np.int64), np.zeros(len(lengths), np.int64), np.arange(len(examples)),
+        EncodeReport(), [],
         np.array(counts, np.int64), np.array(ends, np.int64),
     )  # fmt: skip
     return examples, done
@@ -157,11 +162,13 @@ def test_a_label_declared_only_in_the_spec_reaches_the_store_and_the_batch(tmp_p
 
 
 def test_the_store_format_is_pinned():
-    """Changing the label spec changes what token caches hold: pipeline.CACHE_FORMAT must rise with it."""
+    """Changing the label spec or the store's layout changes what token caches hold: pipeline.CACHE_FORMAT must rise
+    with it."""
     from bigrm.data.token_store import ARRAYS, FLAGS, LAYOUT
 
     dtypes = {f.column: np.dtype(f.dtype).name for f in LABELS} | dict.fromkeys(FLAGS, "bool")
-    assert (CACHE_FORMAT, dtypes) == (5, LABEL_COLUMNS), "raise pipeline.CACHE_FORMAT, then update LABEL_COLUMNS"
+    pinned = (6, STORE_LAYOUT, LABEL_COLUMNS)
+    assert (CACHE_FORMAT, LAYOUT, dtypes) == pinned, "raise pipeline.CACHE_FORMAT, then update what is pinned here"
     assert ARRAYS == LAYOUT + tuple(dtypes)
 
 

@@ -305,9 +305,12 @@ def test_collate_carries_ties_scores_targets_and_weights():
 
 
 @pytest.mark.parametrize("share_prompt", [False, True])
-def test_collate_gives_each_completion_its_length_after_the_shared_prompt(share_prompt):
+def test_collate_gives_each_completion_its_length_from_its_first_token(share_prompt):
     prompt = np.array([5, 6, 7])
-    g0 = Group((np.concatenate([prompt, [1, 2]]), np.concatenate([prompt, [3, 4, 8, 9]])), "g0", Labels())
-    g1 = Group((np.array([2, 1]), np.array([3]), np.array([4, 4, 4])), "g1", Labels())  # no common prefix
+    # the completions share their first token, which is theirs, not the prompt's
+    g0 = Group((np.concatenate([prompt, [1, 2]]), np.concatenate([prompt, [1, 4, 8, 9]])), "g0", starts=(3, 3))
+    # prompts cut from the left by different amounts: no common prefix, yet the completions are short
+    g1 = Group((np.array([2, 1]), np.array([9, 3]), np.array([4, 4, 4])), "g1", starts=(1, 1, 2))
     batch = collate([g0, g1], pad_id=0, share_prompt=share_prompt)
-    assert batch.labels.seg_length.tolist() == [2, 4, 2, 1, 3]
+    assert batch.labels.seg_length.tolist() == [2, 4, 1, 1, 1]
+    assert collate([g0, Group(g1.seqs, "g1")], pad_id=0).labels.seg_length is None  # starts unknown

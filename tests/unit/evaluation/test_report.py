@@ -159,3 +159,64 @@ def test_training_without_matplotlib_says_the_report_was_not_drawn(tmp_path, mon
     groups = [Group((np.arange(5), np.arange(4)), "eval.jsonl:line 1")]
     line = write_for_groups(tmp_path / "eval_report", groups, torch.tensor([1.0, 0.0]), LossConfig())
     assert "not drawn" in line and "pip install 'bigrm[report]'" in line and not (tmp_path / "eval_report").exists()
+
+
+def hh_examples(n: int):
+    from bigrm.data.examples import Example
+    from bigrm.data.labels import Labels
+
+    with gzip.open(HH_DATA, "rt") as fh:
+        rows = [json.loads(line) for line in itertools.islice(fh, n)]
+    prompts = [r["chosen"][: r["chosen"].rfind("\n\nAssistant:") + 12] for r in rows]
+    return [
+        Example(p, (r["chosen"][len(p) :], r["rejected"][len(p) :]), f"hh.jsonl:line {i + 1}", Labels(ranks=(0, 1)))
+        for i, (p, r) in enumerate(zip(prompts, rows, strict=True))
+        if r["rejected"].startswith(p)
+    ]
+
+
+def test_the_trainers_report_measures_a_completion_from_its_first_token_as_bigrm_eval_does(tmp_path):
+    """HH prompts cut from the left to max_length: the completions of a prompt no longer share a prefix, yet each is
+    as long as `bigrm eval` measures it (from its completion start), not the whole sequence."""
+    import torch
+
+    from bigrm.builtin.tiny import build_tokenizer
+    from bigrm.config import LossConfig
+    from bigrm.data.sequences import scored_sequence
+    from bigrm.data.tokenise import tokenize_examples
+    from bigrm.evaluation.report import write_for_groups
+
+    tok, examples = build_tokenizer(), hh_examples(120)
+    groups, report = tokenize_examples(examples, tok, max_length=256, overlong="skip")
+    assert report.prompts_cut > 20 and len(groups) > 30
+    rewards = torch.randn(sum(len(g.seqs) for g in groups), generator=torch.Generator().manual_seed(0))
+    write_for_groups(tmp_path / "eval_report", groups, rewards.double(), LossConfig())
+    kept = {g.source for g in groups}
+    lengths = [
+        len(s.ids) - s.completion_start
+        for ex in examples
+        if ex.source in kept
+        for s in (scored_sequence(tok, ex.prompt, c, 256) for c in ex.completions)
+    ]
+    assert len(set(lengths)) > 10 and max(lengths) < 256
+    rho = np.corrcoef(average_ranks(rewards.tolist()), average_ranks(lengths))[0, 1]
+    drawn = json.loads((tmp_path / "eval_report" / "report.json").read_text())
+    assert drawn["reward_length"]["spearman_rho"] == pytest.approx(rho, abs=1e-9)
+
+
+def test_equal_lengths_are_said_not_drawn_as_a_vertical_line(tmp_path):
+    import torch
+
+    from bigrm.config import LossConfig
+    from bigrm.data.labels import Labels
+    from bigrm.data.sequences import Group
+    from bigrm.evaluation.report import write_for_groups
+
+    groups = [
+        Group((np.array([1, 2, 3 + g, 4]), np.array([1, 2, 9, 5 + g])), f"e.jsonl:line {g}", Labels(ranks=(0, 1)), None,
+              (2, 2))
+        for g in range(6)
+    ]  # fmt: skip
+    write_for_groups(tmp_path / "r", groups, torch.linspace(0, 1, 12, dtype=torch.float64), LossConfig())
+    drawn = json.loads((tmp_path / "r" / "report.json").read_text())["reward_length"]
+    assert drawn["spearman_rho"] is None and "every completion is 2 tokens long" in drawn["note"]

@@ -53,7 +53,7 @@ def groups_with_lengths() -> list[Group]:
     for g in range(3):
         prompt = rng.integers(10, 50, 4)
         seqs = tuple(np.concatenate([prompt, rng.integers(50, 90, int(n))]) for n in rng.integers(1, 9, 3))
-        out.append(Group(seqs, f"g{g}", Labels()))
+        out.append(Group(seqs, f"g{g}", Labels(), starts=(4,) * 3))
     return out
 
 

@@ -259,9 +259,10 @@ def test_ratings_survive_the_token_store_and_reach_the_segments(tmp_path):
         for g, (lab, k) in enumerate(zip(labels, ks, strict=True))
     ]
     lengths = np.full(sum(ks), 3, dtype=np.int64)
-    done = Tokenized(np.arange(3 * sum(ks), dtype=np.uint32), lengths, np.arange(len(examples)), None, [])
+    done = Tokenized(np.arange(3 * sum(ks), dtype=np.uint32), lengths, lengths - 1, np.arange(len(examples)), None, [])
     TokenStore.of(done, examples, len(NAMES)).save(tmp_path / "store")
-    empty = Tokenized(np.zeros(0, np.uint32), np.zeros(0, np.int64), np.zeros(0, np.int64), None, [])
+    nothing = np.zeros(0, np.int64)
+    empty = Tokenized(np.zeros(0, np.uint32), nothing, nothing, nothing, None, [])
     store = concat([TokenStore.load(tmp_path / "store"), TokenStore.of(empty, [], len(NAMES))])
     for group, lab in zip(store, labels, strict=True):
         np.testing.assert_array_equal(np.array(group.labels.attributes), np.array(lab.attributes, dtype=np.float64))

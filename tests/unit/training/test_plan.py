@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from dataclasses import replace
@@ -78,8 +79,11 @@ def test_a_resume_is_refused_when_the_plan_changed(tmp_path):
     saved = plan_fingerprint(config(), data, plan(config(), data))
     check_resumable(saved, dict(saved), tmp_path)
     now = plan_fingerprint(config(seed=7), data, plan(config(seed=7), data))
-    with pytest.raises(CheckpointError, match=r"cannot resume .*: the data plan changed \{'seed': \(42, 7\)"):
+    with pytest.raises(CheckpointError, match=r"cannot resume .*: the data plan changed \(train.seed 42 → 7\)"):
         check_resumable(saved, now, tmp_path)
+    more = plan_fingerprint(config(epochs=2), data, plan(config(epochs=2), data))
+    with pytest.raises(CheckpointError, match=r"train.epochs 1 → 2; optimizer steps 2 → 4\); a resume continues"):
+        check_resumable(saved, more, tmp_path)
 
 
 def full(**sections) -> Config:
@@ -139,6 +143,33 @@ def test_an_override_must_name_a_checked_option(tmp_path):
     saved = planning.optimisation_fingerprint(Config())
     with pytest.raises(ConfigError, match=r"train.resume_override: \['train.lrr'\]"):
         planning.check_optimisation(saved, dict(saved), ["train.lrr"], tmp_path)
+    with pytest.raises(ConfigError, match=r"train.resume_override: \['train.lrr'\]"):
+        planning.check_overrides(["train.lrr", "train.lr"], saved)  # what a fresh run checks
+    planning.check_overrides(["train.lr", "deepspeed.optimizer"], saved)
+
+
+@pytest.mark.parametrize(
+    ("section", "change"),
+    [
+        (
+            "optimizer",
+            {"params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto", "amsgrad": True}},
+        ),
+        ("scheduler", {"type": "WarmupCosineLR", "params": {"warmup_type": "log"}}),
+        ("zero_optimization", {"stage": 2}),
+        ("fp16", {"enabled": True, "loss_scale": 128}),
+    ],
+)
+def test_the_deepspeed_jsons_own_optimisation_settings_refuse_a_resume(tmp_path, section, change):
+    from bigrm.training.ds_config import resolve_path
+
+    saved = planning.optimisation_fingerprint(Config())
+    ds = json.loads(resolve_path(Config().train.deepspeed_config).read_text()) | {section: change}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    now = planning.optimisation_fingerprint(full(train={"deepspeed_config": str(tmp_path / "ds.json")}))
+    with pytest.raises(CheckpointError, match=rf"deepspeed\.{section} .* → .*train\.resume_override"):
+        planning.check_optimisation(saved, now, [], tmp_path)
+    assert planning.check_optimisation(saved, now, [f"deepspeed.{section}"], tmp_path)
 
 
 def test_max_steps_beyond_the_data_is_warned(tmp_path):
