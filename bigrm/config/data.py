@@ -28,9 +28,9 @@ class SyntheticConfig:
     (bigrm.builtin.synthetic_attributes): num_train rated single-completion rows (one column per data.attributes name,
     some ratings missing) plus num_train / 4 K-ranked rows without ratings, ranked by the weighted sum of the ratings
     (loss.attribute_weights); eval rows are K-ranked and rated. Needs 1 to 3 data.attributes (any names). `length`: the
-    length-biased pairs (bigrm.builtin.synthetic.make_length_rows), eval pairs length-balanced. `noisy`: the ranked task's
-    pairs with a share of the training labels flipped (data.synthetic.noise; bigrm.builtin.synthetic.make_noisy_rows),
-    eval pairs clean."""
+    length-biased pairs (bigrm.builtin.synthetic.make_length_rows), eval pairs length-balanced. `noisy`: the ranked
+    task's pairs with a share of the training labels flipped (data.synthetic.noise;
+    bigrm.builtin.synthetic.make_noisy_rows), eval pairs clean."""
     length_bias: float = 0.6
     """The length task: the fraction of training pairs whose better review is the shorter labelled the other way."""
 
