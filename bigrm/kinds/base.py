@@ -33,6 +33,7 @@ class RewardKind:
     name: ClassVar[str] = "scalar"
     vector: ClassVar[bool] = False  # the model returns every output of the head ((N, A)), not one reward ((N,))
     head_gram: ClassVar[bool] = False  # in training the model also returns the head rows' products (RewardModel)
+    one_model: ClassVar[bool] = True  # its export is one classifier (bigrm merge averages those)
 
     # choosing the kind -------------------------------------------------------------------------------------------
 

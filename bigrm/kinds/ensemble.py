@@ -42,6 +42,7 @@ CONFIG_KEY = "bigrm_ensemble"  # config.json: {members, bootstrap, reward, lambd
 class Ensemble(Scalar):
     name = "ensemble"
     vector = True
+    one_model = False
 
     def __init__(self, members: int, bootstrap: bool = True, reward: str = "mean", lam: float = 1.0):
         self.members, self.bootstrap, self.reward, self.lam = members, bootstrap, reward, lam
