@@ -52,12 +52,9 @@ def groups_of(rows: list[dict], path: Path, tok) -> list:
     return tokenize_examples(examples, tok, MAX_LENGTH, "error")[0]
 
 
-def train(kind: RewardKind, init: Path, tok, batches: list, lr: float, cfg: LossConfig, lora=None, head=False):
-    """(trained model, seconds): one AdamW step per micro-batch; with `lora`, the kind's adapter sets on a frozen base;
-    with `head`, the value head drawn afresh from the seeded RNG."""
+def train(kind: RewardKind, init: Path, tok, batches: list, lr: float, cfg: LossConfig, lora: LoraConfig | None = None):
+    """(trained model, seconds): one AdamW step per micro-batch; with `lora`, the kind's adapters on a frozen base."""
     classifier = load_classifier(str(init), torch.float32, "sdpa", tok, num_labels=kind.outputs)
-    if head:
-        torch.nn.init.normal_(classifier.score.weight, std=classifier.config.initializer_range)
     if lora:
         add_lora(classifier, lora, kind.adapters)
     model = kind.reward_model(classifier, "sdpa").train()
@@ -83,11 +80,11 @@ def measure(model: RewardModel, kind: RewardKind, held: list, tok) -> dict:
     return out
 
 
-def batches_of(train_groups: list, args, seed: int) -> list[list]:
-    """args.epochs shuffled passes, packed into micro-batches of args.budget tokens."""
+def batches_of(train_groups: list, args, seed: int, epochs: int | None = None) -> list[list]:
+    """`epochs` (args.epochs) shuffled passes, packed into micro-batches of args.budget tokens."""
     sizes = [layout_tokens(g, False) for g in train_groups]
     rng, batches = random.Random(seed), []
-    for _ in range(args.epochs):
+    for _ in range(epochs or args.epochs):
         order = list(range(len(train_groups)))
         rng.shuffle(order)
         batches += [[train_groups[i] for i in b] for b in pack_bins(order, sizes, args.budget, window=64)]
@@ -134,12 +131,25 @@ def evaluated(model, kind: RewardKind, held: list, tok) -> dict:
     )[0]
 
 
+def pretrained(root: Path, src: Path, tok, args) -> Path:
+    """The stand-in for a pretrained backbone that LoRA adapts (LoRA on random weights learns nothing here): the
+    random tiny Llama fully fine-tuned for one epoch on args.base_train rows of the clean ranked task (prompts of
+    their own, seed 1000), saved with its head."""
+    write_random_init(str(src), str(root / "random"), 0)
+    rows = make_rows(args.base_train, 2, 6, 1000)
+    groups = groups_of(rows, root / "base.jsonl", tok)
+    torch.manual_seed(1000)
+    model, _ = train(Scalar(), root / "random", tok, batches_of(groups, args, 1000, epochs=1), args.lr, LossConfig())
+    model.classifier.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    return root / "base"
+
+
 def run_ensemble_seed(args, seed: int, root: Path) -> dict:
     """The noisy-label task: an ensemble of args.members LoRA members, its members' and mean's held-out figures."""
     tok, src, train_groups, held = tiny_task(root, partial(make_noisy_rows, noise=args.noise), args, seed)
-    init = root / "init"
-    write_random_init(str(src), str(init), 0, num_labels=args.members)
-    torch.manual_seed(seed)
+    init = pretrained(root, src, tok, args)
+    torch.manual_seed(seed)  # the members' adapters and head rows
     kind = Ensemble(args.members, bootstrap=not args.no_bootstrap)
     model, seconds = train(kind, init, tok, batches_of(train_groups, args, seed), args.lora_lr, LossConfig(), LORA)
     return {**evaluated(model.eval(), kind, held, tok), "seconds": seconds}
@@ -169,15 +179,14 @@ def member_cost(members: int, init: Path, tok, batch, repeats: int) -> dict:
 
 
 def run_merge_seed(args, seed: int, root: Path) -> dict:
-    """The built-in ranked task: two runs from one backbone init, their head init and data order from different
-    seeds, exported and averaged by `bigrm merge`; each model's held-out accuracy."""
+    """The built-in ranked task: two runs from the pretrained stand-in (head included) whose data order comes from
+    different seeds, exported and averaged by `bigrm merge`; each model's held-out accuracy."""
     tok, src, train_groups, held = tiny_task(root, lambda n, s, held_out: make_rows(n, 2, 6, s), args, seed)
-    init = root / "init"
-    write_random_init(str(src), str(init), 0)
+    init = pretrained(root, src, tok, args)
     out = {}
     for name, run in (("a", seed), ("b", seed + 1000)):
         torch.manual_seed(run)
-        model, _ = train(Scalar(), init, tok, batches_of(train_groups, args, run), args.lr, LossConfig(), head=True)
+        model, _ = train(Scalar(), init, tok, batches_of(train_groups, args, run), args.lr, LossConfig())
         out[name] = evaluated(model.eval(), Scalar(), held, tok)["pairwise_accuracy"]
         save_classifier(model.classifier, model.classifier.state_dict(), tok, root / name)
         seal(root / name)
@@ -236,6 +245,7 @@ def main() -> None:
     p.add_argument("--noise", type=float, default=0.25, help="ensemble mode: data.synthetic.noise")
     p.add_argument("--lora-lr", dest="lora_lr", type=float, default=3e-3, help="ensemble mode: LoRA members' lr")
     p.add_argument("--no-bootstrap", dest="no_bootstrap", action="store_true", help="loss.ensemble_bootstrap false")
+    p.add_argument("--base-train", dest="base_train", type=int, default=500, help="ensemble mode: rows of the base")
     p.add_argument("--cost-repeats", dest="cost_repeats", type=int, default=10)
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -1,4 +1,4 @@
-"""An ensemble's held-out figures: AUROC against counting pairs, member and mean accuracy, the spread's AUROC."""
+"""An ensemble's held-out figures: AUROC against counting pairs, member and mean accuracy, the spreads' AUROC."""
 
 from __future__ import annotations
 
@@ -42,5 +42,8 @@ def test_members_mean_and_spread_over_ranked_pairs():
     out = report(margins)
     assert out["member_0_accuracy"] == 1.0 and out["member_1_accuracy"] == 0.5
     assert out["ensemble_mean_accuracy"] == 0.5 and out["best_member_accuracy"] == 1.0  # means 0, 2, 2, -1.5
-    # wrong (mean <= 0): spreads 1 and 2.5; right: spreads 1 and 0 → AUROC (0.5 + 1 + 1 + 1) / 4
-    assert out["spread_auroc"] == pytest.approx(0.875) and report(margins[:0]) == {}
+    # std of σ(margin): wrong (mean <= 0) 0.231 and 0.357, right 0.111 and 0: every wrong pair above every right one
+    assert out["spread_auroc"] == 1.0 and report(margins[:0]) == {}
+    assert out["spread_mean"] == pytest.approx(float(torch.sigmoid(margins).std(1, correction=0).mean()))
+    # std of the margins: wrong 1 and 2.5, right 1 and 0 → (0.5 + 1 + 1 + 1) / 4
+    assert out["margin_spread_auroc"] == pytest.approx(0.875)

@@ -47,7 +47,8 @@ def groups(seed: int, n: int = 4, prefix: str = "train.jsonl:line ") -> list[Gro
         k = int(rng.integers(2, 5))
         seqs = tuple(rng.integers(1, 50, int(rng.integers(2, 6))) for _ in range(k))
         ranks = [int(x) for x in rng.permutation(k)]
-        out.append(Group(seqs, f"{prefix}{seed * 100 + g}", Labels(ranks=ranks, weight=float(rng.choice([0.5, 1.25, 2.0])))))
+        weight = float(rng.choice([0.5, 1.25, 2.0]))  # exact in the labels' float32
+        out.append(Group(seqs, f"{prefix}{seed * 100 + g}", Labels(ranks=ranks, weight=weight)))
     return out
 
 
