@@ -56,7 +56,9 @@ class Rewarder:
         self.model, self.tokenizer, self.recorded, self.kind = scoring.load_model(path, self.device, dtype, attn)
         self.configure(**kw)
 
-    def configure(self, data: DataConfig | None = None, budget: int = 16384, normalize: bool = False) -> None:
+    def configure(
+        self, data: DataConfig | None = None, budget: int = 16384, normalize: bool = False
+    ) -> None:
         """`data`: data options (default: those the model records: its reward convention, and what its kind reads rows
         with, kind.data_defaults); `normalize`: rewards as
         (r - mean) / std with the reward statistics the export records."""
