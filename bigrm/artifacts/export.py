@@ -12,6 +12,7 @@ is written as a token classifier, an attribute head with its meaning, or merged 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -32,7 +33,8 @@ from bigrm.hashing import differs, listing
 from bigrm.kinds import RewardKind, Scalar, for_model
 from bigrm.model import adapters
 from bigrm.model.attention import attention_needs, hf_attn_implementation, read_attention_needs, resolve_attn
-from bigrm.model.reward_model import RewardModel, load_classifier
+from bigrm.model.ensemble import MEMBER
+from bigrm.model.reward_model import load_classifier
 
 PREFIX = "classifier."
 # config.json key of the reward convention (bigrm.data.sequences) the model was trained with: scoring reads it back
@@ -57,17 +59,38 @@ def save_classifier(
     `bigrm_reward_mean` / `bigrm_reward_std`, and as `mean` / `std`, the names OpenRLHF's `--normalize_reward` reads;
     `convention` as CONVENTION_KEY."""
     dest.mkdir(parents=True, exist_ok=True)
-    classifier.config.pad_token_id = tokenizer.pad_token_id
-    for key, value in (reward_stats or {}).items():
-        setattr(classifier.config, f"bigrm_{key}", value)
-    if reward_stats:
-        classifier.config.mean, classifier.config.std = reward_stats["reward_mean"], reward_stats["reward_std"]
-    if convention:
-        setattr(classifier.config, CONVENTION_KEY, convention)
+    _record(classifier.config, tokenizer, reward_stats, convention)
     kind = kind or Scalar()
     kind.record(classifier.config)
     classifier, state = kind.export_form(classifier, state)
     classifier.save_pretrained(dest, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+
+
+def _record(config, tokenizer, reward_stats: dict | None, convention: str | None) -> None:
+    config.pad_token_id = tokenizer.pad_token_id
+    for key, value in (reward_stats or {}).items():
+        setattr(config, f"bigrm_{key}", value)
+    if reward_stats:
+        config.mean, config.std = reward_stats["reward_mean"], reward_stats["reward_std"]
+    if convention:
+        setattr(config, CONVENTION_KEY, convention)
+
+
+def save_export(members: list[nn.Module], state, tokenizer, dest: Path, reward_stats, convention, kind, config) -> None:
+    """One classifier as save_classifier writes it (`state` its weights); an ensemble's members (bigrm.kinds.ensemble)
+    each as a plain 1-logit classifier in its own sealed directory dest/member_m, and beside them the ensemble's
+    transformers `config` (what the kind records, the reward statistics) and tokenizer."""
+    if len(members) == 1:
+        save_classifier(members[0], state, tokenizer, dest, reward_stats, convention, kind)
+        return
+    for m, classifier in enumerate(members):
+        save_classifier(classifier, classifier.state_dict(), tokenizer, dest / MEMBER.format(m), None, convention)
+        seal(dest / MEMBER.format(m))
+    config = copy.deepcopy(config)
+    _record(config, tokenizer, reward_stats, convention)
+    kind.record(config)
+    config.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
 
 
@@ -164,12 +187,19 @@ def adapted_classifier(
     base, quantised if it was) or merged (adapters added into the de-quantised base: a plain classifier)."""
     attn = resolve_attn("auto", cuda=False, needs=read_attention_needs(settings.base))
     outputs = state["score.weight"].shape[0]  # the trained head's: attribute heads have one row per attribute
-    classifier = load_classifier(settings.base, dtype, attn, tokenizer, quant=settings.quantization, num_labels=outputs)
+    classifier = load_classifier(
+        settings.base, dtype, attn, tokenizer, quant=settings.quantization, num_labels=outputs, fresh_head=True
+    )
     if merged and settings.quantization.bits:
         classifier = classifier.dequantize()
-    wrapped = adapters.add_lora(classifier, settings.lora)
+    wrapped = adapters.add_lora(classifier, settings.lora, adapters.adapter_names(state))
     adapters.load_trained(classifier, state, f"the trained weights for {settings.base}")
     return (adapters.merge(wrapped, dtype) if merged else classifier).eval()
+
+
+def exported_classifiers(settings: adapters.Settings, state: dict, dtype: torch.dtype, tokenizer, kind: RewardKind):
+    """The plain classifiers a LoRA run's weights are written as: one, or one per ensemble member."""
+    return [adapted_classifier(settings, s, dtype, tokenizer, merged=True) for s in kind.member_states(state)]
 
 
 def verification_groups(held_out: list[Group], window: int | None, n: int = 4) -> list[Group]:
@@ -226,15 +256,15 @@ def export_engine(
         trained = engine.module.classifier.config  # a LoRA classifier is rebuilt from a base that lacks its records
         kind = for_model(trained)
         if lora:
-            classifier = adapted_classifier(settings, state, dtype, tokenizer, merged=True)
-            state = classifier.state_dict()
+            members = exported_classifiers(settings, state, dtype, tokenizer, kind)
+            state = members[0].state_dict()
         else:
-            classifier = engine.module.classifier
+            members = [engine.module.classifier]
         convention = getattr(trained, CONVENTION_KEY, None)
         tol = tolerance(dtype, settings.quantization.bits if lora else 0)
 
         def write(tmp: Path) -> None:
-            save_classifier(classifier, state, tokenizer, tmp, reward_stats, convention, kind)
+            save_export(members, state, tokenizer, tmp, reward_stats, convention, kind, trained)
             stages.advance()
 
         def verified(tmp: Path) -> str | None:
@@ -260,10 +290,10 @@ class _Checkpoint:
     settings: adapters.Settings | None  # None: a fully trained model
     reward_stats: dict | None  # the rewards' mean and std over the epoch so far, as final/ records them
 
-    def classifier(self, merged: bool = False) -> nn.Module:
-        """The model as trained, or with `merged` (LoRA only differs) the plain classifier it exports to."""
+    def classifier(self) -> nn.Module:
+        """The model as trained (LoRA: its adapters beside the base)."""
         if self.settings:
-            classifier = adapted_classifier(self.settings, self.state, self.dtype, self.tokenizer, merged)
+            classifier = adapted_classifier(self.settings, self.state, self.dtype, self.tokenizer, merged=False)
             for_model(self.config).record(classifier.config)  # the base's config lacks what the kind records
             return classifier
         from transformers import AutoModelForSequenceClassification
@@ -305,8 +335,12 @@ def export_checkpoint(path: Path, dest: Path, dtype: torch.dtype | None = None, 
     attn = resolve_attn("auto", cuda=False, needs=attention_needs(trained.config))  # eager for soft-capped models
     trained.config._attn_implementation = hf_attn_implementation(attn)
     with torch.no_grad():
-        expected = kind.export_values(RewardModel(trained, attn, kind.vector)(batch).float())
-    classifier = saved.classifier(merged=True) if saved.settings else trained  # LoRA: rebuilt, then merged
+        expected = kind.export_values(kind.reward_model(trained, attn)(batch).float())
+    # LoRA: rebuilt, then merged (an ensemble: each member)
+    members = (
+        exported_classifiers(saved.settings, saved.state, saved.dtype, tokenizer, kind) if saved.settings else [trained]
+    )
+    classifier = members[0]
     if merge:
         expected = kind.rewards(expected)
         kind = kind.merge(classifier)
@@ -314,7 +348,9 @@ def export_checkpoint(path: Path, dest: Path, dtype: torch.dtype | None = None, 
     tol = tolerance(classifier.dtype, saved.settings.quantization.bits if saved.settings else 0)
 
     def write(tmp: Path) -> None:
-        save_classifier(classifier, classifier.state_dict(), tokenizer, tmp, saved.reward_stats, convention, kind)
+        save_export(
+            members, classifier.state_dict(), tokenizer, tmp, saved.reward_stats, convention, kind, saved.config
+        )
         stages.advance()
 
     def verified(tmp: Path) -> str | None:

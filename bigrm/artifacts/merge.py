@@ -138,6 +138,8 @@ def merge(paths: list[Path], dest: Path, weights: list[float] | None = None, alp
     check_destination(dest, "--out")
     check_compatible(paths)
     kind = for_model(AutoConfig.from_pretrained(paths[0]))
+    if not kind.one_model:
+        raise ConfigError(f"bigrm merge: {paths[0]} is an ensemble of {kind.outputs}: merge its member_* exports")
     with progress.transformers_bars():
         classifier, tokenizer, attn = _load(paths[0], kind)
         total = merged_state(paths, coefs, kind)

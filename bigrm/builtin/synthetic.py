@@ -12,6 +12,9 @@ CPU steps, where one that swapped the error words with the prompt's sentiment st
 The length-biased task (`make_length_rows`, for length-disentangled reward models) is pairs of reviews of 4 to 16
 words whose quality does not depend on length, with training labels that prefer the longer review more often than
 quality says: a model that learns the labels' length preference rewards length.
+
+The noisy-label task (`make_noisy_rows`, for ensembles) is the ranked task's pairs with a share of the training labels
+flipped: what a member learns of the flipped pairs is noise its siblings do not share.
 """
 
 from __future__ import annotations
@@ -115,4 +118,14 @@ def make_length_rows(n: int, seed: int, bias: float, held_out: bool) -> list[dic
         flipped = not held_out and not longer_wins and rng.random() < bias
         prompt = f"write a {'positive' if positive else 'negative'} review of the {rng.choice(ITEMS)}:"
         rows.append({"prompt": prompt, "ranked_outputs": [worse, better] if flipped else [better, worse]})
+    return rows
+
+
+def make_noisy_rows(n: int, seed: int, noise: float, held_out: bool) -> list[dict]:
+    """`n` pairs {prompt, ranked_outputs: [preferred, other]} of the ranked task; training pairs (`held_out` False)
+    have their order flipped with probability `noise`, held-out pairs are ranked by quality."""
+    rows, rng = make_rows(n, 2, 2, seed), random.Random(seed + 7)
+    for row in rows:
+        if not held_out and rng.random() < noise:
+            row["ranked_outputs"].reverse()
     return rows

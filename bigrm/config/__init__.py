@@ -27,6 +27,9 @@ class Config:
     def __post_init__(self) -> None:
         if self.quantization.bits and not self.lora.r:
             raise ConfigError("quantization.bits: a quantised backbone cannot be trained; set lora.r > 0 (QLoRA)")
+        if self.loss.ensemble and not self.lora.r:
+            # full fine-tuned members would each be a whole model: N copies of every weight and optimiser state
+            raise ConfigError("loss.ensemble: members are LoRA adapter sets on one frozen base; set lora.r > 0")
         weights, names = self.loss.attribute_weights, self.data.attributes
         if weights and len(weights) != len(names):
             raise ConfigError(

@@ -21,21 +21,27 @@ class SyntheticConfig:
     """Fewest completions per synthetic prompt."""
     max_k: int = 6
     """Most completions per synthetic prompt."""
-    task: Literal["ranked", "steps", "attributes", "length"] = "ranked"
+    task: Literal["ranked", "steps", "attributes", "length", "noisy"] = "ranked"
     """`ranked`: K reviews ranked by sentiment (bigrm.builtin.synthetic.make_rows). `steps`: stepwise rows for a process
     reward model, min_k..max_k solutions per prompt, each step correct until the first step with a word of the unwanted
     sentiment (bigrm.builtin.synthetic.make_step_rows). `attributes`: the multi-attribute task
     (bigrm.builtin.synthetic_attributes): num_train rated single-completion rows (one column per data.attributes name,
     some ratings missing) plus num_train / 4 K-ranked rows without ratings, ranked by the weighted sum of the ratings
     (loss.attribute_weights); eval rows are K-ranked and rated. Needs 1 to 3 data.attributes (any names). `length`: the
-    length-biased pairs (bigrm.builtin.synthetic.make_length_rows), eval pairs length-balanced."""
+    length-biased pairs (bigrm.builtin.synthetic.make_length_rows), eval pairs length-balanced. `noisy`: the ranked
+    task's pairs with a share of the training labels flipped (data.synthetic.noise;
+    bigrm.builtin.synthetic.make_noisy_rows), eval pairs clean."""
     length_bias: float = 0.6
     """The length task: the fraction of training pairs whose better review is the shorter labelled the other way."""
 
+    noise: float = 0.25
+    """The noisy task: the fraction of training pairs whose labels are flipped (the worse completion preferred)."""
+
     def __post_init__(self) -> None:
-        bounds(self, "data.synthetic", ("num_train",), ("num_eval", "length_bias"))
-        if self.length_bias > 1:
-            raise ConfigError(f"data.synthetic.length_bias: must be <= 1, got {self.length_bias}")
+        bounds(self, "data.synthetic", ("num_train",), ("num_eval", "length_bias", "noise"))
+        for name in ("length_bias", "noise"):
+            if getattr(self, name) > 1:
+                raise ConfigError(f"data.synthetic.{name}: must be <= 1, got {getattr(self, name)}")
         if not 2 <= self.min_k <= self.max_k:
             raise ConfigError(f"data.synthetic: need 2 <= min_k <= max_k, got {self.min_k}, {self.max_k}")
 

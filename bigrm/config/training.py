@@ -70,9 +70,26 @@ class LossConfig:
     orthogonal_coef: float = 1.0
     """With loss.length_head: weight of |w_Q · w_L|, the dot product of the quality and length head rows."""
 
+    ensemble: int = 0
+    """Members of an ensemble reward model (bigrm.kinds.ensemble; 0: none, else at least 2): one LoRA adapter set and
+    one head row per member, trained in one run on bootstrap weights of the prompts, the loss the sum of the members'
+    ranking losses. Needs lora.r; ranked rows only."""
+    ensemble_bootstrap: bool = True
+    """With loss.ensemble: weigh each prompt in each member's loss by a Poisson(1) draw fixed by the member and the
+    prompt's source (file and line): each member sees its own bootstrap sample of the data."""
+    ensemble_reward: Literal["mean", "min", "conservative"] = "mean"
+    """With loss.ensemble: the aggregation the model's reward is (recorded in its export): the members' mean, their
+    minimum, or the conservative mean - loss.ensemble_lambda * std. Scoring returns all of them."""
+    ensemble_lambda: float = 1.0
+    """With loss.ensemble: λ of the conservative reward mean - λ·std (std over the members, ddof 0)."""
+
     def __post_init__(self) -> None:
+        if self.ensemble == 1 or self.ensemble < 0:
+            raise ConfigError(f"loss.ensemble: members, 0 (none) or at least 2, got {self.ensemble}")
         coefs = ("attribute_coef", "score_margin_scale", "regress_weight", "tie_coef", "center_rewards_coef")
-        bounds(self, "loss", ("tie_threshold",), (*coefs, "l2_rewards_coef", "step_coef", *LENGTH_COEFS))
+        bounds(
+            self, "loss", ("tie_threshold",), (*coefs, "l2_rewards_coef", "step_coef", *LENGTH_COEFS, "ensemble_lambda")
+        )
 
 
 @dataclass

@@ -9,6 +9,7 @@ every rank runs the same number of micro-batches per optimizer step (ZeRO-3 woul
 from __future__ import annotations
 
 import random
+import zlib
 from dataclasses import dataclass, fields, make_dataclass
 
 import numpy as np
@@ -101,15 +102,24 @@ def plan_epoch(
     return updates
 
 
+def prompt_id(source: str) -> int:
+    """A prompt's id from its Group.source (file and line), the same in every process: its CRC-32."""
+    return zlib.crc32(source.encode())
+
+
 class LabelTensors:
     """What SegmentLabels does; its fields are made from the label specification (data.labels.LABELS) below."""
 
     @staticmethod
     def of(
-        labels: list[Labels], ks: list[int], dtype: torch.dtype = torch.float32, lengths: list[int] | None = None
+        labels: list[Labels],
+        ks: list[int],
+        dtype: torch.dtype = torch.float32,
+        lengths: list[int] | None = None,
+        sources: list[str] | None = None,
     ) -> SegmentLabels:
         """Prompt g has ks[g] completions; `dtype` is that of every float label (scores, targets, margins, ...);
-        `lengths`: each completion's length in tokens (seg_length)."""
+        `lengths`: each completion's length in tokens (seg_length); `sources`: each prompt's Group.source (group_id)."""
         prompts = list(zip(labels, ks, strict=True))
         return SegmentLabels(
             seg_group=torch.repeat_interleave(torch.arange(len(ks)), torch.tensor(ks, dtype=torch.long)),
@@ -117,6 +127,7 @@ class LabelTensors:
             **{f.tensor: _tensor(f, prompts, dtype) for f in LABELS},
             **_step_layout(prompts),
             seg_length=None if lengths is None else torch.tensor(lengths, dtype=torch.long),
+            group_id=None if sources is None else torch.tensor([prompt_id(s) for s in sources], dtype=torch.long),
         )
 
     @property
@@ -183,12 +194,15 @@ SegmentLabels = make_dataclass(
         ("step_last", torch.Tensor | None, None),  # (P,) the step is its solution's last
         # (N,) completion length in tokens: the tokens after its prompt's completions' common prefix (collate)
         ("seg_length", torch.Tensor | None, None),
+        # (G,) int64 CRC-32 of each prompt's source (file and line): what fixes its bootstrap weights (kinds.ensemble)
+        ("group_id", torch.Tensor | None, None),
     ],
     bases=(LabelTensors,),
     namespace={
         "__module__": __name__,
         "__doc__": "The labels (data.labels.Labels) of a set of prompts laid out for the loss, N scored segments of G "
-        "prompts with P steps (None: a batch without them): seg_group, num_groups, step_seg, step_last, seg_length and "
+        "prompts with P steps (None: a batch without them): seg_group, num_groups, step_seg, step_last, seg_length, "
+        "group_id and "
         "one tensor per label field: "
         + ", ".join(f"{f.tensor} {_shape(f)} Labels.{f.name}" + (f" × {f.times}" if f.times else "") for f in LABELS),
     },
@@ -296,7 +310,12 @@ def collate(groups: list[Group], pad_id: int, pad_to_multiple: int = 1, share_pr
         cu_seqlens=torch.from_numpy(cu).to(torch.int32),
         seg_parent=torch.from_numpy(parents),
         last_index=torch.from_numpy(cu[1:][scored] - 1),
-        labels=SegmentLabels.of([g.labels for g in groups], k_per_group, lengths=completion_lengths(groups)),
+        labels=SegmentLabels.of(
+            [g.labels for g in groups],
+            k_per_group,
+            lengths=completion_lengths(groups),
+            sources=[g.source for g in groups],
+        ),
         max_seqlen=int(lens.max()),
         real_tokens=real,
     )

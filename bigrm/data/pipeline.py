@@ -70,6 +70,10 @@ def write_synthetic(d: DataConfig, out_dir: Path, seed: int, weights: tuple[floa
         files = [(train[0], synthetic.make_length_rows(s.num_train, seed, s.length_bias, held_out=False))]
         if held:
             files.append((held, synthetic.make_length_rows(s.num_eval, seed + 1, s.length_bias, held_out=True)))
+    elif s.task == "noisy":
+        files = [(train[0], synthetic.make_noisy_rows(s.num_train, seed, s.noise, held_out=False))]
+        if held:
+            files.append((held, synthetic.make_noisy_rows(s.num_eval, seed + 1, s.noise, held_out=True)))
     else:
         make = synthetic.make_step_rows if s.task == "steps" else synthetic.make_rows
         files = [(train[0], make(s.num_train, s.min_k, s.max_k, seed))]

@@ -21,3 +21,14 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float | None:
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float | None:
     return pearson(average_ranks(a), average_ranks(b))
+
+
+def auroc(score: torch.Tensor, positive: torch.Tensor) -> float | None:
+    """The probability that a positive's score exceeds a negative's (ties count half): the Mann–Whitney U over both
+    counts; None without both classes."""
+    pos = int(positive.sum())
+    neg = len(positive) - pos
+    if not pos or not neg:
+        return None
+    ranks = average_ranks(score.double())
+    return float((ranks[positive].sum() - pos * (pos + 1) / 2) / (pos * neg))

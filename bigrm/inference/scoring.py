@@ -64,7 +64,7 @@ def load_model(path: str, device: torch.device, dtype: str = "auto", attn: str =
             except SafetensorError as err:  # a damaged plain Hugging Face directory (bigrm's are checked above)
                 raise ExportError(f"{p}: cannot read its weights ({err})") from None
         convention = getattr(classifier.config, export.CONVENTION_KEY, None)
-    return RewardModel(classifier.to(device).eval(), attn, kind.vector), tokenizer, convention, kind
+    return kind.reward_model(classifier.to(device).eval(), attn), tokenizer, convention, kind
 
 
 def kind_for_rows(model: RewardModel, results: list[RowResult]) -> RewardKind:

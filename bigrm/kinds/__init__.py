@@ -4,6 +4,7 @@
     steps       a process reward model, values at reasoning steps' ends (kinds.steps)
     attributes  one output per rated attribute, their weighted sum the reward (kinds.attributes)
     length      quality and length outputs, the quality one the reward (kinds.length, loss.length_head)
+    ensemble    M LoRA members' rewards, their aggregation the reward (kinds.ensemble, loss.ensemble)
 
 A new kind is a module with a RewardKind subclass and its place in KINDS.
 """
@@ -14,11 +15,13 @@ from bigrm.config import DataConfig, LossConfig
 from bigrm.data.pipeline import Dataset
 from bigrm.kinds.attributes import Attributes
 from bigrm.kinds.base import RewardKind
+from bigrm.kinds.ensemble import Ensemble
 from bigrm.kinds.length import Length
 from bigrm.kinds.scalar import Scalar
 from bigrm.kinds.steps import Steps
 
 KINDS: tuple[type[RewardKind], ...] = (
+    Ensemble,
     Length,
     Attributes,
     Steps,
@@ -42,4 +45,15 @@ def for_model(config, stepwise_rows: bool = False) -> RewardKind:
     return next(k for k in (kind.for_model(config, stepwise_rows) for kind in KINDS) if k is not None)
 
 
-__all__ = ["KINDS", "Attributes", "Length", "RewardKind", "Scalar", "Steps", "for_model", "for_run", "outputs_for"]
+__all__ = [
+    "KINDS",
+    "Attributes",
+    "Ensemble",
+    "Length",
+    "RewardKind",
+    "Scalar",
+    "Steps",
+    "for_model",
+    "for_run",
+    "outputs_for",
+]

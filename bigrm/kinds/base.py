@@ -19,7 +19,8 @@ from bigrm.data.packing import SegmentLabels
 from bigrm.data.pipeline import Dataset
 from bigrm.data.sequences import Group
 from bigrm.errors import ExportError
-from bigrm.model.reward_model import load_classifier
+from bigrm.model.adapters import ADAPTER
+from bigrm.model.reward_model import RewardModel, load_classifier
 from bigrm.objectives.normaliser import Normaliser
 from bigrm.objectives.ranking import Stats, ranking_loss
 
@@ -32,6 +33,7 @@ class RewardKind:
     name: ClassVar[str] = "scalar"
     vector: ClassVar[bool] = False  # the model returns every output of the head ((N, A)), not one reward ((N,))
     head_gram: ClassVar[bool] = False  # in training the model also returns the head rows' products (RewardModel)
+    one_model: ClassVar[bool] = True  # its export is one classifier (bigrm merge averages those)
 
     # choosing the kind -------------------------------------------------------------------------------------------
 
@@ -56,6 +58,15 @@ class RewardKind:
 
     def record(self, config) -> None:
         """Write into a transformers config what exports, scoring and merging read back (for_model)."""
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The LoRA adapter sets a run of this kind trains (bigrm.model.adapters.add_lora)."""
+        return (ADAPTER,)
+
+    def reward_model(self, classifier: nn.Module, attn: str) -> nn.Module:
+        """What forwards packed batches through the classifier (or what load_export gave): the model's outputs."""
+        return RewardModel(classifier, attn, self.vector, self.head_gram)
 
     def data_defaults(self) -> dict[str, Any]:
         """Data options (dotted keys) that scoring this kind's model reads rows with, unless given."""
@@ -109,6 +120,10 @@ class RewardKind:
     def export_values(self, values: torch.Tensor) -> torch.Tensor:
         """The part of the trained model's outputs that its export reproduces (its plain_rewards)."""
         return values
+
+    def member_states(self, state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """A LoRA run's trained weights → those of each model its export writes (an ensemble: one per member)."""
+        return [state]
 
     def merge(self, classifier: nn.Module) -> RewardKind:
         """`bigrm export --merge-attributes`: the classifier rewritten in place with one output, and its new kind."""

@@ -7,6 +7,7 @@ those, and `Settings` (written beside them) says how to rebuild the rest from th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -68,9 +69,10 @@ def target_modules(classifier: nn.Module, names: list[str]) -> list[str]:
     return list(names) or linear
 
 
-def add_lora(classifier: nn.Module, lora: LoraConfig):
-    """Adapters injected into `classifier` in place; everything frozen but the adapters, the value head and (if
-    asked) the input embeddings. Returns the peft wrapper (for merging); train `classifier` itself."""
+def add_lora(classifier: nn.Module, lora: LoraConfig, names: tuple[str, ...] = (ADAPTER,)):
+    """Adapters injected into `classifier` in place, one set per name (an ensemble's members, bigrm.model.ensemble,
+    each drawn in turn from the seeded RNG); everything frozen but the adapters, the value head and (if asked) the
+    input embeddings. Returns the peft wrapper (for merging); train `classifier` itself."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -82,13 +84,25 @@ def add_lora(classifier: nn.Module, lora: LoraConfig):
         bias="none",
     )
     # adapters in the backbone's dtype (not fp32): ZeRO-3 flattens parameters of one dtype
-    wrapped = get_peft_model(classifier, config, adapter_name=ADAPTER, autocast_adapter_dtype=False)
+    wrapped = get_peft_model(classifier, config, adapter_name=names[0], autocast_adapter_dtype=False)
+    for name in names[1:]:
+        wrapped.add_adapter(name, copy.deepcopy(config), autocast_adapter_dtype=False)
+    if len(names) > 1:  # peft trains only the active set; every member trains (the forward picks one at a time)
+        for name, p in classifier.named_parameters():
+            if ".lora_" in name:
+                p.requires_grad_(True)
     # the head is created fresh for the reward task: it trains fully, outside peft's modules_to_save copies
     for p in classifier.score.parameters():
         p.requires_grad_(True)
     if lora.train_embeddings:
         classifier.get_input_embeddings().weight.requires_grad_(True)
     return wrapped
+
+
+def adapter_names(state: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    """The adapter sets a LoRA run's trained weights hold (keys `...lora_A.<name>.weight`), in member order."""
+    names = {key.split(".lora_A.", 1)[1].split(".", 1)[0] for key in state if ".lora_A." in key}
+    return tuple(sorted(names, key=lambda n: (len(n), n))) or (ADAPTER,)
 
 
 def load_trained(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

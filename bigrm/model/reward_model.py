@@ -76,10 +76,12 @@ def load_classifier(
     gradient_checkpointing: bool = False,
     quant: QuantizationConfig | None = None,
     num_labels: int = 1,
+    fresh_head: bool = False,
 ) -> nn.Module:
     """The HF classifier with `num_labels` outputs, its pad token set (and embeddings grown if the tokenizer gained
     one); with `quant`, its backbone's linear layers quantised by bitsandbytes (the value head is not). More than one
-    label (attribute heads) replaces a saved head of another size with a fresh one."""
+    label (attribute heads), or `fresh_head` (the trained head is loaded next), replaces a saved head of another size
+    with a fresh one."""
     if quant and quant.bits == 8:
         # the same function object each time: logging adds a filter once however often models are loaded
         logging.getLogger("bitsandbytes.autograd._functions").addFilter(_int8_cast_notice)
@@ -88,7 +90,7 @@ def load_classifier(
         num_labels=num_labels,
         dtype=dtype,
         attn_implementation=hf_attn_implementation(attn),
-        **({"ignore_mismatched_sizes": True} if num_labels != 1 else {}),
+        **({"ignore_mismatched_sizes": True} if num_labels != 1 or fresh_head else {}),
         quantization_config=quantization_config(quant, dtype) if quant else None,
     )
     for module in model.modules():

@@ -190,12 +190,12 @@ class Trainer:
         setattr(classifier.config, export.CONVENTION_KEY, cfg.data.reward_convention)
         kind.record(classifier.config)  # and the kind, so exports, scoring and merging read the head as trained
         if cfg.lora.r:
-            adapters.add_lora(classifier, cfg.lora)
+            adapters.add_lora(classifier, cfg.lora, kind.adapters)
             base = str(Path(path).resolve()) if Path(path).is_dir() else path
             self.lora = adapters.Settings(base, cfg.lora, cfg.quantization)
         if cfg.model.compile:
             compile_blocks(classifier)
-        model = RewardModel(classifier, attn, kind.vector, kind.head_gram)
+        model = kind.reward_model(classifier, attn)
         self.verify = export.verification_groups(self.data.eval or self.data.train, model.needs.smallest_window)
         trained = [p for p in model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trained, config=ds)

@@ -1,4 +1,5 @@
-"""The built-in length-biased task: training labels prefer the longer review, held-out pairs are length-balanced."""
+"""The built-in length-biased task (training labels prefer the longer review, held-out pairs are length-balanced) and
+the noisy-label task (a share of training pairs flipped, held-out pairs clean)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import pytest
 
 from bigrm import options
-from bigrm.builtin.synthetic import LENGTHS, NEGATIVE, POSITIVE, make_length_rows
+from bigrm.builtin.synthetic import LENGTHS, NEGATIVE, POSITIVE, make_length_rows, make_noisy_rows, make_rows
 from bigrm.data.pipeline import synthetic_paths, write_synthetic
 from bigrm.errors import ConfigError
 
@@ -51,3 +52,17 @@ def test_the_task_option_writes_both_files(tmp_path):
     assert rows == make_length_rows(50, 3, 0.6, held_out=False) and len(held.read_text().splitlines()) == 10
     with pytest.raises(ConfigError, match="length_bias: must be <= 1"):
         options.build({"data.synthetic.length_bias": 1.5})
+
+
+def test_noisy_pairs_flip_a_share_of_the_training_labels_and_none_held_out():
+    rows = make_noisy_rows(4000, 0, 0.25, held_out=False)
+    right = [quality(r, r["ranked_outputs"][0]) > quality(r, r["ranked_outputs"][1]) for r in rows]
+    assert all(len(r["ranked_outputs"]) == 2 for r in rows)
+    assert 1 - sum(right) / len(rows) == pytest.approx(0.25, abs=0.02)
+    clean = make_noisy_rows(400, 1, 0.25, held_out=True)
+    assert clean == make_rows(400, 2, 2, 1)
+    assert all(quality(r, r["ranked_outputs"][0]) > quality(r, r["ranked_outputs"][1]) for r in clean)
+    cfg = options.build({"data.synthetic.task": "noisy", "data.synthetic.noise": 0.5})
+    assert cfg.data.synthetic.noise == 0.5
+    with pytest.raises(ConfigError, match="noise: must be <= 1"):
+        options.build({"data.synthetic.noise": 1.5})

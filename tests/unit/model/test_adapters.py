@@ -150,5 +150,3 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(llama_dir, bits
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
         assert grads[0][name].abs().sum() > 0, name
-
-

@@ -227,5 +227,3 @@ def test_export_check_includes_a_sequence_longer_than_the_window(backbone_dir, m
 
     assert problem(short) is None  # what the old self-check saw
     assert "does not reproduce the trained model" in problem(export.verification_groups(held_out, 8))
-
-
