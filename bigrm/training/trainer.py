@@ -34,7 +34,7 @@ from bigrm.model.reward_model import (
 from bigrm.objectives.normaliser import Normaliser
 from bigrm.objectives.ranking import Stats, metrics
 from bigrm.progress import transformers_bars
-from bigrm.training import ds_config, preemption
+from bigrm.training import ds_config, failures, preemption
 from bigrm.training.divergence import LossRise, Watch
 from bigrm.training.evaluate import evaluate_rewards
 from bigrm.training.meter import Meter
@@ -54,9 +54,9 @@ def run(cfg: Config) -> dict:
     """Train, evaluate and export; returns the final eval metrics. Whatever happens, the tracker is closed and the
     process group left (with a barrier only when every rank got to the end together)."""
     preemption.terminate_on_signals()
-    trainer = Trainer(cfg, dist.init())
-    together = False  # every rank reached the same end: leaving may synchronise
+    trainer, together = None, False  # together: every rank reached the same end, so leaving may synchronise
     try:
+        trainer = Trainer(cfg, dist.init())
         trainer.setup()
         trainer.resume()
         for n, update in trainer.remaining():
@@ -68,8 +68,18 @@ def run(cfg: Config) -> dict:
     except preemption.Preempted:
         together = True
         raise
+    except preemption.Terminated as err:
+        run_id = (trainer.run_id if trainer else "") or None  # set once setup has read output_dir
+        good = checkpoint.complete_checkpoints(Path(cfg.train.output_dir), run_id)
+        err.checkpoint = good[-1] if good else None
+        failures.note(err)
+        raise
+    except Exception as err:
+        failures.note(err)  # before leaving the process group: a rank that sees this one go reads why
+        raise
     finally:
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
         dist.shutdown(failed=not together)
 
 

@@ -36,6 +36,20 @@ def failing(*args, **kwargs):
     return real(*args, **kwargs)
 RewardKind.loss = failing
 """,
+    # rank 1 alone meets a data error at once, rank 0 is still loading when the launcher ends it (SIGTERM)
+    "data": """
+import time
+import torch.distributed as td
+from bigrm.data import pipeline
+from bigrm.errors import DataError
+real = pipeline.load
+def load(*args):
+    if td.get_rank() == 1:
+        raise DataError("injected: a data error on rank 1 only")
+    time.sleep(120)
+    return real(*args)
+pipeline.load = load
+""",
 }
 
 
@@ -77,6 +91,14 @@ def test_failure_inside_a_step_on_one_rank_ends_the_others_quietly(tmp_path):
     proc, _ = fail(tmp_path, "step")
     assert proc.stderr.count("Traceback") == 1 and "RuntimeError: injected failure on rank 1" in proc.stderr
     assert "[rank0]" not in proc.stderr  # rank 0 only says that another rank failed, if it gets to say anything
+
+
+def test_the_first_error_of_any_rank_is_the_runs_one_line(tmp_path):
+    """Rank 1 fails first; rank 0, ended by the launcher because of it, must not report its SIGTERM instead."""
+    proc, _ = fail(tmp_path, "data")
+    assert errors(proc) == ["error: injected: a data error on rank 1 only"]
+    assert "SIGTERM" not in proc.stderr and "Traceback" not in proc.stdout + proc.stderr
+    assert "exits with return code = 2" in proc.stdout
 
 
 def test_sigterm_to_a_two_rank_run_leaves_no_shared_memory(tmp_path):
