@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -372,9 +373,15 @@ class Trainer:
                 self.lora.write(dest)
 
         verify_ids = [[s.tolist() for s in g.seqs] for g in self.verify]
-        saved = checkpoint.save(
-            self.engine, self.out, meta, self.t.keep_checkpoints, hf_files, verify_ids, self.lora is not None
-        )
+        try:
+            saved = checkpoint.save(
+                self.engine, self.out, meta, self.t.keep_checkpoints, hf_files, verify_ids, self.lora is not None
+            )
+        except preemption.Terminated:
+            torn = checkpoint.root(self.out) / checkpoint.tag(n)
+            if dist.is_main() and not checkpoint.is_complete(torn):  # never trusted, but not left to look like one
+                shutil.rmtree(torn, ignore_errors=True)
+            raise
         self.tracker.print(f"checkpoint: {saved}")
 
     def finish(self) -> dict:
