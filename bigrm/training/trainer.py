@@ -98,6 +98,14 @@ def model_dir(cfg: Config, out: Path, dtype: torch.dtype) -> str:
     return str(out / "random-init") if (not path or random_init) else path
 
 
+def resumed_line(path: Path, done: int, updates: list[Update]) -> str:
+    """What a resume continues: steps numbered from 1 over the run, as the logs number them."""
+    update = updates[done - 1]
+    epoch = f"{update.index + 1} of them in epoch {update.epoch + 1}"
+    then = f"continuing with step {done + 1}" if done < len(updates) else "none left"
+    return f"resumed from {path} at step {done}: {done} of {len(updates)} optimizer steps done, {epoch}; {then}"
+
+
 class Trainer:
     def __init__(self, cfg: Config, device: torch.device):
         t = cfg.train
@@ -242,9 +250,7 @@ class Trainer:
             check_resumable(saved["plan"], self.fingerprint, path)
             self.start = saved["step"]
             self.tracker.drop_after(self.start)
-            self.tracker.print(
-                f"resumed from {path} at step {self.start} (epoch {saved['epoch']}, step {saved['index']})"
-            )
+            self.tracker.print(resumed_line(path, self.start, self.updates))
             for line in self.overridden:
                 self.tracker.print(line)
             self.tracker.record("resume", {"checkpoint": str(path), "step": self.start, "changes": self.overridden})
