@@ -25,6 +25,9 @@ def _run(fn, *args) -> int:
         if dist.launched_rank() == 0:  # every rank meets the same bad input: one message, not one per rank
             print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted (SIGINT)", file=sys.stderr)
+        return 130
     return 0
 
 
