@@ -45,12 +45,17 @@ class Terminated(Exception):
         return f"{said}: continue from the last complete checkpoint ({self.checkpoint}) with --resume auto"
 
 
+def _stopping(signum, frame) -> None:
+    pass
+
+
 def terminate_on_signals() -> None:
     def stop(signum, frame) -> None:
         # the run is already stopping: a second signal (deepspeed's launcher follows a Ctrl-C with SIGTERM) must
-        # not break its cleanup with another traceback; the launcher's SIGKILL still ends a cleanup that hangs
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # not break its cleanup with another traceback; the launcher's SIGKILL still ends a cleanup that hangs.
+        # A handler, not SIG_IGN: Python reports a signal already pending when its handler became SIG_IGN
+        signal.signal(signal.SIGTERM, _stopping)
+        signal.signal(signal.SIGINT, _stopping)
         raise Terminated(signum)
 
     signal.signal(signal.SIGTERM, stop)

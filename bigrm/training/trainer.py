@@ -228,8 +228,9 @@ class Trainer:
         cfg, dtype = self.cfg, precision.name_of(self.dtype)
         total, trainable = parameter_counts(model)
         stage = self.engine.zero_optimization_stage()
+        cpu = " on the CPU (no GPU found)" if self.device.type != "cuda" else ""  # DeepSpeed's words, silenced
         self.tracker.print(
-            f"model {path}: attention {attn}, {dtype}, ZeRO stage {stage}"
+            f"model {path}{cpu}: attention {attn}, {dtype}, ZeRO stage {stage}"
             + (", compiled blocks" if cfg.model.compile else "")
             + f", world {dist.world()}, {len(self.updates)} optimizer steps"
             f"\nparameters {total:,}, trainable {trainable:,} ({100 * trainable / total:.2f}%)"

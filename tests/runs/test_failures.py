@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from itertools import chain
 from pathlib import Path
 
 import pytest
 
+from bigrm import console
 from tests.helpers.paths import REPO
 from tests.helpers.runs import ENV, SMALL, free_port
 
@@ -105,7 +107,7 @@ def test_the_first_error_of_any_rank_is_the_runs_one_line(tmp_path):
 def test_ctrl_c_stops_with_one_line_exit_130_and_no_torn_checkpoint(tmp_path, ranks):
     """SIGINT to the whole job, as a terminal's Ctrl-C sends it. Under deepspeed's launcher, which answers it with
     SIGTERM to every rank (and SIGKILL 30 s later), this used to end in tracebacks from inside the ranks' cleanup and
-    left their /dev/shm buffers behind."""
+    left their /dev/shm buffers behind. The ranks' console also holds none of the library lines bigrm silences."""
     import os
     import signal
     import time
@@ -115,8 +117,8 @@ def test_ctrl_c_stops_with_one_line_exit_130_and_no_torn_checkpoint(tmp_path, ra
     script += ["--save_every", "1"]
     runner = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port)]
     cmd = [*runner, *script] if ranks == 2 else [sys.executable, *script]
-    console = tmp_path / "console.txt"
-    with console.open("w") as fh:
+    printed = tmp_path / "console.txt"
+    with printed.open("w") as fh:
         proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, start_new_session=True, stdout=fh, stderr=subprocess.STDOUT)
         deadline = time.time() + 240
         while proc.poll() is None and time.time() < deadline and '"split": "train"' not in _read(out / "log.jsonl"):
@@ -126,7 +128,7 @@ def test_ctrl_c_stops_with_one_line_exit_130_and_no_torn_checkpoint(tmp_path, ra
         code = proc.wait(timeout=90)
     time.sleep(1)  # the ranks themselves may outlive the launcher for a moment
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")), "shared memory left behind"
-    text = console.read_text()
+    text = printed.read_text()
     said = [line for line in text.splitlines() if line.startswith("interrupted (SIGINT): ")]
     steps = sorted((out / "checkpoints").glob("step-*"))
     assert all((step / "complete.json").exists() for step in steps), "a torn checkpoint left behind"
@@ -136,6 +138,9 @@ def test_ctrl_c_stops_with_one_line_exit_130_and_no_torn_checkpoint(tmp_path, ra
     # deepspeed's runner (its own code, no handler) prints its KeyboardInterrupt; no other traceback
     assert text.count("Traceback") == (ranks == 2) and (ranks == 1 or "deepspeed/launcher/runner.py" in text)
     assert code == (130 if ranks == 1 else -signal.SIGINT)  # the runner ends by the signal: the shell's 130 too
+    ranks_said = text.split("spawned with command")[-1]  # after the deepspeed launcher's own lines
+    silenced = [words for words in (*chain(*console.QUIET.values()), console.BUILT) if words in ranks_said]
+    assert not silenced and "on the CPU (no GPU found)" in ranks_said
 
 
 def _read(path: Path) -> str:

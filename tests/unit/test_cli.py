@@ -93,3 +93,11 @@ def test_a_bad_recipe_names_its_file(tmp_path, capsys):
     path.write_text("train:\n  epochs: 1\n  lr: fast\n")
     assert cli.train_main(["--config", str(path)]) == 2
     assert capsys.readouterr().err == f"error: {path}: train.lr: expected float. Got value: fast\n"
+
+
+def test_ctrl_c_in_a_command_is_one_line_and_exit_130(capsys):
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    assert cli._run(interrupted) == 130
+    assert capsys.readouterr().err == "interrupted (SIGINT)\n"
