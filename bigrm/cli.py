@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import signal
 import sys
 from pathlib import Path
 
@@ -15,7 +14,8 @@ from jsonargparse import ArgumentParser, Namespace
 from bigrm import config, dist, options, precision
 from bigrm.errors import BigrmError, ConfigError, make_directory
 from bigrm.kinds import RewardKind
-from bigrm.training.preemption import EXIT_CODE, Preempted, Terminated
+from bigrm.training import failures
+from bigrm.training.preemption import EXIT_CODE, Preempted
 
 
 def _run(fn, *args) -> int:
@@ -25,6 +25,9 @@ def _run(fn, *args) -> int:
         if dist.launched_rank() == 0:  # every rank meets the same bad input: one message, not one per rank
             print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted (SIGINT)", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -41,22 +44,12 @@ def train_main(argv: list[str] | None = None) -> int:
         run(options.from_argv(argv))
 
     try:
-        return _run(train)
+        train()
     except Preempted:  # the trainer has said where it stopped; launchers and slurm/train.sbatch act on the code
         return EXIT_CODE
-    except Terminated as err:
-        signum = err.args[0]
-        if dist.launched_rank() == 0:
-            name = signal.Signals(signum).name
-            print(f"stopped by {name}: continue from the last complete checkpoint with --resume auto", file=sys.stderr)
-        return 128 + signum  # the shell's code for a process ended by that signal
-    except Exception as err:
-        gone = dist.peer_gone(err)
-        if not gone:
-            raise
-        # not this rank's failure: one line instead of a traceback through DeepSpeed's collectives
-        print(f"rank {dist.launched_rank()} stopped: another rank went away (gloo: {gone})", file=sys.stderr)
-        return 1
+    except Exception as err:  # the first failure of any rank is the one line every rank's exit reports
+        return failures.report(err)
+    return 0
 
 
 def _sections(extra: list[str], allowed: tuple[str, ...], convention: str | None, kind: RewardKind) -> config.Config:

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
-import warnings
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
 
+from bigrm import console
+
 
 def init() -> torch.device:
     """Join the process group the launcher set up (gloo on CPU, nccl on GPU); a plain `python` run is world 1."""
+    console.quiet()  # before DeepSpeed's first words
     import deepspeed
 
-    # DeepSpeed still calls collectives that torch marks deprecated, once per bucket: noise, not news
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -25,7 +27,10 @@ def init() -> torch.device:
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
     cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    sys.stdout.write(console.printed_except_built(said.getvalue()))
     if not cuda and world() > 1:
         # DeepSpeed's CPU allreduce maps every rank's shared-memory buffer while it initialises; once every rank is
         # past that, the names can go: the memory lives while mapped and is freed whenever a rank ends, even killed

@@ -36,6 +36,11 @@ def make_directory(path: Path, flag: str, hint: str = "") -> None:
         raise ConfigError(f"{flag} {path}: cannot create it ({err.strerror}){hint}") from None
 
 
+class ProcessDied(BigrmError, RuntimeError):
+    """A helper process (the token cache builder, a tokenising worker) ended from outside: a signal, the
+    out-of-memory killer. Nothing it wrote is used."""
+
+
 class Diverged(BigrmError, RuntimeError):
     """Raised on every rank at the same step: the run stops without exporting a diverged model."""
 

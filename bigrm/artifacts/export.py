@@ -276,9 +276,9 @@ def export_engine(
             except ExportError as err:  # the other ranks wait for the verdict: it must reach them
                 problem = str(err)
         stages.advance()
-    failed = dist.all_sum(torch.tensor([float(problem is not None)], device=device)).item()
-    if failed:
-        raise ExportError(problem or "export verification failed on rank 0")
+    problems = [p for p in dist.gather_objects(problem) if p]  # every rank raises rank 0's words: one line
+    if problems:
+        raise ExportError(problems[0])
 
 
 @dataclasses.dataclass

@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import xxhash
 
-from bigrm.errors import ConfigError, make_directory, write_failure
+from bigrm.errors import ConfigError, ProcessDied, make_directory, write_failure
 from bigrm.hashing import differs, listing
 
 MARK = "complete.json"
@@ -127,6 +128,8 @@ def _build(root: Path, final: Path, build: Callable[[Path], dict]) -> None:
         os.replace(tmp, final)
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, ProcessDied):
+            raise ProcessDied(f"{err}: nothing of it is kept, the next run builds the token cache again") from None
         failure = write_failure(err)
         if failure is None:
             raise
@@ -137,11 +140,16 @@ def _build(root: Path, final: Path, build: Callable[[Path], dict]) -> None:
 
 
 def _in_child(fn: Callable[[Path], dict], arg: Path) -> dict:
-    """fn(arg) in a forked process: its result, or the exception it raised, raised here."""
+    """fn(arg) in a forked process: its result, or the exception it raised, raised here; ProcessDied if it is
+    killed. An interrupt here (SIGINT, SIGTERM: the trainer's handlers raise) ends it first."""
     context = multiprocessing.get_context("fork")
     receive, send = context.Pipe(duplex=False)
 
     def target() -> None:
+        # forked with the trainer's handlers: a SIGTERM must end the builder, not be handed back as the trainer's
+        # own stop; an interrupt (Ctrl-C reaches the whole process group) is the parent's to act on
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             send.send((True, fn(arg)))
         except BaseException as err:  # noqa: BLE001 - handed to the parent, which raises it
@@ -154,7 +162,13 @@ def _in_child(fn: Callable[[Path], dict], arg: Path) -> dict:
         ok, value = receive.recv()
     except EOFError:
         child.join()
-        raise RuntimeError(f"the token cache builder died (exit code {child.exitcode})") from None
+        code = child.exitcode
+        how = f"by {signal.Signals(-code).name}" if code < 0 else f"with exit code {code}"
+        raise ProcessDied(f"the token cache builder (pid {child.pid}) was killed {how}") from None
+    except BaseException:
+        child.kill()  # its tokenising workers end with it (tokenise.end_with_parent)
+        child.join()
+        raise
     child.join()
     if not ok:
         raise value

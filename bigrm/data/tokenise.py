@@ -9,6 +9,8 @@ import multiprocessing
 import os
 import signal
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from itertools import chain
 
 import numpy as np
@@ -30,7 +32,7 @@ from bigrm.data.sequences import (
     split_sequence,
     step_positions,
 )
-from bigrm.errors import DataError
+from bigrm.errors import DataError, ProcessDied
 
 
 def _too_long(max_length: int) -> str:
@@ -139,11 +141,23 @@ _forked: tuple = ()  # (examples, tokenizer, max_length, convention): what forke
 def _init_worker() -> None:
     # the workers are the parallelism: a tokenizer's own thread pool in each would only oversubscribe the cores
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    end_with_parent()
     # forked with the trainer's handlers (bigrm.training.preemption), a worker would raise on the SIGTERM that ends
     # the pool, possibly holding the task queue's lock, and leave the parent waiting for ever; an interrupt is the
     # parent's
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def end_with_parent() -> None:
+    """SIGKILL this process when its parent dies (Linux): a builder killed from outside leaves no worker behind,
+    waiting on a task queue that no one fills."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: no such switch
+        pass
 
 
 def _tokenize_in_worker(lo: int) -> Tokenized:
@@ -174,11 +188,16 @@ def encode_examples(
     chunks = [examples[lo : lo + CHUNK] for lo in range(0, len(examples), CHUNK)]
     if num_proc > 1 and len(chunks) > 1:
         _forked = (examples, tokenizer, max_length, convention)
+        # an executor, not a multiprocessing.Pool: a Pool whose worker is killed waits for its task for ever
+        fork = multiprocessing.get_context("fork")
+        pool = ProcessPoolExecutor(min(num_proc, len(chunks)), mp_context=fork, initializer=_init_worker)
         try:
-            with multiprocessing.get_context("fork").Pool(min(num_proc, len(chunks)), _init_worker) as pool:
-                done = pool.imap(_tokenize_in_worker, range(0, len(examples), CHUNK), chunksize=1)
-                parts = list(progress.each(done, *TOKENISE, total=len(chunks)))
+            done = pool.map(_tokenize_in_worker, range(0, len(examples), CHUNK))
+            parts = list(progress.each(done, *TOKENISE, total=len(chunks)))
+        except BrokenProcessPool:
+            raise ProcessDied("a tokenising worker process was killed (by a signal, or out of memory?)") from None
         finally:
+            pool.shutdown(wait=False, cancel_futures=True)  # an interrupt waits for the chunks begun only
             _forked = ()
     else:
         parts = [tokenize_chunk(c, tokenizer, max_length, convention) for c in progress.each(chunks, *TOKENISE)]

@@ -30,12 +30,32 @@ class Preempted(Exception):
 
 
 class Terminated(Exception):
-    """SIGTERM or SIGINT (args[0] is the signal's number): the run stops where it is, through train.run's `finally`
-    (log closed, process group left), without saving; `--resume auto` continues from the last complete checkpoint."""
+    """SIGTERM or SIGINT: the run stops where it is, through train.run's `finally` (log closed, process group left),
+    without saving; `--resume auto` continues from the last complete checkpoint, which run() sets."""
+
+    def __init__(self, signum: int, checkpoint: Path | None = None):
+        super().__init__(signum, checkpoint)
+        self.signum, self.checkpoint = signum, checkpoint
+
+    def line(self) -> str:
+        name = signal.Signals(self.signum).name
+        said = f"interrupted ({name})" if self.signum == signal.SIGINT else f"stopped by {name}"
+        if self.checkpoint is None:
+            return f"{said}: no complete checkpoint was saved, a rerun starts from the beginning"
+        return f"{said}: continue from the last complete checkpoint ({self.checkpoint}) with --resume auto"
+
+
+def _stopping(signum, frame) -> None:
+    pass
 
 
 def terminate_on_signals() -> None:
     def stop(signum, frame) -> None:
+        # the run is already stopping: a second signal (deepspeed's launcher follows a Ctrl-C with SIGTERM) must
+        # not break its cleanup with another traceback; the launcher's SIGKILL still ends a cleanup that hangs.
+        # A handler, not SIG_IGN: Python reports a signal already pending when its handler became SIG_IGN
+        signal.signal(signal.SIGTERM, _stopping)
+        signal.signal(signal.SIGINT, _stopping)
         raise Terminated(signum)
 
     signal.signal(signal.SIGTERM, stop)

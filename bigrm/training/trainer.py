@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -34,7 +35,7 @@ from bigrm.model.reward_model import (
 from bigrm.objectives.normaliser import Normaliser
 from bigrm.objectives.ranking import Stats, metrics
 from bigrm.progress import transformers_bars
-from bigrm.training import ds_config, preemption
+from bigrm.training import ds_config, failures, preemption
 from bigrm.training.divergence import LossRise, Watch
 from bigrm.training.evaluate import evaluate_rewards
 from bigrm.training.meter import Meter
@@ -55,9 +56,9 @@ def run(cfg: Config) -> dict:
     """Train, evaluate and export; returns the final eval metrics. Whatever happens, the tracker is closed and the
     process group left (with a barrier only when every rank got to the end together)."""
     preemption.terminate_on_signals()
-    trainer = Trainer(cfg, dist.init())
-    together = False  # every rank reached the same end: leaving may synchronise
+    trainer, together = None, False  # together: every rank reached the same end, so leaving may synchronise
     try:
+        trainer = Trainer(cfg, dist.init())
         trainer.setup()
         trainer.resume()
         for n, update in trainer.remaining():
@@ -69,8 +70,18 @@ def run(cfg: Config) -> dict:
     except preemption.Preempted:
         together = True
         raise
+    except preemption.Terminated as err:
+        run_id = (trainer.run_id if trainer else "") or None  # set once setup has read output_dir
+        good = checkpoint.complete_checkpoints(Path(cfg.train.output_dir), run_id)
+        err.checkpoint = good[-1] if good else None
+        failures.note(err)
+        raise
+    except Exception as err:
+        failures.note(err)  # before leaving the process group: a rank that sees this one go reads why
+        raise
     finally:
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
         dist.shutdown(failed=not together)
 
 
@@ -86,6 +97,14 @@ def model_dir(cfg: Config, out: Path, dtype: torch.dtype) -> str:
                 outputs = outputs_for(cfg.data, cfg.loss)
                 write_random_init(src, str(out / "random-init"), cfg.train.seed, dtype, outputs)
     return str(out / "random-init") if (not path or random_init) else path
+
+
+def resumed_line(path: Path, done: int, updates: list[Update]) -> str:
+    """What a resume continues: steps numbered from 1 over the run, as the logs number them."""
+    update = updates[done - 1]
+    epoch = f"{update.index + 1} of them in epoch {update.epoch + 1}"
+    then = f"continuing with step {done + 1}" if done < len(updates) else "none left"
+    return f"resumed from {path} at step {done}: {done} of {len(updates)} optimizer steps done, {epoch}; {then}"
 
 
 class Trainer:
@@ -211,8 +230,9 @@ class Trainer:
         cfg, dtype = self.cfg, precision.name_of(self.dtype)
         total, trainable = parameter_counts(model)
         stage = self.engine.zero_optimization_stage()
+        cpu = " on the CPU (no GPU found)" if self.device.type != "cuda" else ""  # DeepSpeed's words, silenced
         self.tracker.print(
-            f"model {path}: attention {attn}, {dtype}, ZeRO stage {stage}"
+            f"model {path}{cpu}: attention {attn}, {dtype}, ZeRO stage {stage}"
             + (", compiled blocks" if cfg.model.compile else "")
             + f", world {dist.world()}, {len(self.updates)} optimizer steps"
             f"\nparameters {total:,}, trainable {trainable:,} ({100 * trainable / total:.2f}%)"
@@ -233,9 +253,7 @@ class Trainer:
             check_resumable(saved["plan"], self.fingerprint, path)
             self.start = saved["step"]
             self.tracker.drop_after(self.start)
-            self.tracker.print(
-                f"resumed from {path} at step {self.start} (epoch {saved['epoch']}, step {saved['index']})"
-            )
+            self.tracker.print(resumed_line(path, self.start, self.updates))
             for line in self.overridden:
                 self.tracker.print(line)
             self.tracker.record("resume", {"checkpoint": str(path), "step": self.start, "changes": self.overridden})
@@ -364,9 +382,15 @@ class Trainer:
                 self.lora.write(dest)
 
         verify_ids = [[s.tolist() for s in g.seqs] for g in self.verify]
-        saved = checkpoint.save(
-            self.engine, self.out, meta, self.t.keep_checkpoints, hf_files, verify_ids, self.lora is not None
-        )
+        try:
+            saved = checkpoint.save(
+                self.engine, self.out, meta, self.t.keep_checkpoints, hf_files, verify_ids, self.lora is not None
+            )
+        except preemption.Terminated:
+            torn = checkpoint.root(self.out) / checkpoint.tag(n)
+            if dist.is_main() and not checkpoint.is_complete(torn):  # never trusted, but not left to look like one
+                shutil.rmtree(torn, ignore_errors=True)
+            raise
         self.tracker.print(f"checkpoint: {saved}")
 
     def finish(self) -> dict:

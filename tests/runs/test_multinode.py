@@ -87,7 +87,7 @@ def test_preempted_job_saves_requeues_and_resumes_exactly(tmp_path):
 
     requeued = sbatch({**env, "SLURM_RESTART_COUNT": "1", "MASTER_PORT": str(free_port())}, out)
     assert requeued.returncode == 0, requeued.stdout[-6000:]
-    assert re.search(rf"resumed from \S+step-0*{stopped} at step {stopped} ", requeued.stdout)
+    assert re.search(rf"resumed from \S+step-0*{stopped} at step {stopped}: {stopped} of ", requeued.stdout)
     assert train_losses(out) == pytest.approx(whole, abs=1e-6)
     assert json.loads((out / "metrics.json").read_text()) == pytest.approx(
         json.loads((tmp_path / "whole" / "metrics.json").read_text()), abs=1e-6

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from bigrm import cli
+from bigrm.training import failures
 
 MODEL_ARGS = ["--model", "no-model", "--data", "no-data.jsonl", "--out", "scores.jsonl"]
 
@@ -58,7 +61,6 @@ def test_help_lists_every_option_with_its_default(main, listed, capsys):
         (cli.eval_main, [*MODEL_ARGS, "--max_length", "abc"], "--data.max_length: expected int. Got value: abc"),
         (cli.eval_main, MODEL_ARGS[2:], "the following arguments are required: model"),
         (cli.export_main, ["--checkpoint", "c", "--out", "o", "--merge"], "unrecognized arguments: --merge"),
-        (cli.train_main, ["--objective", "listwise"], "--loss.objective: expected Literal['pairwise', 'listmle']"),
         (cli.prepare_main, ["--no_such_key", "1"], "unrecognized arguments: --no_such_key 1"),
     ],
 )
@@ -71,8 +73,31 @@ def test_a_bad_option_is_one_error_line_on_rank_0(main, argv, message, capsys, m
     assert capsys.readouterr().err == ""
 
 
+def test_a_bad_training_option_is_one_line_from_the_rank_that_meets_it_first(capsys, monkeypatch):
+    """Every rank meets it; the first to fail prints it (rank 1 here), the others stay quiet with its exit code."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_PORT", f"test-cli-{os.getpid()}")
+    argv, message = ["--objective", "listwise"], "--loss.objective: expected Literal['pairwise', 'listmle']"
+    try:
+        for rank, said in (("1", True), ("0", False)):
+            monkeypatch.setenv("RANK", rank)
+            assert cli.train_main(argv) == 2
+            err = capsys.readouterr().err
+            assert (err.startswith("error: ") and message in err and err.count("\n") == 1) if said else err == "", err
+    finally:
+        failures.record_path().unlink(missing_ok=True)
+
+
 def test_a_bad_recipe_names_its_file(tmp_path, capsys):
     path = tmp_path / "recipe.yaml"
     path.write_text("train:\n  epochs: 1\n  lr: fast\n")
     assert cli.train_main(["--config", str(path)]) == 2
     assert capsys.readouterr().err == f"error: {path}: train.lr: expected float. Got value: fast\n"
+
+
+def test_ctrl_c_in_a_command_is_one_line_and_exit_130(capsys):
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    assert cli._run(interrupted) == 130
+    assert capsys.readouterr().err == "interrupted (SIGINT)\n"

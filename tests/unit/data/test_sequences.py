@@ -441,3 +441,31 @@ print("done")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr[-2000:]
     assert "Terminated" not in proc.stderr
+
+
+def test_a_killed_worker_process_is_one_line_not_a_wait_for_ever():
+    """A multiprocessing.Pool whose worker is killed (SIGKILL, the out-of-memory killer) waits for its task for
+    ever: the build hung."""
+    import subprocess
+    import sys
+
+    script = """
+import os, signal
+from bigrm.data import tokenise
+from bigrm.data.examples import Example
+from bigrm.builtin.tiny import build_tokenizer
+from bigrm.errors import ProcessDied
+real = tokenise.tokenize_chunk
+def chunk(examples, *args):
+    if examples[0].prompt == f"p{tokenise.CHUNK}":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(examples, *args)
+tokenise.tokenize_chunk = chunk
+examples = [Example(f"p{i}", ("good", "bad"), "s") for i in range(4 * tokenise.CHUNK)]
+try:
+    tokenise.encode_examples(examples, build_tokenizer(), 64, "error", num_proc=2)
+except ProcessDied as err:
+    print(err)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.stdout == "a tokenising worker process was killed (by a signal, or out of memory?)\n", proc.stderr

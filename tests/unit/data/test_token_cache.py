@@ -287,3 +287,65 @@ def test_the_backend_call_equals_the_tokenizer_call(family):
             reference = sum(1 for _, end in e["offset_mapping"] if end <= s)
             assert a.prompt_end == b.prompt_end == max(reference, b.n_lead)
             assert a.ids == b.ids and a.n_lead == b.n_lead and a.ends is None
+
+
+def _dies(sig: int):
+    def build(tmp: Path) -> dict:
+        (tmp / "half").write_text("written before the kill")
+        os.kill(os.getpid(), sig)
+        time.sleep(30)
+        return {}
+
+    return build
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_a_killed_builder_is_one_line_and_nothing_of_it_is_kept(tmp_path, sig):
+    """Under the trainer's signal handlers too: a SIGTERM to the builder was handed back as the trainer's own stop
+    (`stopped by SIGTERM`), a SIGKILL was a RuntimeError's traceback."""
+    import signal
+
+    from bigrm.errors import ProcessDied
+    from bigrm.training import preemption
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    preemption.terminate_on_signals()
+    try:
+        with pytest.raises(ProcessDied, match=rf"^the token cache builder \(pid \d+\) was killed by {sig}: nothing"):
+            token_cache.get_or_build(tmp_path, "key", _dies(getattr(signal, sig)))
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert [p.name for p in tmp_path.iterdir()] == ["key.lock"]
+    _, built, _ = token_cache.get_or_build(tmp_path, "key", lambda tmp: {})  # the next run builds it
+    assert built
+
+
+def test_an_interrupt_while_building_ends_the_builder(tmp_path):
+    import signal
+
+    from bigrm.training import preemption
+
+    pids = tmp_path / "pids"
+
+    def slow(tmp: Path) -> dict:
+        pids.write_text(str(os.getpid()))
+        time.sleep(30)
+        return {}
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    preemption.terminate_on_signals()
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))  # a Ctrl-C
+    timer.start()
+    started = time.time()
+    try:
+        with pytest.raises(preemption.Terminated):
+            token_cache.get_or_build(tmp_path / "cache", "key", slow)
+    finally:
+        timer.cancel()
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert time.time() - started < 10
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pids.read_text()), 0)  # gone, not still writing
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["key.lock"]

@@ -40,3 +40,19 @@ def test_the_request_file_of_a_configured_run():
     where = [sys.executable, "-m", "bigrm.training.preemption", "--config", "bigrm/recipes/llama-7b.yaml"]
     assert subprocess.check_output(where, cwd=REPO, text=True) == "outputs/llama-7b-rm/PREEMPT\n"
     assert subprocess.check_output([*where, "--output_dir", "/runs/a"], cwd=REPO, text=True) == "/runs/a/PREEMPT\n"
+
+
+def test_a_second_signal_does_not_break_the_cleanup_of_the_first():
+    """deepspeed's launcher follows a Ctrl-C with SIGTERM to every rank: a traceback from inside the cleanup of the
+    first, before this."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        preemption.terminate_on_signals()
+        with pytest.raises(preemption.Terminated) as stopped:
+            os.kill(os.getpid(), signal.SIGINT)
+            signal.sigtimedwait([], 1)  # the handler runs before this returns
+        assert stopped.value.signum == signal.SIGINT
+        os.kill(os.getpid(), signal.SIGTERM)  # ignored: the run is already stopping
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
