@@ -13,8 +13,8 @@ import torch
 
 from bigrm.config import DataConfig
 from bigrm.data.examples import Example, Text
-from bigrm.data.formats import step_solutions
 from bigrm.data.sequences import Scored
+from bigrm.data.stepwise import step_solutions
 from bigrm.data.tokenise import scored_chunk
 from bigrm.errors import ConfigError
 from bigrm.inference import scoring
