@@ -18,6 +18,7 @@ import torch.distributed as torch_dist
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from bigrm import dist
 from bigrm.config.checks import sequence_parallel as check_sizes
 from bigrm.data.packing import PackedBatch
 from bigrm.model.attention import hf_attn_implementation
@@ -33,10 +34,13 @@ def _heads(config) -> tuple[int, int, int]:
     return heads, kv, getattr(text, "head_dim", None) or text.hidden_size // heads
 
 
-def check(n: int, world: int, config) -> None:
-    """Before any work: N divides the ranks launched and the model's heads (a ConfigError otherwise)."""
+def join(n: int, config):
+    """train.sequence_parallel = `n` for the model of transformers `config`: checked before any work (`n` divides
+    the ranks launched and the model's heads, else a ConfigError), then the groups formed (dist.join_sequence_parallel:
+    its mpu, None for n = 1)."""
     heads, kv, _ = _heads(config)
-    check_sizes(n, world, heads, kv)
+    check_sizes(n, dist.world(), heads, kv)
+    return dist.join_sequence_parallel(n)
 
 
 def _backend(attn: str):

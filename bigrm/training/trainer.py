@@ -149,8 +149,7 @@ class Trainer:
         attn = resolve_attn(
             self.cfg.model.attn_impl, self.device.type == "cuda", read_attention_needs(self.cfg.model.path)
         )
-        sequence_parallel.check(self.t.sequence_parallel, dist.world(), read_config(self.cfg.model.path))
-        self.mpu = dist.join_sequence_parallel(self.t.sequence_parallel)  # before the plan: data parallel over groups
+        self.mpu = sequence_parallel.join(self.t.sequence_parallel, read_config(self.cfg.model.path))  # before the plan
         path = model_dir(self.cfg, self.out, self.dtype)
         self._load_data()
         self._build_engine(path, attn)
@@ -210,13 +209,14 @@ class Trainer:
 
     def _describe(self, path: str, attn: str, model: RewardModel) -> None:
         """The console banner, and the same figures as log.jsonl's `setup` row (what benchmarks read)."""
-        cfg, dtype = self.cfg, precision.name_of(self.dtype)
+        cfg, dtype, sp = self.cfg, precision.name_of(self.dtype), self.t.sequence_parallel
+        world = f"{dist.world()}" + (f" (sequence parallel {sp})" if sp > 1 else "")
         total, trainable = parameter_counts(model)
         stage = self.engine.zero_optimization_stage()
         self.tracker.print(
             f"model {path}: attention {attn}, {dtype}, ZeRO stage {stage}"
             + (", compiled blocks" if cfg.model.compile else "")
-            + f", world {dist.world()}, {len(self.updates)} optimizer steps"
+            + f", world {world}, {len(self.updates)} optimizer steps"
             f"\nparameters {total:,}, trainable {trainable:,} ({100 * trainable / total:.2f}%)"
             + (f", LoRA r={cfg.lora.r}" if cfg.lora.r else "")
             + (f" on a {cfg.quantization.bits}-bit base" if cfg.quantization.bits else "")
