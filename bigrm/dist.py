@@ -67,6 +67,43 @@ def is_main() -> bool:
     return rank() == 0
 
 
+# ranks per sequence-parallel group (train.sequence_parallel): consecutive ranks share each packed micro-batch
+_SEQUENCE_PARALLEL = 1
+
+
+def join_sequence_parallel(n: int):
+    """Split the world into groups of `n` consecutive ranks, data parallel over the groups; returns the `mpu` that
+    deepspeed.initialize takes (DeepSpeed's own Ulysses state: its engine then sums gradients over every rank and
+    divides by the groups' count), None for n = 1."""
+    global _SEQUENCE_PARALLEL
+    if n == 1:
+        return None
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp
+
+    parallel_state_sp.initialize_sequence_parallel(n)
+    _SEQUENCE_PARALLEL = n
+    return parallel_state_sp
+
+
+def sequence_parallel() -> int:
+    return _SEQUENCE_PARALLEL
+
+
+def data_parallel_world() -> int:
+    """How many different micro-batches the ranks train on at once: one per sequence-parallel group."""
+    return world() // _SEQUENCE_PARALLEL
+
+
+def data_parallel_rank() -> int:
+    return rank() // _SEQUENCE_PARALLEL
+
+
+def counts() -> bool:
+    """Whether this rank's figures count in sums over ranks: one rank per sequence-parallel group, whose ranks all
+    hold the same micro-batch's loss and statistics."""
+    return rank() % _SEQUENCE_PARALLEL == 0
+
+
 def barrier() -> None:
     if torch_dist.is_initialized():
         torch_dist.barrier()
@@ -128,10 +165,16 @@ def shutdown(failed: bool = False) -> None:
 
     After a failure the other ranks may be anywhere (inside a collective, or gone), so there is no barrier.
     """
+    global _SEQUENCE_PARALLEL
     if torch_dist.is_initialized():
         if not failed:
             torch_dist.barrier()
         torch_dist.destroy_process_group()
+    if _SEQUENCE_PARALLEL > 1:
+        from deepspeed.runtime.sequence_parallel import parallel_state_sp
+
+        parallel_state_sp._release_sequence_parallel_groups()
+        _SEQUENCE_PARALLEL = 1
 
 
 def _remove_cpu_allreduce_buffers(ranks: str) -> None:

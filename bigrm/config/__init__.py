@@ -30,6 +30,9 @@ class Config:
         if self.loss.ensemble and not self.lora.r:
             # full fine-tuned members would each be a whole model: N copies of every weight and optimiser state
             raise ConfigError("loss.ensemble: members are LoRA adapter sets on one frozen base; set lora.r > 0")
+        if self.loss.ensemble and self.train.sequence_parallel > 1:
+            # each member switches adapters between forwards: a split row's exchange would have to run per member
+            raise ConfigError("loss.ensemble: not with train.sequence_parallel > 1 (members are not split yet)")
         weights, names = self.loss.attribute_weights, self.data.attributes
         if weights and len(weights) != len(names):
             raise ConfigError(

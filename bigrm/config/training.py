@@ -111,6 +111,12 @@ class TrainConfig:
     """Token budget of one packed micro-batch; all K completions of a prompt share one micro-batch."""
     micro_batches_per_step: int = 1
     """Micro-batches per rank per optimizer step (gradient accumulation)."""
+    sequence_parallel: int = 1
+    """Ranks per sequence-parallel group (DeepSpeed Ulysses): N consecutive ranks share each packed micro-batch, each
+    embedding 1/N of it along the sequence, and exchange attention heads (all-to-all) so attention sees the whole row,
+    its segments and shared prompts intact. max_tokens_per_batch is then the group's budget: one completion may be N
+    times longer than one rank could hold. Data parallel over world / N groups. N must divide the world size and the
+    model's attention and key/value heads. 1: off."""
     share_prompt: bool = False
     """Encode each prompt once for its K completions: the longest common token prefix of a group's scored sequences is
     laid out once, each completion's remaining tokens attend to it and to themselves (never to a sibling), with
@@ -169,7 +175,8 @@ class TrainConfig:
     ...) when training in bf16; otherwise only `tflops_per_gpu` is logged."""
 
     def __post_init__(self) -> None:
-        positive = ("epochs", "max_tokens_per_batch", "micro_batches_per_step", "packing_window", "lr", "log_every")
+        positive = ("epochs", "max_tokens_per_batch", "micro_batches_per_step", "sequence_parallel", "packing_window")
+        positive += ("lr", "log_every")
         zero_ok = ("max_steps", "eval_every", "weight_decay", "grad_clip", "save_every", "keep_checkpoints")
         bounds(self, "train", (*positive, "max_nonfinite_steps"), (*zero_ok, "peak_tflops", "max_loss_ratio"))
         if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:

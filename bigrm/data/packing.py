@@ -270,10 +270,12 @@ def check_budget(groups: list[Group], budget: int, share_prompt: bool, what: str
     """All K completions of a prompt share one micro-batch: a DataError when some prompt's cannot fit the budget
     (`option` prefixes the budget's name in the message: "train." in training, "--" on the command line)."""
     big = [g for g in groups if layout_tokens(g, share_prompt) > budget]
+    # training can spread one micro-batch over several ranks' memory
+    spread = " (train.sequence_parallel: N splits each micro-batch over N ranks)" if option == "train." else ""
     if big:
         raise DataError(
             f"{len(big)} {what}prompt(s) need more than {option}max_tokens_per_batch={budget} tokens for their K "
-            f"completions, e.g. {big[0].source} ({big[0].num_tokens} tokens); raise the budget or lower "
+            f"completions, e.g. {big[0].source} ({big[0].num_tokens} tokens); raise the budget{spread} or lower "
             "data.max_length"
         )
 

@@ -21,6 +21,7 @@ from bigrm.data.sequences import Group
 from bigrm.errors import ExportError
 from bigrm.model.adapters import ADAPTER
 from bigrm.model.reward_model import RewardModel, load_classifier
+from bigrm.model.sequence_parallel import SequenceSplit
 from bigrm.objectives.normaliser import Normaliser
 from bigrm.objectives.ranking import Stats, ranking_loss
 
@@ -64,9 +65,10 @@ class RewardKind:
         """The LoRA adapter sets a run of this kind trains (bigrm.model.adapters.add_lora)."""
         return (ADAPTER,)
 
-    def reward_model(self, classifier: nn.Module, attn: str) -> nn.Module:
-        """What forwards packed batches through the classifier (or what load_export gave): the model's outputs."""
-        return RewardModel(classifier, attn, self.vector, self.head_gram)
+    def reward_model(self, classifier: nn.Module, attn: str, split: SequenceSplit | None = None) -> nn.Module:
+        """What forwards packed batches through the classifier (or what load_export gave): the model's outputs;
+        `split`: train.sequence_parallel's exchange (None: each rank runs whole rows)."""
+        return RewardModel(classifier, attn, self.vector, self.head_gram, split)
 
     def data_defaults(self) -> dict[str, Any]:
         """Data options (dotted keys) that scoring this kind's model reads rows with, unless given."""

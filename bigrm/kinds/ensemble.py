@@ -32,6 +32,7 @@ from bigrm.kinds.scalar import Scalar
 from bigrm.model.adapters import ADAPTER
 from bigrm.model.ensemble import MEMBER, AdapterEnsemble, MemberEnsemble, Members, member_names
 from bigrm.model.reward_model import load_classifier
+from bigrm.model.sequence_parallel import SequenceSplit
 from bigrm.objectives.ensemble import bootstrap_weights, member_losses
 from bigrm.objectives.normaliser import Normaliser
 from bigrm.objectives.ranking import ranking_loss
@@ -82,7 +83,9 @@ class Ensemble(Scalar):
         raw = {"members": self.members, "bootstrap": self.bootstrap, "reward": self.reward, "lambda": self.lam}
         setattr(config, CONFIG_KEY, raw)
 
-    def reward_model(self, classifier: nn.Module, attn: str) -> nn.Module:
+    def reward_model(self, classifier: nn.Module, attn: str, split: SequenceSplit | None = None) -> nn.Module:
+        if split is not None:  # Config refuses it first; a kind built another way is refused here
+            raise ConfigError("loss.ensemble: not with train.sequence_parallel > 1 (members are not split yet)")
         if isinstance(classifier, Members):
             return MemberEnsemble(classifier, attn)
         return AdapterEnsemble(classifier, attn, self.members)

@@ -92,17 +92,21 @@ def attention_needs(config) -> AttentionNeeds:
     return AttentionNeeds(name, windows, tuple(types[:layers]), getattr(config, "attn_logit_softcapping", None))
 
 
-def read_attention_needs(path: str) -> AttentionNeeds:
-    """attention_needs of the model at `path` (its config only: no weights are read); "" is bigrm's built-in tiny
-    Llama."""
+def read_config(path: str):
+    """The transformers config of the model at `path` (no weights are read); "" is bigrm's built-in tiny Llama."""
     from transformers import AutoConfig
 
     if path:
-        return attention_needs(AutoConfig.from_pretrained(path))
+        return AutoConfig.from_pretrained(path)
     from bigrm.builtin.tiny import ARCHS
 
     spec = json.loads(ARCHS["llama"].read_text())
-    return attention_needs(AutoConfig.for_model(spec.pop("model_type"), **spec))
+    return AutoConfig.for_model(spec.pop("model_type"), **spec)
+
+
+def read_attention_needs(path: str) -> AttentionNeeds:
+    """attention_needs of the model at `path` (read_config)."""
+    return attention_needs(read_config(path))
 
 
 def varlen_signature() -> frozenset[str]:

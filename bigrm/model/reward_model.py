@@ -23,6 +23,7 @@ from bigrm.errors import ConfigError
 from bigrm.model.adapters import quantization_config
 from bigrm.model.attention import attention_needs, check_backend, hf_attn_implementation
 from bigrm.model.packed_attention import packed_inputs
+from bigrm.model.sequence_parallel import SequenceSplit
 
 
 class RewardModel(nn.Module):
@@ -30,12 +31,20 @@ class RewardModel(nn.Module):
     every output of an A-output head (a reward kind's, bigrm.kinds); with `head_gram`, in training, followed by the
     (A, A) products of the head's rows (the length-disentangled kind's orthogonality term)."""
 
-    def __init__(self, classifier: nn.Module, attn: str, vector: bool = False, head_gram: bool = False):
+    def __init__(
+        self,
+        classifier: nn.Module,
+        attn: str,
+        vector: bool = False,
+        head_gram: bool = False,
+        split: SequenceSplit | None = None,
+    ):
         super().__init__()
         self.classifier = classifier
         self.vector = vector
         self.head_gram = head_gram
         self.attn = attn
+        self.split = split  # train.sequence_parallel > 1: this rank's share of its group's forward
         self.needs = attention_needs(classifier.config)
         check_backend(attn, self.needs)
 
@@ -47,20 +56,32 @@ class RewardModel(nn.Module):
         """(N,) one reward per scored segment, read at its final token, followed by (P,) the value at each step end
         when the batch has stepwise segments (batch.read_index); or (T,) the value at every token. With `vector`:
         (N, A) / (T, A), every output of the head."""
-        dtype = next(self.classifier.parameters()).dtype
+        dtype, split, tokens = next(self.classifier.parameters()).dtype, self.split, batch.processed_tokens
+        batch = batch if split is None else split.padded(batch)
         mask, extra = packed_inputs(batch, self.attn, self.needs, dtype)
+        ids, positions = batch.input_ids, batch.position_ids
+        if split is not None:
+            ids, positions, extra = split.local(ids), split.local(positions), split.kwargs(extra)
         hidden = self.backbone(
-            input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, use_cache=False, **extra
-        ).last_hidden_state[0]  # (T, H)
-        picked = hidden if every_token else hidden[batch.read_index]
+            input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False, **extra
+        ).last_hidden_state[0]  # (T, H); under sequence parallelism this rank's (T / N, H)
+        if split is None:
+            values = self._head(hidden if every_token else hidden[batch.read_index])
+        else:
+            index = torch.arange(tokens, device=hidden.device) if every_token else batch.read_index
+            values = split.read(hidden, index, self._head)
+        if self.head_gram and self.classifier.training and not every_token:
+            # a loss on the head's weights must see them here: ZeRO-3 gathers parameters only inside the forward
+            weight = self.classifier.score.weight.float()
+            gram = weight @ weight.T
+            values = torch.cat([values, gram if split is None else split.once(gram)])
+        return values if self.vector else values[:, 0]
+
+    def _head(self, picked: torch.Tensor) -> torch.Tensor:
         # the head runs in fp32 so rewards and the loss keep full precision under bf16 training
         head = self.classifier.score
         bias = None if head.bias is None else head.bias.float()
-        values = nn.functional.linear(picked.float(), head.weight.float(), bias)
-        if self.head_gram and self.classifier.training and not every_token:
-            # a loss on the head's weights must see them here: ZeRO-3 gathers parameters only inside the forward
-            values = torch.cat([values, head.weight.float() @ head.weight.float().T])
-        return values if self.vector else values[:, 0]
+        return nn.functional.linear(picked.float(), head.weight.float(), bias)
 
 
 def _int8_cast_notice(record: logging.LogRecord) -> bool:

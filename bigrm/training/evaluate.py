@@ -46,9 +46,11 @@ def evaluate_rewards(
     total, parts, sums = Stats.zeros(device), [], kind.new_sums(device)
     starts = np.cumsum([0] + [len(g.seqs) for g in groups])  # (G + 1,) first completion of each group
     every = torch.zeros(int(starts[-1]), dtype=torch.float64, device=device)  # (N,) this rank's groups filled in
-    for mb in shard(groups, budget, window, dist.world(), dist.rank(), share_prompt):
+    for mb in shard(groups, budget, window, dist.data_parallel_world(), dist.data_parallel_rank(), share_prompt):
         batch = collate([groups[i] for i in mb], pad_id, share_prompt=share_prompt).to(device)
         values = model(batch)  # (n + P,) the completions of mb's groups, group after group, then the step ends
+        if not dist.counts():  # a sequence-parallel group's other ranks: the same values, counted once
+            continue
         _, stats, kind_sums = kind.loss(values, batch.labels, cfg, None)
         total += stats
         if kind_sums is not None:

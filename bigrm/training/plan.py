@@ -27,7 +27,7 @@ def plan(t: TrainConfig, data: Dataset) -> list[Update]:
             items,
             sizes,
             budget=t.max_tokens_per_batch,
-            world=dist.world(),
+            world=dist.data_parallel_world(),  # a sequence-parallel group trains on one micro-batch
             accum=t.micro_batches_per_step,
             window=t.packing_window,
             seed=t.seed,
@@ -73,6 +73,8 @@ def plan_fingerprint(t: TrainConfig, data: Dataset, updates: list[Update]) -> di
         "train_prompts": len(data.train),
         "train_tokens": sum(g.num_tokens for g in data.train),
         "file_weights": data.weights,
+        # the groups' count fixes what each micro-batch holds; recorded when on, so older checkpoints still compare
+        **({"sequence_parallel": t.sequence_parallel} if t.sequence_parallel > 1 else {}),
     }
 
 

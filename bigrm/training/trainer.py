@@ -22,8 +22,8 @@ from bigrm.data import pipeline
 from bigrm.data.packing import Update, collate
 from bigrm.evaluation.report import write_for_groups
 from bigrm.kinds import RewardKind, for_run, outputs_for
-from bigrm.model import adapters, flops
-from bigrm.model.attention import read_attention_needs, resolve_attn
+from bigrm.model import adapters, flops, sequence_parallel
+from bigrm.model.attention import read_attention_needs, read_config, resolve_attn
 from bigrm.model.reward_model import (
     RewardModel,
     check_model_path,
@@ -129,6 +129,7 @@ class Trainer:
         self.optimisation: dict = {}  # and what must not change unless overridden (optimisation_fingerprint)
         self.overridden: list[str] = []  # what a resume changes (train.resume_override), logged at resume
         self.engine = None  # DeepSpeed around RewardModel
+        self.mpu = None  # train.sequence_parallel > 1: DeepSpeed's sequence-parallel groups
         self.hf_ds_config = None  # ZeRO-3: kept alive for the whole run (transformers holds it by weak reference)
         self.lora: adapters.Settings | None = None  # what a LoRA export rebuilds its base from
         self.verify: list = []  # held-out groups every checkpoint and export checks itself on
@@ -169,6 +170,7 @@ class Trainer:
         attn = resolve_attn(
             self.cfg.model.attn_impl, self.device.type == "cuda", read_attention_needs(self.cfg.model.path)
         )
+        self.mpu = sequence_parallel.join(self.t.sequence_parallel, read_config(self.cfg.model.path))  # before the plan
         path = model_dir(self.cfg, self.out, self.dtype)
         self._load_data()
         self._build_engine(path, attn)
@@ -214,10 +216,10 @@ class Trainer:
             self.lora = adapters.Settings(base, cfg.lora, cfg.quantization)
         if cfg.model.compile:
             compile_blocks(classifier)
-        model = kind.reward_model(classifier, attn)
+        model = kind.reward_model(classifier, attn, sequence_parallel.split(classifier, attn, self.mpu))
         self.verify = export.verification_groups(self.data.eval or self.data.train, model.needs.smallest_window)
         trained = [p for p in model.parameters() if p.requires_grad]
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trained, config=ds)
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trained, config=ds, mpu=self.mpu)
         self.fingerprint = plan_fingerprint(cfg.train, self.data, self.updates)
         matmul = parameter_counts(model, matmul_only=True)
         self.model_flops = partial(
@@ -227,14 +229,15 @@ class Trainer:
 
     def _describe(self, path: str, attn: str, model: RewardModel) -> None:
         """The console banner, and the same figures as log.jsonl's `setup` row (what benchmarks read)."""
-        cfg, dtype = self.cfg, precision.name_of(self.dtype)
+        cfg, dtype, sp = self.cfg, precision.name_of(self.dtype), self.t.sequence_parallel
+        world = f"{dist.world()}" + (f" (sequence parallel {sp})" if sp > 1 else "")
         total, trainable = parameter_counts(model)
         stage = self.engine.zero_optimization_stage()
         cpu = " on the CPU (no GPU found)" if self.device.type != "cuda" else ""  # DeepSpeed's words, silenced
         self.tracker.print(
             f"model {path}{cpu}: attention {attn}, {dtype}, ZeRO stage {stage}"
             + (", compiled blocks" if cfg.model.compile else "")
-            + f", world {dist.world()}, {len(self.updates)} optimizer steps"
+            + f", world {world}, {len(self.updates)} optimizer steps"
             f"\nparameters {total:,}, trainable {trainable:,} ({100 * trainable / total:.2f}%)"
             + (f", LoRA r={cfg.lora.r}" if cfg.lora.r else "")
             + (f" on a {cfg.quantization.bits}-bit base" if cfg.quantization.bits else "")
@@ -287,18 +290,19 @@ class Trainer:
         # the loss is normalised over the whole update's prompts, whatever rank or micro-batch holds them
         members = [i for rank in update.micro_batches for mb in rank for i in mb]
         norm = sum(self.norms[i] for i in members)
-        for mb in update.micro_batches[dist.rank()]:
+        for mb in update.micro_batches[dist.data_parallel_rank()]:
             packed = collate([data.train[i] for i in mb], self.tokenizer.pad_token_id, share_prompt=t.share_prompt)
             pairs = flops.causal_pairs(packed.cu_seqlens, packed.seg_parent)  # on the CPU copy: no device sync
             batch = packed.to(self.device)
             values = self.engine(batch)  # (N + P,) rewards, then values at step ends; attribute heads (N, A)
             loss, stats, sums = self.kind.loss(values, batch.labels, self.cfg.loss, norm)
             self.nonfinite |= ~torch.isfinite(loss.detach())  # stays on the device: no sync per micro-batch
-            # DeepSpeed averages over ranks and micro-batches: undo that, the update normalises itself
-            self.engine.backward(loss * dist.world() * t.micro_batches_per_step)
+            # DeepSpeed averages over data-parallel ranks and micro-batches: undo that, the update normalises itself
+            self.engine.backward(loss * dist.data_parallel_world() * t.micro_batches_per_step)
             self.engine.step()
-            self.meter.add(stats, batch, self.model_flops(batch.real_tokens, pairs), sums)
-            self.epoch_stats += stats
+            if dist.counts():  # a sequence-parallel group's ranks hold the same statistics: counted once
+                self.meter.add(stats, batch, self.model_flops(batch.real_tokens, pairs), sums)
+                self.epoch_stats += stats
         self.tracker.step()
 
     def after_update(self, n: int) -> None:

@@ -110,8 +110,9 @@ def test_eval_fraction_holds_out_whole_prompts(tmp_path, tok):
 def test_a_prompt_over_the_token_budget_stops_before_training(tmp_path, llama_dir):
     cfg = config({"train_files": [write(tmp_path / "a.jsonl", 4)]}, max_tokens_per_batch=8)
     cfg.model = replace(cfg.model, path=str(llama_dir))
-    with pytest.raises(DataError, match=r"4 train prompt\(s\) need more than train.max_tokens_per_batch=8 tokens"):
+    with pytest.raises(DataError, match=r"4 train prompt\(s\) need more than train.max_tokens_per_batch=8 tokens") as e:
         pipeline.load(cfg, tmp_path)
+    assert "raise the budget (train.sequence_parallel: N splits each micro-batch over N ranks)" in str(e.value)
 
 
 def test_no_training_prompt_left_is_an_error(tmp_path, tok):

@@ -51,6 +51,19 @@ def test_every_prompt_once_per_epoch_and_every_rank_the_same_count(monkeypatch, 
     assert plan(config(epochs=2, micro_batches_per_step=accum), data) == steps  # every rank computes the same
 
 
+def test_a_sequence_parallel_group_trains_one_micro_batch(monkeypatch):
+    """4 ranks as 2 groups of 2: the plan has 2 data-parallel slots, as 2 ranks without sequence parallelism."""
+    data = dataset([[10, 12, 14, 16, 18, 20, 22]])
+    monkeypatch.setattr(dist, "world", lambda: 2)
+    two = plan(config(), data)
+    monkeypatch.setattr(dist, "world", lambda: 4)
+    monkeypatch.setattr(dist, "_SEQUENCE_PARALLEL", 2)
+    assert dist.data_parallel_world() == 2 and plan(config(sequence_parallel=2), data) == two
+    monkeypatch.setattr(dist, "rank", lambda: 3)
+    assert dist.data_parallel_rank() == 1 and not dist.counts()
+    assert "sequence_parallel" not in plan_fingerprint(config(), data, two)  # older checkpoints still compare
+
+
 def test_file_weights_and_max_steps():
     data = dataset([[10] * 8, [12] * 6], weights=[2.0, 0.5])
     steps = plan(config(), data)
@@ -63,7 +76,7 @@ def test_the_fingerprint_changes_with_what_fixes_the_data_order_only():
     data = dataset([[10, 12, 14, 16]])
     base = plan_fingerprint(config(), data, plan(config(), data))
     for changed in ({"seed": 1}, {"epochs": 2}, {"max_tokens_per_batch": 41}, {"micro_batches_per_step": 2},
-                    {"packing_window": 9}, {"share_prompt": True}):  # fmt: skip
+                    {"packing_window": 9}, {"share_prompt": True}, {"sequence_parallel": 2}):  # fmt: skip
         cfg = config(**changed)
         assert plan_fingerprint(cfg, data, plan(cfg, data)) != base, changed
     for unchanged in ({"lr": 1.0}, {"log_every": 3}, {"save_every": 5}, {"export": False}):
