@@ -13,7 +13,8 @@ import torch
 
 from bigrm.config import DataConfig
 from bigrm.data.examples import Example, Text
-from bigrm.data.sequences import Scored
+from bigrm.data.sequences import Encoded as SeqEncoded
+from bigrm.data.sequences import Scored, fit
 from bigrm.data.stepwise import step_solutions
 from bigrm.data.tokenise import scored_chunk
 from bigrm.errors import ConfigError
@@ -28,6 +29,7 @@ class Query:
     completions: list[Text]
     steps: list[list[str]] | None = None
     per_token: bool = False  # also the value at every completion token
+    ids: list[int] | None = None  # one sequence given as token ids (vLLM's token inputs), scored as given
 
 
 @dataclass
@@ -87,11 +89,12 @@ class Rewarder:
 
     def encode(self, queries: list[Query]) -> list[Encoded]:
         """Every query's scored sequences, tokenised in one batch; a QueryError names the first that cannot be."""
-        examples = [self._example(q, i) for i, q in enumerate(queries)]
+        examples = [self._example(q, i) for i, q in enumerate(queries) if q.ids is None]
         cfg = self.data
-        chunks = scored_chunk(examples, self.tokenizer, cfg.max_length, cfg.reward_convention)
+        chunks = iter(scored_chunk(examples, self.tokenizer, cfg.max_length, cfg.reward_convention))
         out = []
-        for i, (query, seqs) in enumerate(zip(queries, chunks, strict=True)):
+        for i, query in enumerate(queries):
+            seqs = next(chunks) if query.ids is None else [self._from_ids(query.ids, f"input[{i}]: ")]
             scored, skipped = [], {}
             for k, seq in enumerate(seqs):
                 if isinstance(seq, int):
@@ -106,6 +109,18 @@ class Rewarder:
             steps = [s.steps for s in scored] if query.steps is not None else None
             out.append(Encoded(query, scored, steps, skipped))
         return out
+
+    def _from_ids(self, ids: list[int], where: str) -> Scored | int:
+        """Token ids as the client sent them (no BOS added, nothing re-tokenised), the convention's end token
+        appended as for a text that lacks it; the whole sequence is the completion (nothing to cut)."""
+        vocab = self.model.classifier.get_input_embeddings().num_embeddings
+        bad = next((x for x in ids if not 0 <= x < vocab), None)
+        if bad is not None:
+            raise QueryError(f"{where}token id {bad} is out of the vocabulary (0 to {vocab - 1})")
+        eos = self.tokenizer.eos_token_id
+        if self.data.reward_convention != "grpo" and eos is not None and ids[-1] != eos:
+            ids = [*ids, eos]
+        return fit(SeqEncoded(list(ids), 0, 0, None), "", 0, self.data.max_length)
 
     @staticmethod
     def _where(i: int, n: int) -> str:

@@ -8,7 +8,8 @@ response each API's client parses:
   OpenRLHF  POST /get_reward  {"query": [text], "prompts": [text], "labels": [...]} → {"rewards", "scores",
             "extra_logs"}: what openrlhf/cli/serve_rm.py answers and openrlhf/utils/agent.py's
             SingleTurnAgentExecutor._fetch_rewards_via_http reads (OpenRLHF 0.11)
-  vLLM      POST /classify and /pooling  {"model", "input": text | [text], "use_activation" | "activation"}
+  vLLM      POST /classify and /pooling  {"model", "input": text | [text] | [id] | [[id]], "use_activation" |
+            "activation"} (token ids scored as given, vLLM's CompletionRequestMixin.input)
             → {"data": [{"index", "probs" | "data", ...}], "usage"}: vLLM's classification and pooling responses,
             as verl's reward loop reads them (`output["data"][-1]["probs"][-1]`, RewardLoopWorker.compute_score_disrm)
 """
@@ -154,13 +155,38 @@ def vllm_queries(body: Any, limit: int, whole) -> tuple[list[Query], bool]:
     if "input" not in body:
         raise BadRequest("input: missing (vLLM's pooling API takes text or a list of texts)")
     raw = body["input"]
-    if isinstance(raw, list) and raw and not isinstance(raw[0], str):
-        raise BadRequest("input: token-id inputs are not taken; send the rendered text")
-    texts = _texts(raw, "input", limit, allow_one=True)
+    ids = _token_lists(raw, limit)
+    if ids is not None:
+        queries = [Query("", [""], ids=i) for i in ids]
+    else:
+        queries = [Query("", [whole(t)]) for t in _texts(raw, "input", limit, allow_one=True)]
     activation = body.get("use_activation", body.get("activation", True))
     if not isinstance(activation, bool) and activation is not None:
         raise BadRequest(f"use_activation: must be true or false, got {activation!r}")
-    return [Query("", [whole(t)]) for t in texts], activation is not False
+    return queries, activation is not False
+
+
+def _is_id(x: Any) -> bool:
+    return type(x) is int  # JSON's true/false are not token ids
+
+
+def _token_lists(raw: Any, limit: int) -> list[list[int]] | None:
+    """vLLM's token-id inputs: one list of ids, or a list of them; None when `raw` holds no ids (texts)."""
+    if not isinstance(raw, list) or not raw or all(isinstance(x, str) for x in raw):
+        return None
+    if all(_is_id(x) for x in raw):
+        raw = [raw]
+    elif not all(isinstance(x, list) for x in raw):
+        raise BadRequest("input: mixed types (give a text, a list of texts, token ids, or a list of token-id lists)")
+    if len(raw) > limit:
+        raise BadRequest(f"input: {len(raw)} sequences, over --max_sequences={limit}", 413)
+    for i, ids in enumerate(raw):
+        if not ids:
+            raise BadRequest(f"input[{i}]: empty token list")
+        if not all(_is_id(x) for x in ids):
+            bad = next(x for x in ids if not _is_id(x))
+            raise BadRequest(f"input[{i}]: token ids must be integers, got {bad!r}")
+    return raw
 
 
 def _activated(values: list[float]) -> list[float]:

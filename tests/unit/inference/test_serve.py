@@ -14,7 +14,7 @@ import pytest
 
 from bigrm import cli
 from bigrm.inference.batching import MIN_SHARED, share_groups
-from bigrm.inference.rewarder import Rewarder
+from bigrm.inference.rewarder import Query, Rewarder
 from tests.helpers.serving import Server, write_kind
 
 PROMPTS = ["write a positive review:", "Q: add 2 and 3.", "\n\nHuman: hi\n\nAssistant:"]
@@ -128,6 +128,26 @@ def test_openrlhf_client_and_verl_classify_get_the_scored_rewards(tmp_path, llam
         assert soft == pytest.approx(1 / (1 + np.exp(-expected[0])), abs=1e-6)  # vLLM's default: the activation
 
 
+def test_classify_scores_token_ids_as_given(tmp_path, llama_dir, scalar_server):
+    """vLLM's token-id inputs ([id, ...] or [[id, ...], ...]): the ids `bigrm score` lays out for a row get its
+    reward; ids without the end token get it appended, as a text without it does (the convention's rule)."""
+    rows = ranked_rows()[:3]
+    expected = [r for row in scored(tmp_path, llama_dir, rows) for r in row["rewards"]]
+    rewarder = scalar_server.app.state.batcher.rewarder
+    texts = [row["prompt"] + c for row in rows for c in row["ranked_outputs"]]
+    ids = [e.scored[0].ids for e in rewarder.encode([Query("", [t]) for t in texts])]
+    eos = rewarder.tokenizer.eos_token_id
+    assert all(i[-1] == eos for i in ids) and rewarder.data.reward_convention == "trl"
+    with httpx.Client(base_url=scalar_server.url) as client:
+        many = client.post("/classify", json={"input": ids, "use_activation": False}).json()
+        assert [d["probs"][0] for d in many["data"]] == pytest.approx(expected, abs=1e-5)
+        assert many["usage"]["prompt_tokens"] == sum(map(len, ids))
+        one = client.post("/pooling", json={"input": ids[0][:-1], "use_activation": False}).json()
+        assert one["data"][0]["data"][0] == pytest.approx(expected[0], abs=1e-5)
+        other = client.post("/classify", json={"input": [ids[1][1:]], "use_activation": False}).json()
+        assert other["data"][0]["probs"][0] != pytest.approx(expected[1], abs=1e-5)  # no BOS added: as given
+
+
 def test_native_groups_and_chat_prompts(tmp_path, llama_dir, scalar_server):
     chat = [{"prompt": [{"role": "user", "content": "hi"}], "chosen": "hello", "rejected": "go away"}]
     want = scored(tmp_path, llama_dir, chat)[0]["rewards"]
@@ -181,7 +201,6 @@ def test_share_groups_joins_completions_of_one_prompt_within_the_budget():
 
 def test_normalize_uses_the_recorded_reward_statistics(models, llama_dir):
     from bigrm.errors import ConfigError
-    from bigrm.inference.rewarder import Query
 
     rewarder = Rewarder(str(models["attributes"]))
     query = [Query("p", [" a", " b c"])]
