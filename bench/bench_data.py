@@ -13,6 +13,13 @@ size it prints, side by side:
                  data adds (the mapped token pages count, though every rank shares them)
 
     python bench/bench_data.py --sizes 10000 50000 200000 --today-max 50000 --baseline issue15
+
+Scaling mode (`--scale`): rows of K = 4 (HH prompts, 4 HH replies each) at each size, `bigrm prepare` into an empty
+cache, measuring the builder's peak RSS (the process tree: builder, its forked children and workers, summed, and
+the largest single process), build time and the cache's disk use; then a 2-rank run (train.max_steps 1) on that
+cache: each rank's peak RSS and the seconds to its first step.
+
+    python bench/bench_data.py --scale 100000 1000000 --out /tmp/bench-scale
 """
 
 from __future__ import annotations
@@ -73,12 +80,12 @@ def hh_parts() -> tuple[list[str], list[str]]:
     return prompts, sorted(set(replies))
 
 
-def write_rows(path: Path, n: int, seed: int = 0) -> Path:
+def write_rows(path: Path, n: int, seed: int = 0, k: int = K) -> Path:
     prompts, replies = hh_parts()
     rng = random.Random(seed)
     with path.open("w") as fh:
         for i in range(n):
-            fh.write(json.dumps({"prompt": prompts[i % len(prompts)], "ranked_outputs": rng.sample(replies, K)}) + "\n")
+            fh.write(json.dumps({"prompt": prompts[i % len(prompts)], "ranked_outputs": rng.sample(replies, k)}) + "\n")
     return path
 
 
@@ -141,6 +148,51 @@ def two_ranks(
     return first or time.perf_counter() - start, sorted(v / 1e9 for v in peak.values()), builder / 1e9
 
 
+SCALE_K = 4
+
+
+def tree_peak(proc) -> tuple[float, float]:
+    """(peak summed RSS of `proc` and every descendant, peak RSS of any one of them), in GB, until `proc` exits."""
+    import psutil
+
+    total = single = 0
+    root = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        rss = []
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                rss.append(p.memory_info().rss)
+            except psutil.Error:
+                pass
+        total, single = max(total, sum(rss)), max([single, *rss])
+        time.sleep(0.1)
+    return total / 1e9, single / 1e9
+
+
+def scale(sizes: list[int], work: Path, model: Path) -> list[dict]:
+    """The scaling mode's figures per size (see the module's docstring)."""
+    figures = []
+    for n in sizes:
+        path = write_rows(work / f"rows-k4-{n}.jsonl", n, k=SCALE_K)
+        cache, run = work / f"cache-scale-{n}", work / f"run-scale-{n}"
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "BIGRM_CACHE_DIR": str(cache)}
+        cmd = [str(Path(sys.executable).parent / "bigrm"), "prepare", "--output_dir", str(run)]
+        cmd += ["--model.path", str(model), "--train_files", f"[{path}]", *TRAIN]
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        tree, single = tree_peak(proc)
+        row = {"prompts": n, "rows_mb": path.stat().st_size / 1e6, "build_s": time.perf_counter() - start}
+        report = proc.stdout.read()
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{report[-3000:]}")
+        row |= {"builder_tree_rss_gb": tree, "builder_max_rss_gb": single}
+        row["cache_mb"] = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) / 1e6
+        row["first_step_s"], row["rank_rss_gb"], _ = two_ranks(REPO, model, path, run, cache, NO_TRACKERS["new"])
+        figures.append(row)
+        print(json.dumps(row), flush=True)
+    return figures
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[10000, 50000, 200000], help="prompts per dataset")
@@ -149,6 +201,7 @@ def main() -> None:
     p.add_argument("--no-runs", action="store_true", help="skip the 2-rank runs (build and warm start only)")
     p.add_argument("--out", default=None, help="working directory (default: a temporary one)")
     p.add_argument("--json", help="also write the figures here")
+    p.add_argument("--scale", type=int, nargs="+", help="scaling mode: K = 4 rows of these many prompts")
     args = p.parse_args()
     from tests.helpers.real_tokenizers import build_model_dir
 
@@ -159,6 +212,11 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     prepare_tokenizer(tokenizer)
+    if args.scale:
+        figures = scale(args.scale, work, model)
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+        return
     baseline = None
     if args.baseline and not args.no_runs and min(args.sizes) <= args.today_max:
         baseline = work / "baseline"

@@ -155,13 +155,17 @@ class DataConfig:
     ~/.cache/bigrm/tokens. On a filesystem shared by the nodes, the first to get there builds for all."""
     num_proc: int = 0
     """Processes that validate and tokenise the rows. 0: every core this process may use."""
+    stream_chunk: int = 8192
+    """Rows read, validated and tokenised at a time: the data is streamed through the builder this many rows at a
+    time, so its memory is bounded by this, not by the data (stepwise files, and files other than JSON Lines, are
+    read whole). How the tokens are built, not what they are: the same cache whatever its value."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     """The built-in task."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {self.eval_fraction}")
-        bounds(self, "data", ("max_length", "max_errors", "step_group_size"), ("num_proc",))
+        bounds(self, "data", ("max_length", "max_errors", "step_group_size", "stream_chunk"), ("num_proc",))
         names = self.attributes
         if not all(names) or len(set(names)) != len(names):
             raise ConfigError(f"data.attributes: expected distinct column names, got {names!r}")

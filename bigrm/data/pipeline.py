@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,13 +21,11 @@ import numpy as np
 
 from bigrm.builtin import synthetic, synthetic_attributes
 from bigrm.config import Config, DataConfig, attribute_weights
-from bigrm.data import token_cache
-from bigrm.data.examples import Example
+from bigrm.data import stream, token_cache
 from bigrm.data.packing import check_budget
-from bigrm.data.rows import file_specs, load_examples, prompt_key
+from bigrm.data.rows import file_specs
 from bigrm.data.sequences import Group
-from bigrm.data.token_store import TokenStore, concat
-from bigrm.data.tokenise import default_workers, encode_examples
+from bigrm.data.token_store import TokenStore
 from bigrm.data.tokenizer import add_step_token, load_tokenizer
 from bigrm.errors import ConfigError, DataError
 
@@ -92,68 +90,10 @@ def sources(d: DataConfig, synthetic_dir: Path) -> tuple[list[tuple[str, float]]
     return [(str(p), 1.0) for p in train_paths], [str(eval_path)] if eval_path else []
 
 
-def tokenise(
-    d: DataConfig, seed: int, tokenizer, paths: list[str], eval_paths: list[str]
-) -> tuple[TokenStore, TokenStore, dict]:
-    """Validation, hold-out (seeded by `seed`) and tokenisation: (train, eval, {"train_file_groups": groups per file,
-    "log": report})."""
-    log = []
-    per_file, report = load_examples(paths, d)
-    log.append(f"train data: {report.summary()}")
-    if eval_paths:
-        eval_files, eval_report = load_examples(eval_paths, d)
-        eval_examples = [e for f in eval_files for e in f]
-        log.append(f"eval data: {eval_report.summary()}")
-    elif d.eval_fraction > 0:
-        rng = random.Random(seed)
-        eval_examples, held_prompts = [], 0
-        for i, examples in enumerate(per_file):
-            # the unit held out is a prompt: its rows (several pairs, or a PRM's solutions split into groups) all
-            # go to one side, so no eval prompt is trained on
-            keys = [prompt_key(e.prompt) for e in examples]
-            prompts = list(dict.fromkeys(keys))
-            order = list(range(len(prompts)))
-            rng.shuffle(order)
-            held = {prompts[j] for j in order[: round(d.eval_fraction * len(prompts))]}
-            held_prompts += len(held)
-            eval_examples += [e for e, k in zip(examples, keys, strict=True) if k in held]
-            per_file[i] = [e for e, k in zip(examples, keys, strict=True) if k not in held]
-        log.append(
-            f"eval data: {held_prompts} prompts held out ({len(eval_examples)} groups; "
-            f"data.eval_fraction={d.eval_fraction})"
-        )
-    else:
-        eval_examples = []
-        log.append("eval data: none (set data.eval_files or data.eval_fraction)")
-
-    workers = d.num_proc or default_workers()
-
-    def encoded(examples: list) -> tuple[TokenStore, str]:
-        done = encode_examples(
-            examples, tokenizer, d.max_length, d.overlong, d.reward_convention, d.max_errors, workers
-        )
-        return TokenStore.of(done, examples, len(d.attributes)), done.report.summary()
-
-    train = []
-    for examples in per_file:
-        store, summary = encoded(examples)
-        train.append(store)
-        log.append(f"train tokens: {summary}")
-    if not sum(len(s) for s in train):
-        raise DataError("no training prompts left after validation")
-    evals, summary = encoded(eval_examples)
-    if eval_examples:
-        log.append(f"eval tokens: {summary}")
-    meta = {"train_file_groups": [len(s) for s in train], "log": log}
-    if d.attributes:  # the targets' scale: every training rating, before files are mixed by weight
-        meta["attribute_stats"] = rating_stats([e for f in per_file for e in f], len(d.attributes))
-    return concat(train), evals, meta
-
-
 def cache_key(d: DataConfig, seed: int, tokenizer, paths: list[str], eval_paths: list[str]) -> str:
     """Everything that decides the tokens: the files' contents and names (sources name them), the tokenizer, every
     data option (those that only say how to build are left out) and the hold-out's seed when there is one."""
-    options = {k: v for k, v in asdict(d).items() if k not in ("cache", "cache_dir", "num_proc")}
+    options = {k: v for k, v in asdict(d).items() if k not in ("cache", "cache_dir", "num_proc", "stream_chunk")}
     for path in [*paths, *eval_paths]:
         if not Path(path).exists():
             raise DataError(f"{path}: no such file or directory")
@@ -187,10 +127,7 @@ def build(d: DataConfig, seed: int, tokenizer, synthetic_dir: Path) -> Dataset:
         key = cache_key(d, seed, tokenizer, paths, eval_paths)
 
         def write(tmp: Path) -> dict:
-            train, evals, meta = tokenise(d, seed, tokenizer, paths, eval_paths)
-            train.save(tmp / "train")
-            evals.save(tmp / "eval")
-            return meta
+            return stream.build(d, seed, tokenizer, paths, eval_paths, tmp)
 
         directory, built, damaged = token_cache.get_or_build(cache_root(d), key, write)
         meta = token_cache.read_complete(directory)["meta"]
@@ -198,28 +135,15 @@ def build(d: DataConfig, seed: int, tokenizer, synthetic_dir: Path) -> Dataset:
         how = "built" if built else "reused"
         log = [*meta["log"], *([f"token cache: rebuilt a damaged entry: {damaged}"] if damaged else [])]
         log.append(f"token cache: {directory} ({how} in {time.perf_counter() - started:.1f} s)")
-    else:
-        train, evals, meta = tokenise(d, seed, tokenizer, paths, eval_paths)
+    else:  # built as for the cache, then read into memory
+        with tempfile.TemporaryDirectory(prefix="bigrm-tokens-") as tmp:
+            meta = stream.build(d, seed, tokenizer, paths, eval_paths, Path(tmp))
+            train, evals = (TokenStore.load(Path(tmp) / name, mmap=False) for name in ("train", "eval"))
         log = meta["log"]
     bounds = np.cumsum([0, *meta["train_file_groups"]]).tolist()
     train_files = [list(range(lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
     stepwise = bool(train.a["has_steps"].any())
     return Dataset(train, train_files, [w for _, w in specs], evals, log, meta.get("attribute_stats"), stepwise)
-
-
-def rating_stats(examples: list[Example], num_attributes: int) -> dict:
-    """{"mean", "std"}: per attribute, over the examples' present ratings (std 1 where they are constant or absent,
-    mean 0 where absent, so targets stay finite)."""
-    ratings = np.array([r for e in examples for r in (e.labels.attributes or ())], dtype=np.float64).reshape(
-        -1, num_attributes
-    )
-    mean, std = [], []
-    for a in range(num_attributes):
-        present = ratings[~np.isnan(ratings[:, a]), a]
-        mean.append(float(present.mean()) if len(present) else 0.0)
-        spread = float(present.std()) if len(present) else 0.0
-        std.append(spread if spread > 0 else 1.0)
-    return {"mean": mean, "std": std}
 
 
 def load(

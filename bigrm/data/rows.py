@@ -120,13 +120,20 @@ def _json_rows(p: Path) -> tuple[list[Any], list[int] | None]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    raise DataError(f"{p}:line {lineno}: not valid JSON ({err.msg})") from err
+                    raise not_json(p, lineno, err) from err
                 lines.append(lineno)
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            where = f"line {lines[i]}" if lines is not None else f"row {i}"
-            raise DataError(f"{p}:{where}: the row is a {type(row).__name__}, not a JSON object")
+            raise not_object(p, f"line {lines[i]}" if lines is not None else f"row {i}", row)
     return rows, lines
+
+
+def not_json(p: Path, lineno: int, err: json.JSONDecodeError) -> DataError:
+    return DataError(f"{p}:line {lineno}: not valid JSON ({err.msg})")
+
+
+def not_object(p: Path, where: str, row: Any) -> DataError:
+    return DataError(f"{p}:{where}: the row is a {type(row).__name__}, not a JSON object")
 
 
 class Locator:
@@ -177,10 +184,17 @@ def group_solutions(examples: list[Example], size: int) -> list[Example]:
 def standardise_scores(examples: list[Example]) -> list[Example]:
     """Regression targets: every scored example's scores, standardised over all scores of the file."""
     values = [v for e in examples if e.labels.scores for v in e.labels.scores]
-    if not values:
-        return examples
+    return standardised(examples, *score_moments(values)) if values else examples
+
+
+def score_moments(values) -> tuple[float, float]:
+    """(mean, std) of the scores, a non-empty sequence read twice (the streaming build's is on disk)."""
     mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)) or 1.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)) or 1.0
+
+
+def standardised(examples: list[Example], mean: float, std: float) -> list[Example]:
+    """The scored examples with targets (score - mean) / std."""
     return [
         replace(e, labels=replace(e.labels, targets=tuple((v - mean) / std for v in e.labels.scores)))
         if e.labels.scores
@@ -218,16 +232,19 @@ def columns_of(row: Any) -> frozenset:
 def file_format(rows: list[Any], cfg: DataConfig, path: str) -> tuple[str, dict[frozenset, str]]:
     """The format of most of the file's rows, each detected from its own columns, and why the rows whose
     columns are of another format are not: one odd row is that row's error, not a retyping of the file."""
+    return format_of(Counter(map(columns_of, rows)), cfg, path)
+
+
+def format_of(counts: Counter, cfg: DataConfig, path: str) -> tuple[str, dict[frozenset, str]]:
+    """file_format from how many rows have each set of columns, in the order the sets first appear."""
     found: dict[frozenset, str | DataError] = {}
     votes: Counter = Counter()
-    for row in rows:
-        columns = columns_of(row)
-        if columns not in found:
-            try:
-                found[columns] = formats.detect(set(columns), cfg, path).name
-            except DataError as err:
-                found[columns] = err
-        votes[str(found[columns])] += 1
+    for columns, n in counts.items():
+        try:
+            found[columns] = formats.detect(set(columns), cfg, path).name
+        except DataError as err:
+            found[columns] = err
+        votes[str(found[columns])] += n
     winner = votes.most_common(1)[0][0]
     fmt = next(v for v in found.values() if str(v) == winner)
     if isinstance(fmt, DataError):
@@ -261,10 +278,12 @@ def load_file(path: str, cfg: DataConfig) -> tuple[list[Example], list[RowError]
     return standardise_scores(examples), errors, len(file.rows)
 
 
-def listed(errors: list, max_errors: int) -> str:
-    """Row errors as the indented lines of an error message: the first max_errors (data.max_errors), then a count."""
+def listed(errors: list, max_errors: int, total: int | None = None) -> str:
+    """Row errors as the indented lines of an error message: the first max_errors (data.max_errors), then a count
+    (of `total` errors, where `errors` are only the first ones)."""
+    total = len(errors) if total is None else total
     shown = "".join(f"\n  {e}" for e in errors[:max_errors])
-    return shown + (f"\n  ... and {len(errors) - max_errors} more" if len(errors) > max_errors else "")
+    return shown + (f"\n  ... and {total - max_errors} more" if total > max_errors else "")
 
 
 def load_examples(paths: list[str], cfg: DataConfig) -> tuple[list[list[Example]], LoadReport]:

@@ -64,6 +64,12 @@ class EncodeReport:
     prompt_tokens_cut: int = 0
     skipped: Counter = field(default_factory=Counter)
 
+    def add(self, other: EncodeReport) -> None:
+        """Counts `other`'s (another part of the same data's) too."""
+        for name in ("groups", "sequences", "tokens", "prompts_cut", "prompt_tokens_cut"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.skipped.update(other.skipped)
+
     def cut_summary(self) -> str:
         return f"{self.prompts_cut} sequences had their prompt cut from the left ({self.prompt_tokens_cut} tokens)"
 

@@ -17,6 +17,7 @@ and a column per field of data.labels.Labels (LABELS), holding its `missing` val
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from bigrm.data.examples import Example
 from bigrm.data.labels import LABELS, PROMPT, STEP, LabelField, Labels
-from bigrm.data.sequences import Group, Tokenized
+from bigrm.data.sequences import EncodeReport, Group, Tokenized
 
 LAYOUT = (
     "tokens",
@@ -91,10 +92,12 @@ class TokenStore(Sequence[Group]):
             np.save(directory / f"{name}.npy", np.ascontiguousarray(self.a[name]))
 
     @staticmethod
-    def load(directory: Path) -> TokenStore:
-        """The arrays memory-mapped read-only: pages are read on use and shared by every process that maps them (plain
-        ndarray views of the maps: slicing an np.memmap costs ~8x more, and a group is a handful of slices)."""
-        return TokenStore({name: np.asarray(np.load(directory / f"{name}.npy", mmap_mode="r")) for name in ARRAYS})
+    def load(directory: Path, mmap: bool = True) -> TokenStore:
+        """The arrays memory-mapped read-only (or, not `mmap`, read into memory): pages are read on use and shared by
+        every process that maps them (plain ndarray views of the maps: slicing an np.memmap costs ~8x more, and a
+        group is a handful of slices)."""
+        mode = "r" if mmap else None
+        return TokenStore({name: np.asarray(np.load(directory / f"{name}.npy", mmap_mode=mode)) for name in ARRAYS})
 
     def __len__(self) -> int:
         return len(self.a["group_offsets"]) - 1
@@ -172,3 +175,54 @@ def concat(stores: list[TokenStore]) -> TokenStore:
     if arrays["tokens"].dtype != np.uint32 and any(s.a["tokens"].dtype == np.uint32 for s in stores):
         arrays["tokens"] = arrays["tokens"].astype(np.uint32)
     return TokenStore(arrays)
+
+
+HEADER = 128  # bytes left for each .npy header, written once the array's length is known
+
+
+def empty_tokenized() -> Tokenized:
+    none = np.zeros(0, dtype=np.int64)
+    return Tokenized(np.zeros(0, dtype=np.uint32), none, none, none, EncodeReport(), [])
+
+
+class StoreWriter:
+    """A token store written a block of groups at a time, each array appended to its .npy file as it comes (the
+    header, which holds the length, written by `close`): the writer's memory is one block's, never the store's;
+    what `TokenStore.load` maps is what `save` of all the blocks' `concat` would have written."""
+
+    def __init__(self, directory: Path, num_attributes: int = 0):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.num_attributes = num_attributes
+        empty = TokenStore.of(empty_tokenized(), [], num_attributes).a
+        self.files = {name: open(directory / f"{name}.npy", "wb") for name in ARRAYS}
+        self.rows = dict.fromkeys(ARRAYS, 0)
+        self.shapes = {name: (a.dtype, a.shape[1:]) for name, a in empty.items()}
+        self.ends = {name: 0 for name in ARRAYS if name.endswith("offsets")}  # each offset array's last entry
+        for name, fh in self.files.items():
+            fh.write(bytes(HEADER))
+            self._write(name, empty[name])  # the offsets' leading 0
+
+    def append(self, done: Tokenized, examples: list[Example]) -> None:
+        """encode_examples' result for `examples`, after the groups already written."""
+        for name, a in TokenStore.of(done, examples, self.num_attributes).a.items():
+            if name in self.ends:
+                a = a[1:] + self.ends[name]
+                self.ends[name] = int(a[-1]) if len(a) else self.ends[name]
+            if name == "tokens" and a.dtype == np.uint32:  # the same bytes as int32 below 2**31: only the header says
+                self.shapes[name] = (a.dtype, ())
+            self._write(name, a)
+
+    def _write(self, name: str, a: np.ndarray) -> None:
+        self.files[name].write(np.ascontiguousarray(a).tobytes())
+        self.rows[name] += len(a)
+
+    def close(self) -> None:
+        for name, fh in self.files.items():
+            dtype, rest = self.shapes[name]
+            header = io.BytesIO()
+            shape = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False}
+            np.lib.format.write_array_header_1_0(header, {**shape, "shape": (self.rows[name], *rest)})
+            assert len(header.getvalue()) == HEADER, name
+            fh.seek(0)
+            fh.write(header.getvalue())
+            fh.close()

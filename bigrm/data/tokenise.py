@@ -180,46 +180,89 @@ def encode_examples(
 ) -> Tokenized:
     """Every example's scored sequences, tokenised in batches by `num_proc` processes (forked: they inherit the
     tokenizer); the same sequences, counts and errors whatever `num_proc`."""
+    done = encode_unchecked(examples, tokenizer, max_length, convention, num_proc)
+    check_fit(done.overlong, done.step_errors, overlong, max_length, max_errors)
+    return done
+
+
+def check_fit(
+    overlong_errors: list[str],
+    step_errors: list[str],
+    overlong: str,
+    max_length: int,
+    max_errors: int,
+    totals: tuple[int, int] | None = None,
+) -> None:
+    """Raises for the completions that cannot fit (unless data.overlong skips them) or whose steps cannot be
+    trained; `totals` counts each kind where the lists are only the first ones."""
+    n_overlong, n_steps = totals or (len(overlong_errors), len(step_errors))
+    if n_overlong and overlong == "error":
+        reason = _too_long(max_length)
+        raise DataError(
+            f"{n_overlong} row(s) have a completion that cannot fit (set data.overlong: skip to drop them, or raise "
+            f"data.max_length):{listed([f'{e}, {reason}' for e in overlong_errors], max_errors, n_overlong)}"
+        )
+    if n_steps:
+        raise DataError(
+            f"{n_steps} stepwise completion(s) cannot be trained:{listed(step_errors, max_errors, n_steps)}"
+        )
+
+
+def encode_unchecked(
+    examples: list[Example], tokenizer, max_length: int, convention: str, num_proc: int, counter=None
+) -> Tokenized:
+    """encode_examples without its checks: what cannot fit or be trained is in `overlong` and `step_errors`;
+    `counter` (a progress bar) counts the chunks, or a bar of their own."""
     if tokenizer.eos_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise DataError(
             "the tokenizer's pad token equals its EOS token; bigrm.data.tokenizer.prepare_tokenizer fixes that"
         )
     global _forked
     chunks = [examples[lo : lo + CHUNK] for lo in range(0, len(examples), CHUNK)]
-    if num_proc > 1 and len(chunks) > 1:
-        _forked = (examples, tokenizer, max_length, convention)
-        # an executor, not a multiprocessing.Pool: a Pool whose worker is killed waits for its task for ever
-        fork = multiprocessing.get_context("fork")
-        pool = ProcessPoolExecutor(min(num_proc, len(chunks)), mp_context=fork, initializer=_init_worker)
-        try:
-            done = pool.map(_tokenize_in_worker, range(0, len(examples), CHUNK))
-            parts = list(progress.each(done, *TOKENISE, total=len(chunks)))
-        except BrokenProcessPool:
-            raise ProcessDied("a tokenising worker process was killed (by a signal, or out of memory?)") from None
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)  # an interrupt waits for the chunks begun only
-            _forked = ()
-    else:
-        parts = [tokenize_chunk(c, tokenizer, max_length, convention) for c in progress.each(chunks, *TOKENISE)]
+    own = counter is None
+    counter = progress.bar(len(chunks), *TOKENISE) if own else counter
+    try:
+        if num_proc > 1 and len(chunks) > 1:
+            _forked = (examples, tokenizer, max_length, convention)
+            parts = _in_workers(len(examples), min(num_proc, len(chunks)), counter)
+        else:
+            parts = [tokenize_chunk(c, tokenizer, max_length, convention) for c in _counted(chunks, counter)]
+    finally:
+        _forked = ()
+        if own:
+            counter.close()
+    return _joined(parts, [len(c) for c in chunks])
+
+
+def _in_workers(n: int, workers: int, counter) -> list[Tokenized]:
+    """The forked workers' results for _forked's n examples, CHUNK at a time, in order."""
+    # an executor, not a multiprocessing.Pool: a Pool whose worker is killed waits for its task for ever
+    fork = multiprocessing.get_context("fork")
+    pool = ProcessPoolExecutor(workers, mp_context=fork, initializer=_init_worker)
+    try:
+        return list(_counted(pool.map(_tokenize_in_worker, range(0, n, CHUNK)), counter))
+    except BrokenProcessPool:
+        raise ProcessDied("a tokenising worker process was killed (by a signal, or out of memory?)") from None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # an interrupt waits for the chunks begun only
+
+
+def _counted(items, counter) -> Iterator:
+    """The items, each counted by `counter` as it is consumed."""
+    for item in items:
+        yield item
+        counter.update(1)
+
+
+def _joined(parts: list[Tokenized], sizes: list[int]) -> Tokenized:
+    """The chunks' results as one, their kept indices shifted by the chunks before."""
     report, errors, offset = EncodeReport(), [], 0
-    for part, chunk in zip(parts, chunks, strict=True):
-        report.prompts_cut += part.report.prompts_cut
-        report.prompt_tokens_cut += part.report.prompt_tokens_cut
-        report.skipped.update(part.report.skipped)
+    for part, size in zip(parts, sizes, strict=True):
+        report.add(part.report)  # its cuts and skips: what it kept is counted below
         errors += part.overlong
         part.kept += offset
-        offset += len(chunk)
-    if errors and overlong == "error":
-        reason = _too_long(max_length)
-        raise DataError(
-            f"{len(errors)} row(s) have a completion that cannot fit (set data.overlong: skip to drop them, or raise "
-            f"data.max_length):{listed([f'{e}, {reason}' for e in errors], max_errors)}"
-        )
+        offset += size
     step_errors = [e for p in parts for e in p.step_errors]
-    if step_errors:
-        raise DataError(
-            f"{len(step_errors)} stepwise completion(s) cannot be trained:{listed(step_errors, max_errors)}"
-        )
     lengths = np.concatenate([p.lengths for p in parts]) if parts else np.zeros(0, dtype=np.int64)
     starts = np.concatenate([p.starts for p in parts]) if parts else np.zeros(0, dtype=np.int64)
     tokens = np.concatenate([p.tokens for p in parts]) if parts else np.zeros(0, dtype=np.uint32)
@@ -229,7 +272,7 @@ def encode_examples(
     kept = np.concatenate([p.kept for p in parts]) if parts else np.zeros(0, dtype=np.int64)
     step_counts = np.concatenate([np.zeros(0, dtype=np.int64)] + [p.step_counts for p in parts])
     step_index = np.concatenate([np.zeros(0, dtype=np.int64)] + [p.step_index for p in parts])
-    return Tokenized(tokens, lengths, starts, kept, report, errors, step_counts, step_index)
+    return Tokenized(tokens, lengths, starts, kept, report, errors, step_counts, step_index, step_errors)
 
 
 def tokenize_examples(

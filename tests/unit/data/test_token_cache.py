@@ -17,7 +17,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from bigrm.config import Config, DataConfig
-from bigrm.data import pipeline, token_cache
+from bigrm.data import pipeline, token_cache, token_store
 from bigrm.data.rows import load_examples
 from bigrm.data.sequences import EncodeReport, scored_sequence
 from bigrm.data.tokenise import tokenize_examples
@@ -205,10 +205,10 @@ def test_a_cache_directory_that_cannot_be_used_is_one_line(tmp_path, tok, monkey
         build(config(path, cache_dir=str(tmp_path / "ro")), tok, tmp_path)
     monkeypatch.undo()
 
-    def full(file, arr, *args, **kwargs):
+    def full(*args, **kwargs):
         raise OSError("123 requested and 0 written")
 
-    monkeypatch.setattr(np, "save", full)
+    monkeypatch.setattr(token_store.StoreWriter, "_write", full)  # what appends every array of the store
     with pytest.raises(ConfigError, match="cannot write the token cache in .*123 requested and 0 written: free space"):
         build(config(path, cache_dir=str(tmp_path / "full")), tok, tmp_path)
     assert [p.suffix for p in (tmp_path / "full").iterdir()] == [".lock"]

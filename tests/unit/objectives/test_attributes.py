@@ -239,13 +239,14 @@ def test_lora_and_qlora_train_save_and_merge_n_heads(llama_dir, bits):
 
 
 def test_rating_stats_skip_missing_ratings():
-    from bigrm.data.pipeline import rating_stats
+    from bigrm.data.stream import rating_stats, ratings_of
 
     examples = [Example("p", ("a",), "s", lab) for lab in make_labels()[0]]
-    stats = rating_stats(examples, 3)
+    stats = rating_stats(np.array(ratings_of(examples)).reshape(-1, 3))
     present = [3.0, 4.0, 1.0, 0.0, 2.0]  # helpfulness: every non-NaN rating, each completion once
     assert stats["mean"][0] == pytest.approx(np.mean(present)) and stats["std"][0] == pytest.approx(np.std(present))
-    assert rating_stats([], 2) == {"mean": [0.0, 0.0], "std": [1.0, 1.0]}  # nothing rated: targets stay finite
+    nothing = rating_stats(np.zeros((0, 2)))  # nothing rated: targets stay finite
+    assert nothing == {"mean": [0.0, 0.0], "std": [1.0, 1.0]}
 
 
 def test_ratings_survive_the_token_store_and_reach_the_segments(tmp_path):
