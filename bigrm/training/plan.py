@@ -60,6 +60,14 @@ def _informative(group: Group, loss: LossConfig) -> bool:
     return len(set(ranks)) > 1 or bool(labels.steps) or bool(labels.attributes) or regressed or tied
 
 
+def resumed_line(path: Path, done: int, updates: list[Update]) -> str:
+    """What a resume continues: steps numbered from 1 over the run, as the logs number them."""
+    update = updates[done - 1]
+    epoch = f"{update.index + 1} of them in epoch {update.epoch + 1}"
+    then = f"continuing with step {done + 1}" if done < len(updates) else "none left"
+    return f"resumed from {path} at step {done}: {done} of {len(updates)} optimizer steps done, {epoch}; {then}"
+
+
 def plan_fingerprint(t: TrainConfig, data: Dataset, updates: list[Update]) -> dict:
     """What fixes the data order: a resume with any of it changed would silently train on other batches."""
     return {

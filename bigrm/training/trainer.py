@@ -46,6 +46,7 @@ from bigrm.training.plan import (
     optimisation_fingerprint,
     plan,
     plan_fingerprint,
+    resumed_line,
     warnings,
 )
 from bigrm.training.sinks import check_installed, open_sinks
@@ -97,14 +98,6 @@ def model_dir(cfg: Config, out: Path, dtype: torch.dtype) -> str:
                 outputs = outputs_for(cfg.data, cfg.loss)
                 write_random_init(src, str(out / "random-init"), cfg.train.seed, dtype, outputs)
     return str(out / "random-init") if (not path or random_init) else path
-
-
-def resumed_line(path: Path, done: int, updates: list[Update]) -> str:
-    """What a resume continues: steps numbered from 1 over the run, as the logs number them."""
-    update = updates[done - 1]
-    epoch = f"{update.index + 1} of them in epoch {update.epoch + 1}"
-    then = f"continuing with step {done + 1}" if done < len(updates) else "none left"
-    return f"resumed from {path} at step {done}: {done} of {len(updates)} optimizer steps done, {epoch}; {then}"
 
 
 class Trainer:

@@ -17,7 +17,7 @@ from bigrm.data.pipeline import Dataset
 from bigrm.data.sequences import Group
 from bigrm.errors import CheckpointError, ConfigError
 from bigrm.training import plan as planning
-from bigrm.training.plan import check_resumable, plan, plan_fingerprint
+from bigrm.training.plan import check_resumable, plan, plan_fingerprint, resumed_line
 
 
 def dataset(sizes: list[list[int]], weights: list[float] | None = None) -> Dataset:
@@ -207,3 +207,16 @@ def test_a_training_set_of_ties_only_is_warned():
     )  # ties are a term then
     one_ranked = replace(tied, train=[*tied.train[:-1], replace(tied.train[-1], labels=Labels((0, 1)))])
     assert planning.warnings(config(), LossConfig(), one_ranked, plan(config(), one_ranked)) == []
+
+
+def test_a_resume_numbers_steps_once_as_the_logs_do():
+    from pathlib import Path
+
+    from bigrm.data.packing import Update
+
+    updates = [Update([], 1, epoch, index) for epoch in range(2) for index in range(3)]
+    step = Path("out/checkpoints/step-00000005")
+    assert resumed_line(step, 5, updates) == (
+        f"resumed from {step} at step 5: 5 of 6 optimizer steps done, 2 of them in epoch 2; continuing with step 6"
+    )
+    assert resumed_line(step, 6, updates).endswith("6 of 6 optimizer steps done, 3 of them in epoch 2; none left")
