@@ -20,7 +20,7 @@ from bigrm.training.preemption import EXIT_CODE, Preempted
 
 def _run(fn, *args) -> int:
     try:
-        fn(*args)
+        code = fn(*args)
     except BigrmError as err:
         if dist.launched_rank() == 0:  # every rank meets the same bad input: one message, not one per rank
             print(f"error: {err}", file=sys.stderr)
@@ -28,7 +28,7 @@ def _run(fn, *args) -> int:
     except KeyboardInterrupt:
         print("interrupted (SIGINT)", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -306,6 +306,8 @@ def serve_main(argv: list[str]) -> int:
                    "`X-API-Key: KEY` on every endpoint but /health (default: $BIGRM_API_KEY; unset: none)")  # fmt: skip
     p.add_argument("--max_tokens_per_batch", type=int, default=16384, help="token budget of one packed forward")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device")
+    p.add_argument("--devices", type=str | None, default=None, help="one server per device, comma-separated "
+                   "(cuda:0,cuda:1; cpu,cpu), on consecutive ports from --port, behind a load balancer")  # fmt: skip
     p.add_argument("--dtype", type=precision.Name, default="auto", help="auto: the dtype the model was saved in")
     p.add_argument("--attn_impl", type=config.AttnImpl, default="auto", help="as model.attn_impl in training")
     p.add_argument("--threads", type=int | None, default=None, help="torch CPU threads (default: torch's)")
@@ -317,15 +319,23 @@ def serve_main(argv: list[str]) -> int:
     if _asks_help(argv):
         return _help(p, ("data",))
 
-    def serve() -> None:
+    def serve() -> int | None:
         import os
 
         import torch
 
+        from bigrm.inference import replicas
         from bigrm.inference.rewarder import Rewarder
         from bigrm.inference.serve import ServeOptions, run
 
         args, extra = _args(p, argv, ("data",))
+        if args.devices:
+            devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+            if len(devices) < 2:
+                raise ConfigError(f"--devices: give two or more, comma-separated (one: --device), got {args.devices!r}")
+            last = args.port + len(devices) - 1
+            print(f"bigrm serve: {len(devices)} replicas on ports {args.port}..{last}", flush=True)
+            return replicas.run(argv, devices, args.port)
         if args.threads:
             torch.set_num_threads(args.threads)
         rewarder = Rewarder(args.model, args.device, args.dtype, args.attn_impl)

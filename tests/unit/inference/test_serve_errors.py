@@ -179,3 +179,60 @@ def test_sigterm_answers_what_is_in_flight_and_exits_0(llama_dir):
             proc.kill()
     out = proc.stdout.read().decode()
     assert "bigrm serve: scalar reward model on http://127.0.0.1:" in out
+
+
+def started(port: int, *args: str) -> subprocess.Popen:
+    code = "import sys; from bigrm.cli import main; sys.exit(main())"
+    cmd = [sys.executable, "-c", code, "serve", *args, "--port", str(port), "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_healthy(proc: subprocess.Popen, urls: list[str]) -> None:
+    deadline = time.time() + 120
+    for url in urls:
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode() if proc.poll() else ""
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+
+
+def test_devices_start_one_replica_per_device_and_a_signal_drains_them_all(llama_dir):
+    import psutil
+
+    port = free_port()
+    proc = started(port, "--model", str(llama_dir), "--devices", "cpu,cpu")
+    urls = [f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"]
+    try:
+        wait_healthy(proc, urls)
+        replicas = psutil.Process(proc.pid).children()
+        assert len(replicas) == 2
+        answers = [httpx.post(url + "/v1/rewards", json=GOOD, timeout=30).json()["rewards"] for url in urls]
+        assert answers[0] == pytest.approx(answers[1], abs=1e-6)  # the same model behind each port
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        assert not any(r.is_running() and r.status() != psutil.STATUS_ZOMBIE for r in replicas)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert f"bigrm serve: 2 replicas on ports {port}..{port + 1}" in proc.stdout.read().decode()
+
+
+def test_a_replica_that_dies_stops_the_others_with_its_code(llama_dir):
+    import psutil
+
+    port = free_port()
+    proc = started(port, "--model", str(llama_dir), "--devices", "cpu, cpu")
+    try:
+        wait_healthy(proc, [f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"])
+        first, second = psutil.Process(proc.pid).children()
+        first.kill()
+        assert proc.wait(60) == 128 + signal.SIGKILL
+        second.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "exited with code -9: stopping the others" in proc.stdout.read().decode()
