@@ -23,6 +23,17 @@ def test_reward_function_is_a_trl_reward_function(tmp_path, llama_dir):
     assert conv == pytest.approx(want, abs=1e-5)
 
 
+def left_joined() -> None:
+    """What accelerate set up for TRL's trainer (a one-process gloo group and its global state), left as found."""
+    import torch.distributed as td
+    from accelerate.state import AcceleratorState, PartialState
+
+    if td.is_initialized():
+        td.destroy_process_group()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert not PartialState._shared_state
+
+
 def test_two_grpo_steps_on_the_cpu_with_reward_function(tmp_path, llama_dir):
     import torch
     from datasets import Dataset
@@ -41,7 +52,10 @@ def test_two_grpo_steps_on_the_cpu_with_reward_function(tmp_path, llama_dir):
         model=policy, processing_class=AutoTokenizer.from_pretrained(llama_dir), reward_funcs=[fn], args=args,
         train_dataset=Dataset.from_list(prompts),
     )  # fmt: skip
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        left_joined()
     logged = [h for h in trainer.state.log_history if "rewards/bigrm/mean" in h]
     assert trainer.state.global_step == 2 and len(logged) == 2  # logged under the function's __name__
     assert all(torch.isfinite(torch.tensor(h["rewards/bigrm/mean"])) for h in logged)
