@@ -151,20 +151,10 @@ def test_a_full_queue_is_503_with_retry_after_and_a_gone_client_frees_its_work(l
 
 def test_sigterm_answers_what_is_in_flight_and_exits_0(llama_dir):
     port = free_port()
-    code = "import sys; from bigrm.cli import main; sys.exit(main())"
-    cmd = [sys.executable, "-c", code, "serve", "--model", str(llama_dir), "--port", str(port), "--batch_wait", "1.0"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([*cmd[:3], *cmd[3:]], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = started(port, "--model", str(llama_dir), "--batch_wait", "1.0")
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode() if proc.poll() else ""
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_healthy(proc, [url])
         with httpx.Client(base_url=url, timeout=30) as client, ThreadPoolExecutor(4) as pool:
             bodies = [{"prompt": f"q{i}", "completions": [" a", " b"]} for i in range(4)]
             inflight = [pool.submit(client.post, "/v1/rewards", json=b) for b in bodies]
