@@ -239,3 +239,45 @@ def test_hh_equals_whole_build(tmp_path):
     d = DataConfig(max_length=96, overlong="skip", skip_invalid=True, eval_fraction=0.1, stream_chunk=700, num_proc=2)
     meta = check(d, qwen, [str(HH_DATA)], [], tmp_path / "hh")
     assert "skipped (" in meta["log"][0] and "skipped:" in meta["log"][2]  # invalid and overlong rows both met
+
+
+KILLED = """
+import os, signal, sys
+from transformers import AutoTokenizer
+from bigrm.config import DataConfig
+from bigrm.data import pipeline, token_store
+from bigrm.data.tokenizer import prepare_tokenizer
+
+def append_then_die(self, done, examples, real=token_store.StoreWriter.append):
+    real(self, done, examples)
+    os.killpg(0, signal.SIGKILL)  # the builder and the process that waits for it, mid-build
+
+token_store.StoreWriter.append = append_then_die
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+prepare_tokenizer(tok)
+d = DataConfig(train_files=[sys.argv[2]], max_length=64, stream_chunk=5, cache_dir=sys.argv[3])
+pipeline.build(d, 0, tok, sys.argv[3])
+"""
+
+
+def test_a_killed_build_is_rebuilt_not_trusted(tok, llama_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    rows = [{"prompt": f"q{i}", "ranked_outputs": [f"good {i}", f"bad {i}"]} for i in range(30)]
+    path = jsonl(tmp_path / "rows.jsonl", rows)
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED, str(llama_dir), path, str(cache)], env=env, start_new_session=True
+    )
+    assert killed.returncode == -9
+    left = [p.name for p in cache.iterdir()]
+    assert not any(len(n) == 32 for n in left) and any(".tmp-" in n for n in left)  # half-written, never renamed
+    d = DataConfig(train_files=[path], max_length=64, stream_chunk=5, cache_dir=str(cache))
+    data = pipeline.build(d, 0, tok, tmp_path)
+    assert "(built in" in data.log[-1]
+    assert [p.name for p in cache.iterdir() if ".tmp-" in p.name] == []  # the dead builder's work removed
+    want = whole(d, 0, tok, [path], [])[0]
+    assert_same(data.train, want)
